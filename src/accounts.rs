@@ -1,0 +1,384 @@
+//! The account directory: local domains, accounts with their password hashes, aliases, and the routing
+//! of a recipient address to the mailboxes that receive it. Also password hashing and verification.
+//!
+//! Addresses are compared case-insensitively (domains per RFC 5321 §2.4; local parts by our documented
+//! choice, because users expect `Alice@` and `alice@` to be the same person).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+
+use crate::config::{AccountConfig, ConfigError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Canonical (lower-case) address, also the POP3 user name.
+    pub address: String,
+    pub local: String,
+    pub domain: String,
+    password_hash: String,
+}
+
+impl Account {
+    /// The account's Maildir, relative to the storage root: `mail/<domain>/<local>`.
+    pub fn maildir(&self) -> PathBuf {
+        Path::new("mail").join(&self.domain).join(&self.local)
+    }
+}
+
+/// Where a recipient address goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// The domain is not ours: delivering would be relaying.
+    NotLocal,
+    /// Our domain, but no such account or alias.
+    Unknown,
+    /// One or more accounts (several when aliases overlap).
+    Local(Vec<Arc<Account>>),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    domains: BTreeSet<String>,
+    accounts: BTreeMap<String, Arc<Account>>,
+    /// Every deliverable address (accounts and aliases) → its accounts.
+    routes: HashMap<String, Vec<Arc<Account>>>,
+}
+
+impl Directory {
+    /// Builds the directory, reading `password_hash_file`s. `domains` must already be lower-case.
+    pub fn from_config(
+        accounts: &BTreeMap<String, AccountConfig>,
+        domains: &BTreeSet<String>,
+    ) -> Result<Directory, ConfigError> {
+        let mut dir = Directory {
+            domains: domains.clone(),
+            ..Directory::default()
+        };
+        for (address, cfg) in accounts {
+            let key = format!("accounts.\"{address}\"");
+            let (local, domain) = split_config_address(address, domains)
+                .map_err(|m| ConfigError::invalid(&key, m))?;
+            let canonical = format!("{local}@{domain}");
+            if dir.accounts.contains_key(&canonical) {
+                return Err(ConfigError::invalid(
+                    &key,
+                    "the same account is listed twice (addresses are case-insensitive)",
+                ));
+            }
+            let password_hash = load_hash(cfg, &key)?;
+            let account = Arc::new(Account {
+                address: canonical.clone(),
+                local,
+                domain,
+                password_hash,
+            });
+            dir.routes
+                .entry(canonical.clone())
+                .or_default()
+                .push(account.clone());
+            dir.accounts.insert(canonical, account);
+        }
+        for (address, cfg) in accounts {
+            let account = dir.accounts[&canonical_address(address)].clone();
+            for (i, alias) in cfg.aliases.iter().enumerate() {
+                let key = format!("accounts.\"{address}\".aliases[{i}]");
+                let (local, domain) = split_config_address(alias, domains)
+                    .map_err(|m| ConfigError::invalid(&key, m))?;
+                let alias = format!("{local}@{domain}");
+                if dir.accounts.contains_key(&alias) {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("{alias} is an account of its own"),
+                    ));
+                }
+                let targets = dir.routes.entry(alias).or_default();
+                if !targets.contains(&account) {
+                    targets.push(account.clone());
+                }
+            }
+        }
+        Ok(dir)
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.domains.contains(&domain.to_ascii_lowercase())
+    }
+
+    pub fn domains(&self) -> impl Iterator<Item = &str> {
+        self.domains.iter().map(String::as_str)
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Arc<Account>> {
+        self.accounts.values()
+    }
+
+    pub fn route(&self, local: &str, domain: &str) -> Route {
+        if !self.is_local_domain(domain) {
+            return Route::NotLocal;
+        }
+        let address = format!("{}@{}", local.to_lowercase(), domain.to_ascii_lowercase());
+        match self.routes.get(&address) {
+            Some(accounts) => Route::Local(accounts.clone()),
+            None => Route::Unknown,
+        }
+    }
+
+    /// Checks a login. Costs one password hash verification whether or not the user exists, so that
+    /// timing does not reveal which accounts exist. CPU-heavy: call it off the async runtime.
+    pub fn verify(&self, user: &str, password: &[u8]) -> Option<Arc<Account>> {
+        let account = self.accounts.get(&user.to_lowercase());
+        let hash = account.map_or_else(|| dummy_hash(), |a| a.password_hash.as_str());
+        let ok = verify_password(hash, password);
+        account.filter(|_| ok).cloned()
+    }
+}
+
+fn canonical_address(address: &str) -> String {
+    address.to_lowercase()
+}
+
+fn load_hash(cfg: &AccountConfig, key: &str) -> Result<String, ConfigError> {
+    let hash = match (&cfg.password_hash, &cfg.password_hash_file) {
+        (Some(h), None) => h.trim().to_string(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                ConfigError::invalid(
+                    format!("{key}.password_hash_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?
+            .trim()
+            .to_string(),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                key,
+                "set either password_hash or password_hash_file, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                key,
+                "needs password_hash or password_hash_file (make one with `rustmail hash-password`)",
+            ));
+        }
+    };
+    check_hash(&hash).map_err(|m| {
+        let which = if cfg.password_hash.is_some() {
+            "password_hash"
+        } else {
+            "password_hash_file"
+        };
+        ConfigError::invalid(format!("{key}.{which}"), m)
+    })?;
+    Ok(hash)
+}
+
+/// Accepts argon2 PHC strings (what `rustmail hash-password` prints).
+fn check_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC password hash ({e})"))?;
+    if !parsed.algorithm.as_str().starts_with("argon2") {
+        return Err(format!(
+            "unsupported hash algorithm {:?}; use argon2id (`rustmail hash-password`)",
+            parsed.algorithm.as_str()
+        ));
+    }
+    if parsed.hash.is_none() || parsed.salt.is_none() {
+        return Err("the hash has no salt or no output".into());
+    }
+    // Checks the parameters without the cost of a verification (which would slow down every reload).
+    argon2::Params::try_from(&parsed)
+        .map(|_| ())
+        .map_err(|e| format!("unusable argon2 parameters ({e})"))
+}
+
+fn verify_password(hash: &str, password: &[u8]) -> bool {
+    PasswordHash::new(hash)
+        .and_then(|parsed| Argon2::default().verify_password(password, &parsed))
+        .is_ok()
+}
+
+/// A hash with our default parameters, verified against for unknown users so that they cost the same.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| hash_password(b"rustmail timing equaliser"))
+}
+
+/// An argon2id PHC string with the crate's default (OWASP-recommended) parameters and a random salt.
+pub fn hash_password(password: &[u8]) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password, &salt)
+        .expect("argon2 with default parameters accepts any password")
+        .to_string()
+}
+
+/// A random password of 16 characters from an unambiguous 32-letter alphabet (80 bits).
+pub fn generate_password() -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghjkmnpqrstuvwxyz23456789A";
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    // 256 is a multiple of 32, so `% 32` is unbiased.
+    bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(b % 32)] as char)
+        .collect()
+}
+
+/// A configured address must be plain and filesystem-safe, because its parts name its Maildir.
+fn split_config_address(
+    address: &str,
+    domains: &BTreeSet<String>,
+) -> Result<(String, String), String> {
+    let (local, domain) = address
+        .rsplit_once('@')
+        .ok_or_else(|| format!("{address:?} is not an address (local@domain)"))?;
+    let local = local.to_lowercase();
+    let domain = domain.to_ascii_lowercase();
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'+'));
+    if !local_ok {
+        return Err(format!(
+            "{address:?}: the local part must be 1-64 of a-z 0-9 . - _ + (no leading, trailing or double dot)"
+        ));
+    }
+    if !domains.contains(&domain) {
+        return Err(format!(
+            "{address:?}: {domain} is not one of the local `domains`"
+        ));
+    }
+    Ok((local, domain))
+}
+
+/// RFC 1035 host name syntax: dot-separated labels of letters, digits and inner hyphens.
+pub fn is_valid_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= 255
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domains() -> BTreeSet<String> {
+        ["example.org".to_string()].into()
+    }
+
+    fn account(hash: &str, aliases: &[&str]) -> AccountConfig {
+        AccountConfig {
+            password_hash: Some(hash.into()),
+            password_hash_file: None,
+            aliases: aliases.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn directory() -> Directory {
+        let h = hash_password(b"secret");
+        let accounts = BTreeMap::from([
+            (
+                "Alice@Example.org".to_string(),
+                account(&h, &["team@example.org"]),
+            ),
+            (
+                "bob@example.org".to_string(),
+                account(&h, &["team@example.org"]),
+            ),
+        ]);
+        Directory::from_config(&accounts, &domains()).unwrap()
+    }
+
+    #[test]
+    fn routes_are_case_insensitive() {
+        let d = directory();
+        match d.route("ALICE", "EXAMPLE.ORG") {
+            Route::Local(a) => assert_eq!(a[0].address, "alice@example.org"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn alias_reaches_every_account_listing_it() {
+        match directory().route("team", "example.org") {
+            Route::Local(a) => assert_eq!(a.len(), 2),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_and_foreign() {
+        let d = directory();
+        assert_eq!(d.route("carol", "example.org"), Route::Unknown);
+        assert_eq!(d.route("alice", "example.com"), Route::NotLocal);
+        assert_eq!(d.route("alice", "example.org."), Route::NotLocal);
+    }
+
+    #[test]
+    fn verify_accepts_right_password_only() {
+        let d = directory();
+        assert!(d.verify("alice@example.org", b"secret").is_some());
+        assert!(d.verify("ALICE@example.org", b"secret").is_some());
+        assert!(d.verify("alice@example.org", b"wrong").is_none());
+        assert!(d.verify("nobody@example.org", b"secret").is_none());
+    }
+
+    #[test]
+    fn bad_hash_names_its_key() {
+        let accounts = BTreeMap::from([("a@example.org".to_string(), account("plain", &[]))]);
+        let err = Directory::from_config(&accounts, &domains()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("accounts.\"a@example.org\".password_hash"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn account_outside_local_domains_refused() {
+        let h = hash_password(b"x");
+        let accounts = BTreeMap::from([("a@elsewhere.org".to_string(), account(&h, &[]))]);
+        assert!(Directory::from_config(&accounts, &domains()).is_err());
+    }
+
+    #[test]
+    fn unsafe_local_part_refused() {
+        let h = hash_password(b"x");
+        for bad in [
+            "../x@example.org",
+            ".a@example.org",
+            "a/b@example.org",
+            "@example.org",
+        ] {
+            let accounts = BTreeMap::from([(bad.to_string(), account(&h, &[]))]);
+            assert!(
+                Directory::from_config(&accounts, &domains()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn generated_passwords_differ() {
+        let a = generate_password();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, generate_password());
+    }
+}

@@ -1,0 +1,296 @@
+//! Validation of a raw [`Config`] into [`Settings`]: parsed endpoints, checked limits, the loaded account
+//! directory. Nothing starts from a `Config` directly, so a value that passes here is safe to use.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::{Auth, Config, ConfigError, Limits};
+use crate::accounts::{self, Directory};
+
+/// The protocols a listener can speak. `submission`, `submissions` and `pop3s` are reserved names:
+/// they need TLS and authenticated submission, which this release does not have yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Smtp,
+    Pop3,
+    Submission,
+    Submissions,
+    Pop3s,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 5] = [
+        Protocol::Smtp,
+        Protocol::Pop3,
+        Protocol::Submission,
+        Protocol::Submissions,
+        Protocol::Pop3s,
+    ];
+
+    /// The listener's key under `[listen]`, also the default `FileDescriptorName=` of its socket.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Pop3 => "pop3",
+            Protocol::Submission => "submission",
+            Protocol::Submissions => "submissions",
+            Protocol::Pop3s => "pop3s",
+        }
+    }
+
+    pub fn is_implemented(self) -> bool {
+        matches!(self, Protocol::Smtp | Protocol::Pop3)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Bind(SocketAddr),
+    Systemd(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub hostname: String,
+    pub storage_root: PathBuf,
+    /// Only listeners with at least one endpoint.
+    pub listeners: Vec<ListenerSpec>,
+    pub limits: Limits,
+    pub auth: Auth,
+    /// Local domains, accounts and aliases.
+    pub directory: Directory,
+}
+
+impl Settings {
+    pub fn from_config(config: Config) -> Result<Settings, ConfigError> {
+        let hostname = match config.hostname {
+            Some(h) => h,
+            None => system_hostname(),
+        };
+        if !accounts::is_valid_domain(&hostname) {
+            return Err(ConfigError::invalid(
+                "hostname",
+                format!("{hostname:?} is not a valid domain name"),
+            ));
+        }
+        let mut domains = BTreeSet::new();
+        for (i, d) in config.domains.iter().enumerate() {
+            if !accounts::is_valid_domain(d) {
+                return Err(ConfigError::invalid(
+                    format!("domains[{i}]"),
+                    format!("{d:?} is not a valid domain name"),
+                ));
+            }
+            domains.insert(d.to_ascii_lowercase());
+        }
+        if domains.is_empty() {
+            return Err(ConfigError::invalid(
+                "domains",
+                "at least one local domain is needed",
+            ));
+        }
+        if config.storage_root.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("storage_root", "must not be empty"));
+        }
+        validate_limits(&config.limits)?;
+        let listeners = parse_listeners(&config.listen)?;
+        let directory = Directory::from_config(&config.accounts, &domains)?;
+        Ok(Settings {
+            hostname,
+            storage_root: config.storage_root,
+            listeners,
+            limits: config.limits,
+            auth: config.auth,
+            directory,
+        })
+    }
+}
+
+fn system_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| accounts::is_valid_domain(h))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
+    let positive: [(&str, u64); 10] = [
+        ("limits.max_connections", l.max_connections as u64),
+        ("limits.max_message_size", l.max_message_size),
+        ("limits.max_recipients", l.max_recipients as u64),
+        ("limits.max_errors", u64::from(l.max_errors)),
+        ("limits.command_timeout_secs", l.command_timeout_secs),
+        ("limits.data_timeout_secs", l.data_timeout_secs),
+        ("limits.session_timeout_secs", l.session_timeout_secs),
+        ("limits.pop3_idle_timeout_secs", l.pop3_idle_timeout_secs),
+        ("limits.shutdown_timeout_secs", l.shutdown_timeout_secs),
+        ("limits.max_line_length", l.max_line_length as u64),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err(ConfigError::invalid(key, "must be greater than 0"));
+        }
+    }
+    // RFC 5321 §4.5.3.1: the minimum maximums every SMTP server must accept.
+    if l.max_line_length < 1000 {
+        return Err(ConfigError::invalid(
+            "limits.max_line_length",
+            "must be at least 1000 (RFC 5321 §4.5.3.1.6)",
+        ));
+    }
+    if l.max_command_length < 512 {
+        return Err(ConfigError::invalid(
+            "limits.max_command_length",
+            "must be at least 512 (RFC 5321 §4.5.3.1.4)",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_listeners(listen: &super::Listen) -> Result<Vec<ListenerSpec>, ConfigError> {
+    let mut out = Vec::new();
+    for protocol in Protocol::ALL {
+        let raw = match protocol {
+            Protocol::Smtp => &listen.smtp,
+            Protocol::Pop3 => &listen.pop3,
+            Protocol::Submission => &listen.submission,
+            Protocol::Submissions => &listen.submissions,
+            Protocol::Pop3s => &listen.pop3s,
+        };
+        if raw.is_empty() {
+            continue;
+        }
+        let key = format!("listen.{}", protocol.name());
+        if !protocol.is_implemented() {
+            return Err(ConfigError::invalid(
+                key,
+                "this listener needs TLS and authenticated submission, which this release does not have yet; leave it empty",
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for (i, text) in raw.iter().enumerate() {
+            let endpoint = parse_endpoint(text)
+                .map_err(|message| ConfigError::invalid(format!("{key}[{i}]"), message))?;
+            if endpoints.contains(&endpoint) {
+                return Err(ConfigError::invalid(
+                    format!("{key}[{i}]"),
+                    format!("{text:?} is listed twice"),
+                ));
+            }
+            endpoints.push(endpoint);
+        }
+        out.push(ListenerSpec {
+            protocol,
+            endpoints,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    if let Some(name) = text.strip_prefix("systemd:") {
+        let valid = !name.is_empty()
+            && name.len() <= 255
+            && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        return if valid {
+            Ok(Endpoint::Systemd(name.to_string()))
+        } else {
+            Err(format!(
+                "{text:?}: a systemd socket name is 1-255 printable characters without ':'"
+            ))
+        };
+    }
+    text.parse::<SocketAddr>().map(Endpoint::Bind).map_err(|_| {
+        format!("{text:?} is neither \"address:port\" (IPv6 as \"[::1]:25\") nor \"systemd:NAME\"")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            hostname: Some("mx.example.org".into()),
+            domains: vec!["Example.org".into()],
+            ..Config::default()
+        }
+    }
+
+    fn invalid_key(config: Config) -> String {
+        match Settings::from_config(config) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid-value error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let s = Settings::from_config(Config::default()).unwrap();
+        assert_eq!(s.listeners.len(), 2);
+        assert!(s.directory.is_local_domain("localhost"));
+    }
+
+    #[test]
+    fn domains_are_lowercased() {
+        let s = Settings::from_config(config()).unwrap();
+        assert!(s.directory.is_local_domain("example.org"));
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            parse_endpoint("[::]:25").unwrap(),
+            Endpoint::Bind("[::]:25".parse().unwrap())
+        );
+        assert_eq!(
+            parse_endpoint("systemd:smtp").unwrap(),
+            Endpoint::Systemd("smtp".into())
+        );
+        assert!(parse_endpoint("localhost:25").is_err());
+        assert!(parse_endpoint("systemd:").is_err());
+    }
+
+    #[test]
+    fn bad_endpoint_names_its_index() {
+        let mut c = config();
+        c.listen.pop3 = vec!["127.0.0.1:110".into(), "nonsense".into()];
+        assert_eq!(invalid_key(c), "listen.pop3[1]");
+    }
+
+    #[test]
+    fn unimplemented_listener_is_refused() {
+        let mut c = config();
+        c.listen.submission = vec!["127.0.0.1:587".into()];
+        assert_eq!(invalid_key(c), "listen.submission");
+    }
+
+    #[test]
+    fn zero_limit_is_refused() {
+        let mut c = config();
+        c.limits.max_recipients = 0;
+        assert_eq!(invalid_key(c), "limits.max_recipients");
+    }
+
+    #[test]
+    fn line_limit_below_rfc_minimum_is_refused() {
+        let mut c = config();
+        c.limits.max_line_length = 998;
+        assert_eq!(invalid_key(c), "limits.max_line_length");
+    }
+
+    #[test]
+    fn empty_domains_refused() {
+        let mut c = config();
+        c.domains.clear();
+        assert_eq!(invalid_key(c), "domains");
+    }
+}

@@ -1,0 +1,127 @@
+//! The `rustmail` command: `serve`, `check-config`, `hash-password`.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use rustmail::config::{self, Settings};
+use rustmail::{accounts, dev, logging, server, systemd};
+
+#[derive(Parser)]
+#[command(
+    name = "rustmail",
+    version,
+    about = "A small mail server: SMTP in, Maildir storage, POP3 out, native to systemd.",
+    after_help = "Start here: `rustmail serve` runs a development server on 127.0.0.1:2525 (SMTP) and \
+127.0.0.1:1110 (POP3) with a demo account, no config file needed. See README.md for the configuration."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the mail server (in the foreground; logs go to stderr or the journal).
+    Serve {
+        /// TOML configuration file. Without it: the development default with a demo account.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file (and the environment overrides) without starting anything.
+    CheckConfig {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Read a password (from the terminal, or the first line of stdin) and print its argon2id hash.
+    HashPassword,
+}
+
+fn main() -> ExitCode {
+    // Inherited sockets and the watchdog interval are taken before any thread exists (see systemd.rs).
+    // SAFETY: nothing has spawned a thread yet.
+    let inherited = unsafe { systemd::take_inherited_sockets() };
+    let watchdog = unsafe { systemd::take_watchdog() };
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => inherited
+            .context("cannot adopt the sockets passed by systemd")
+            .and_then(|inherited| serve(config, inherited, watchdog)),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::HashPassword => hash_password(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rustmail: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configuration as `serve` sees it: the file, or the development default with its demo account.
+fn load(path: Option<&Path>, announce: bool) -> Result<Settings, config::ConfigError> {
+    let mut raw = config::load(path)?;
+    if path.is_none() {
+        dev::add_demo_account(&mut raw, announce).map_err(|e| {
+            config::ConfigError::invalid(
+                "storage_root",
+                format!("cannot set up the demo account: {e}"),
+            )
+        })?;
+    }
+    Settings::from_config(raw)
+}
+
+fn serve(
+    path: Option<PathBuf>,
+    inherited: Vec<systemd::InheritedSocket>,
+    watchdog: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    logging::init();
+    let settings = load(path.as_deref(), true).context("invalid configuration")?;
+    let reloader: server::Reloader = Box::new(move || load(path.as_deref(), false));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("rustmail")
+        .build()?;
+    let result = runtime.block_on(server::run(settings, reloader, inherited, watchdog));
+    if let Err(e) = &result {
+        tracing::error!("{e:#}");
+    }
+    // Sessions still running past the stop deadline are dropped here, not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let settings = config::load_settings(Some(path))?;
+    let accounts = settings.directory.accounts().count();
+    let domains: Vec<&str> = settings.directory.domains().collect();
+    println!(
+        "{}: OK ({} listeners, {accounts} accounts, domains: {})",
+        path.display(),
+        settings.listeners.len(),
+        domains.join(", ")
+    );
+    Ok(())
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Again: ")?;
+        anyhow::ensure!(first == again, "the passwords differ");
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    println!("{}", accounts::hash_password(password.as_bytes()));
+    Ok(())
+}

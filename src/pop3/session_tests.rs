@@ -1,0 +1,256 @@
+//! Dialog tests of the POP3 session, fed in every chunk size.
+
+use super::*;
+use crate::config::Config;
+
+fn settings() -> Arc<Settings> {
+    let mut config = Config::default();
+    config.auth.max_failures = 2;
+    config.limits.max_errors = 5;
+    Arc::new(Settings::from_config(config).unwrap())
+}
+
+fn mailbox() -> Vec<Listing> {
+    vec![
+        Listing {
+            uid: "u1".into(),
+            size: 100,
+        },
+        Listing {
+            uid: "u2".into(),
+            size: 20,
+        },
+        Listing {
+            uid: "u3".into(),
+            size: 3,
+        },
+    ]
+}
+
+#[derive(Debug, PartialEq)]
+struct Transcript {
+    replies: String,
+    /// Events other than NeedInput, in order.
+    events: Vec<String>,
+}
+
+/// Plays the driver: logins succeed for password "right", messages "open" and stream as `<msg N>`.
+fn play(input: &[u8], chunk: usize, plaintext_ok: bool) -> Transcript {
+    let mut s = Session::new(settings(), plaintext_ok);
+    let mut buf = Vec::new();
+    let mut fed = 0;
+    let mut t = Transcript {
+        replies: String::new(),
+        events: vec![],
+    };
+    loop {
+        let (n, event) = s.advance(&buf);
+        buf.drain(..n);
+        match event {
+            Event::NeedInput => {
+                if fed >= input.len() {
+                    break;
+                }
+                let end = (fed + chunk).min(input.len());
+                buf.extend_from_slice(&input[fed..end]);
+                fed = end;
+            }
+            Event::Login { user, password } => {
+                t.events.push(format!("login {user}"));
+                if password.0 == "right" {
+                    s.login_result(Ok(mailbox()));
+                } else if password.0 == "locked" {
+                    s.login_result(Err(LoginFailure::InUse));
+                } else {
+                    s.login_result(Err(LoginFailure::BadCredentials));
+                }
+            }
+            Event::Retrieve { index, top } => {
+                t.events.push(format!("retrieve {index} {top:?}"));
+                s.retrieve_started(index, true);
+                s.outbox()
+                    .extend_from_slice(format!("<msg {index}>\r\n.\r\n").as_bytes());
+            }
+            Event::Update { delete } => {
+                t.events.push(format!("update {delete:?}"));
+                s.update_result(true);
+            }
+            Event::Close => {
+                t.events.push("close".into());
+                break;
+            }
+        }
+    }
+    t.replies = String::from_utf8(std::mem::take(s.outbox())).unwrap();
+    t
+}
+
+fn dialog(input: &str) -> Transcript {
+    dialog_with(input, true)
+}
+
+fn dialog_with(input: &str, plaintext_ok: bool) -> Transcript {
+    let reference = play(input.as_bytes(), input.len(), plaintext_ok);
+    for chunk in [1, 2, 3, 5, 8, 64] {
+        assert_eq!(
+            play(input.as_bytes(), chunk, plaintext_ok),
+            reference,
+            "chunk {chunk}"
+        );
+    }
+    reference
+}
+
+const LOGIN: &str = "USER demo@localhost\r\nPASS right\r\n";
+
+#[test]
+fn login_stat_list_uidl() {
+    let t = dialog(&format!("{LOGIN}STAT\r\nLIST\r\nUIDL 2\r\nLIST 3\r\n"));
+    assert_eq!(
+        t.replies,
+        "+OK rustmail POP3 server ready\r\n+OK send PASS\r\n+OK maildrop has 3 messages (123 octets)\r\n\
+         +OK 3 123\r\n+OK 3 messages\r\n1 100\r\n2 20\r\n3 3\r\n.\r\n+OK 2 u2\r\n+OK 3 3\r\n"
+    );
+    assert_eq!(t.events, ["login demo@localhost"]);
+}
+
+#[test]
+fn deleted_messages_are_invisible_and_rset_restores() {
+    let t = dialog(&format!(
+        "{LOGIN}DELE 1\r\nSTAT\r\nRETR 1\r\nDELE 1\r\nUIDL\r\nRSET\r\nSTAT\r\n"
+    ));
+    assert!(t.replies.contains("+OK 2 23\r\n"));
+    assert!(
+        t.replies
+            .contains("-ERR no such message\r\n-ERR no such message\r\n")
+    );
+    assert!(
+        t.replies
+            .contains("+OK 2 messages\r\n2 u2\r\n3 u3\r\n.\r\n")
+    );
+    assert!(t.replies.ends_with("+OK 3 123\r\n"));
+}
+
+#[test]
+fn quit_applies_deletions() {
+    let t = dialog(&format!("{LOGIN}DELE 2\r\nDELE 3\r\nQUIT\r\n"));
+    assert_eq!(t.events, ["login demo@localhost", "update [1, 2]", "close"]);
+    assert!(
+        t.replies
+            .ends_with("+OK rustmail signing off (2 messages deleted)\r\n")
+    );
+}
+
+#[test]
+fn dele_without_quit_keeps_mail() {
+    let t = dialog(&format!("{LOGIN}DELE 1\r\n"));
+    assert!(!t.events.iter().any(|e| e.starts_with("update")));
+    let t = dialog(&format!("{LOGIN}DELE 1\r\nRSET\r\nQUIT\r\n"));
+    assert_eq!(t.events, ["login demo@localhost", "close"]);
+}
+
+#[test]
+fn abort_applies_no_deletions() {
+    let mut s = Session::new(settings(), true);
+    let (_, e) = s.advance(LOGIN.as_bytes());
+    assert!(matches!(e, Event::Login { .. }));
+    s.login_result(Ok(mailbox()));
+    let (_, e) = s.advance(b"DELE 1\r\n");
+    assert_eq!(e, Event::NeedInput);
+    s.abort("server shutting down");
+    let (_, e) = s.advance(b"QUIT\r\n");
+    assert_eq!(e, Event::Close);
+    assert!(
+        String::from_utf8(s.outbox().clone())
+            .unwrap()
+            .ends_with("-ERR [SYS/TEMP] server shutting down; no messages deleted\r\n")
+    );
+}
+
+#[test]
+fn retr_and_top() {
+    let t = dialog(&format!(
+        "{LOGIN}RETR 2\r\nTOP 1 5\r\nTOP 1 x\r\nRETR 9\r\n"
+    ));
+    assert_eq!(
+        t.events,
+        [
+            "login demo@localhost",
+            "retrieve 1 None",
+            "retrieve 0 Some(5)"
+        ]
+    );
+    assert!(t.replies.contains(
+        "+OK 20 octets\r\n<msg 1>\r\n.\r\n+OK 100 octets\r\n<msg 0>\r\n.\r\n-ERR syntax"
+    ));
+}
+
+#[test]
+fn bad_password_gives_auth_code_and_limits_attempts() {
+    let t = dialog(
+        "USER a@localhost\r\nPASS wrong\r\nUSER a@localhost\r\nPASS wrong\r\nUSER a@localhost\r\n",
+    );
+    assert!(
+        t.replies
+            .contains("-ERR [AUTH] invalid user name or password\r\n")
+    );
+    assert!(t.replies.ends_with("too many failures\r\n"));
+    assert_eq!(t.events.last().unwrap(), "close");
+}
+
+#[test]
+fn locked_mailbox_gives_in_use() {
+    let t = dialog("USER a@localhost\r\nPASS locked\r\n");
+    assert!(
+        t.replies
+            .ends_with("-ERR [IN-USE] mailbox is in use by another session\r\n")
+    );
+}
+
+#[test]
+fn pass_keeps_spaces() {
+    let t = dialog("USER a@localhost\r\nPASS right with spaces\r\n");
+    assert!(
+        t.replies.contains("-ERR [AUTH]"),
+        "the whole rest of the line is the password"
+    );
+}
+
+#[test]
+fn commands_out_of_state() {
+    let t = dialog(&format!("STAT\r\nPASS x\r\n{LOGIN}USER x\r\n"));
+    assert!(
+        t.replies
+            .contains("-ERR unknown command or not allowed before login\r\n-ERR USER first\r\n")
+    );
+    assert!(t.replies.ends_with("-ERR already logged in\r\n"));
+}
+
+#[test]
+fn capa_advertises_user_only_when_allowed() {
+    let open = dialog("CAPA\r\n");
+    assert!(open.replies.contains("\r\nUSER\r\n") && open.replies.contains("RESP-CODES"));
+    let closed = dialog_with("CAPA\r\nUSER a@localhost\r\n", false);
+    assert!(!closed.replies.contains("\r\nUSER\r\n"));
+    assert!(
+        closed.replies.ends_with(
+            "-ERR [AUTH] plaintext authentication is not allowed on this connection\r\n"
+        )
+    );
+}
+
+#[test]
+fn overlong_line_is_swallowed() {
+    let t = dialog(&format!("NOOP {}STAT\r\nQUIT\r\n", "x".repeat(600)));
+    assert_eq!(
+        t.replies,
+        "+OK rustmail POP3 server ready\r\n-ERR line too long\r\n+OK rustmail signing off\r\n"
+    );
+}
+
+#[test]
+fn too_many_errors_close() {
+    let t = dialog(&"BOGUS\r\n".repeat(8));
+    assert!(t.replies.ends_with("-ERR too many errors, closing\r\n"));
+    assert_eq!(t.events, ["close"]);
+}

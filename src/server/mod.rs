@@ -1,0 +1,314 @@
+//! The async server: listeners, one task per connection (driving a sans-IO session), reload on SIGHUP,
+//! graceful stop on SIGTERM/SIGINT, readiness, status and watchdog notifications.
+
+pub mod listeners;
+mod pop3;
+mod smtp;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{ConfigError, Protocol, Settings};
+use crate::storage::Store;
+use crate::systemd::{self, InheritedSocket, NotifyState};
+
+/// Re-reads the configuration for a reload (the same sources as at start).
+pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
+
+/// State shared by every task. The settings are swapped whole on reload; each connection keeps the
+/// snapshot it started with.
+pub struct Shared {
+    settings: RwLock<Arc<Settings>>,
+    store: Store,
+    stats: Stats,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct Stats {
+    active: AtomicUsize,
+    connections: AtomicU64,
+    delivered: AtomicU64,
+    retrieved: AtomicU64,
+}
+
+impl Shared {
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn status(&self) -> String {
+        format!(
+            "{} sessions active, {} messages delivered, {} retrieved",
+            self.stats.active.load(Ordering::Relaxed),
+            self.stats.delivered.load(Ordering::Relaxed),
+            self.stats.retrieved.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT. `inherited` are the sockets systemd passed; `watchdog` the
+/// interval systemd expects pings at.
+pub async fn run(
+    settings: Settings,
+    reloader: Reloader,
+    inherited: Vec<InheritedSocket>,
+    watchdog: Option<Duration>,
+) -> anyhow::Result<()> {
+    let store = Store::open(&settings.storage_root, &settings.hostname).with_context(|| {
+        format!(
+            "storage_root {} is not usable",
+            settings.storage_root.display()
+        )
+    })?;
+    ensure_maildirs(&store, &settings).context("cannot create the accounts' Maildirs")?;
+    let listeners = listeners::open(&settings.listeners, inherited)?;
+    let shared = Arc::new(Shared {
+        settings: RwLock::new(Arc::new(settings)),
+        store,
+        stats: Stats::default(),
+        shutdown: CancellationToken::new(),
+    });
+    // Signal handlers are installed before READY=1, so that a SIGHUP right after start is not fatal.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let tracker = TaskTracker::new();
+    let live_listeners = Arc::new(AtomicUsize::new(0));
+    let expected_listeners = listeners.len();
+    for (protocol, listener) in listeners {
+        let listener = TcpListener::from_std(listener)?;
+        live_listeners.fetch_add(1, Ordering::SeqCst);
+        let (shared, tracker2, live) = (shared.clone(), tracker.clone(), live_listeners.clone());
+        tokio::spawn(async move {
+            accept_loop(listener, protocol, shared, tracker2).await;
+            live.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    let accounts = shared.settings().directory.accounts().count();
+    tracing::info!(accounts, listeners = expected_listeners, "rustmail ready");
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
+
+    if let Some(interval) = watchdog {
+        let (shared, live) = (shared.clone(), live_listeners.clone());
+        tokio::spawn(watchdog_loop(shared, interval, move || {
+            live.load(Ordering::SeqCst) == expected_listeners
+        }));
+    }
+    tokio::spawn(status_loop(shared.clone()));
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&shared, &reloader).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    let deadline = Duration::from_secs(shared.settings().limits.shutdown_timeout_secs);
+    tracing::info!(
+        sessions = shared.stats.active.load(Ordering::Relaxed),
+        ?deadline,
+        "stopping"
+    );
+    systemd::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    shared.shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            sessions = shared.stats.active.load(Ordering::Relaxed),
+            "sessions still running at the stop deadline; closing them (nothing they carried was acknowledged)"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(connection(stream, peer, protocol, shared.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, listener = protocol.name(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Counts a session as active for as long as it lives.
+struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, protocol: Protocol, shared: Arc<Shared>) {
+    let id = shared.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+    let active = shared.stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+    let _guard = ActiveGuard(shared.clone());
+    let busy = active > shared.settings().limits.max_connections;
+    let _ = stream.set_nodelay(true);
+    let span = tracing::info_span!("conn", id, proto = protocol.name(), peer = %peer);
+    async move {
+        tracing::debug!("connected");
+        if busy {
+            tracing::warn!(active, "connection limit reached, refusing");
+        }
+        match protocol {
+            Protocol::Smtp => smtp::serve(stream, peer, shared, busy).await,
+            Protocol::Pop3 => pop3::serve(stream, peer, shared, busy).await,
+            other => unreachable!("listener {} is refused by config validation", other.name()),
+        }
+        tracing::debug!("disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+async fn reload(shared: &Arc<Shared>, reloader: &Reloader) {
+    systemd::notify_reloading();
+    let current = shared.settings();
+    match reloader() {
+        Ok(mut new) => {
+            if new.storage_root != current.storage_root {
+                tracing::warn!(
+                    "storage_root changes take effect only after a restart; keeping the current one"
+                );
+                new.storage_root = current.storage_root.clone();
+            }
+            if new.listeners != current.listeners {
+                tracing::warn!("[listen] changes take effect only after a restart");
+            }
+            let new = Arc::new(new);
+            let (shared2, new2) = (shared.clone(), new.clone());
+            match blocking(move || ensure_maildirs(&shared2.store, &new2)).await {
+                Ok(()) => {
+                    *shared.settings.write().unwrap_or_else(|e| e.into_inner()) = new;
+                    let accounts = shared.settings().directory.accounts().count();
+                    tracing::info!(accounts, "configuration reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused, cannot create Maildirs; the previous configuration stays in force")
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused, the previous configuration stays in force")
+        }
+    }
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
+}
+
+fn ensure_maildirs(store: &Store, settings: &Settings) -> std::io::Result<()> {
+    for account in settings.directory.accounts() {
+        store.ensure_maildir(account)?;
+    }
+    Ok(())
+}
+
+/// Pings the watchdog at half its interval, but only after a health check passes: the runtime runs
+/// this task, the blocking pool (which does all disk I/O) answers, the store can write and fsync, and
+/// every accept loop is alive. A wedged server therefore stops pinging and systemd restarts it.
+async fn watchdog_loop(
+    shared: Arc<Shared>,
+    interval: Duration,
+    listeners_alive: impl Fn() -> bool,
+) {
+    let period = interval / 2;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let shared2 = shared.clone();
+        let probe = tokio::time::timeout(period, blocking(move || shared2.store.probe())).await;
+        match probe {
+            Ok(Ok(())) if listeners_alive() => systemd::notify(&[NotifyState::Watchdog]),
+            Ok(Ok(())) => tracing::error!(
+                "health check failed: a listener stopped; withholding the watchdog ping"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "health check failed: storage not writable; withholding the watchdog ping")
+            }
+            Err(_) => tracing::error!(
+                "health check timed out: storage or blocking pool stuck; withholding the watchdog ping"
+            ),
+        }
+    }
+}
+
+async fn status_loop(shared: Arc<Shared>) {
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = shared.status();
+        if status != last {
+            systemd::notify(&[NotifyState::Status(&status)]);
+            last = status;
+        }
+    }
+}
+
+/// Runs blocking file-system work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("blocking task failed: {e}"))))
+}
+
+/// Reads into `buf` with a deadline, stopping early when `stop` resolves. `Ok(None)` means "stopped".
+async fn read_some(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+    stop: impl Future<Output = ()>,
+) -> Result<Option<usize>, ReadError> {
+    use tokio::io::AsyncReadExt;
+    buf.reserve(8192);
+    tokio::select! {
+        r = tokio::time::timeout(timeout, stream.read_buf(buf)) => match r {
+            Ok(Ok(n)) => Ok(Some(n)),
+            Ok(Err(e)) => Err(ReadError::Io(e)),
+            Err(_) => Err(ReadError::Timeout),
+        },
+        () = stop => Ok(None),
+    }
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Timeout,
+}

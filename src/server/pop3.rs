@@ -1,0 +1,201 @@
+//! The POP3 driver: moves bytes between a TCP connection and a [`pop3::Session`], verifies logins off
+//! the async workers, holds the mailbox lock for the session, streams messages, applies deletions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{ReadError, Shared, blocking, read_some};
+use crate::pop3::wire::Encoder;
+use crate::pop3::{Event, Listing, LoginFailure, Secret, Session};
+use crate::storage::{self, MailboxLock};
+
+/// The open maildrop: the lock is held, and released, with it.
+struct Maildrop {
+    dir: PathBuf,
+    paths: Vec<PathBuf>,
+    _lock: MailboxLock,
+}
+
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, busy: bool) {
+    let settings = shared.settings();
+    let ip = peer.ip().to_canonical();
+    // Passwords in clear only where nobody can listen: loopback, or where the admin said so.
+    let plaintext_ok = ip.is_loopback() || settings.auth.allow_unencrypted_remote;
+    let mut session = Session::new(settings.clone(), plaintext_ok);
+    if busy {
+        session.refuse_busy();
+    }
+    let idle = Duration::from_secs(settings.limits.pop3_idle_timeout_secs);
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut maildrop: Option<Maildrop> = None;
+    loop {
+        let (used, event) = session.advance(&buf);
+        buf.drain(..used);
+        match event {
+            Event::NeedInput => {}
+            Event::Login { user, password } => {
+                let result = login(&shared, &user, password).await;
+                session.login_result(result.map(|(drop, listing)| {
+                    maildrop = Some(drop);
+                    listing
+                }));
+                continue;
+            }
+            Event::Retrieve { index, top } => {
+                let path = maildrop.as_ref().expect("RETR only after login").paths[index].clone();
+                if !retrieve(&mut stream, &mut session, index, path, top).await {
+                    return;
+                }
+                shared.stats.retrieved.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Event::Update { delete } => {
+                let drop = maildrop.as_ref().expect("UPDATE only after login");
+                let dir = drop.dir.clone();
+                let paths: Vec<PathBuf> = delete.iter().map(|&i| drop.paths[i].clone()).collect();
+                let count = paths.len();
+                let result = blocking(move || storage::expunge(&dir, &paths)).await;
+                match &result {
+                    Ok(()) => tracing::info!(deleted = count, "mailbox updated"),
+                    Err(e) => tracing::error!(error = %e, "deleting messages failed"),
+                }
+                session.update_result(result.is_ok());
+                continue;
+            }
+            Event::Close => {
+                let _ = stream.write_all(session.outbox()).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        }
+        if !flush(&mut stream, &mut session).await {
+            return;
+        }
+        match read_some(&mut stream, &mut buf, idle, shared.shutdown.cancelled()).await {
+            Ok(Some(0)) => return, // dropped: nothing is deleted
+            Ok(Some(_)) => {}
+            Ok(None) => session.abort("server shutting down"),
+            Err(ReadError::Timeout) => session.abort("idle timeout"),
+            Err(ReadError::Io(_)) => return,
+        }
+    }
+}
+
+async fn flush(stream: &mut TcpStream, session: &mut Session) -> bool {
+    if session.outbox().is_empty() {
+        return true;
+    }
+    let ok = stream.write_all(session.outbox()).await.is_ok();
+    session.outbox().clear();
+    ok
+}
+
+/// Checks the password (same cost and same delay whether or not the user exists), then locks and
+/// lists the mailbox.
+async fn login(
+    shared: &Arc<Shared>,
+    user: &str,
+    password: Secret,
+) -> Result<(Maildrop, Vec<Listing>), LoginFailure> {
+    let settings = shared.settings();
+    let user_owned = user.to_string();
+    let account = tokio::task::spawn_blocking(move || {
+        settings
+            .directory
+            .verify(&user_owned, password.0.as_bytes())
+    })
+    .await
+    .map_err(|_| LoginFailure::ServerError)?;
+    let shown_user = user.escape_debug().to_string();
+    let Some(account) = account else {
+        tracing::warn!(user = %shown_user, "login failed");
+        let delay = shared.settings().auth.failure_delay_ms;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        return Err(LoginFailure::BadCredentials);
+    };
+    let shared2 = shared.clone();
+    let opened = blocking(move || {
+        let dir = shared2.store.ensure_maildir(&account)?;
+        let Some(lock) = storage::lock(&dir)? else {
+            return Ok(None);
+        };
+        let messages = storage::scan(&dir)?;
+        Ok(Some((dir, lock, messages)))
+    })
+    .await;
+    match opened {
+        Ok(Some((dir, lock, messages))) => {
+            tracing::info!(user = %shown_user, messages = messages.len(), "logged in");
+            let listing = messages
+                .iter()
+                .map(|m| Listing {
+                    uid: m.uid.clone(),
+                    size: m.size,
+                })
+                .collect();
+            let paths = messages.into_iter().map(|m| m.path).collect();
+            Ok((
+                Maildrop {
+                    dir,
+                    paths,
+                    _lock: lock,
+                },
+                listing,
+            ))
+        }
+        Ok(None) => {
+            tracing::info!(user = %shown_user, "mailbox in use");
+            Err(LoginFailure::InUse)
+        }
+        Err(e) => {
+            tracing::error!(user = %shown_user, error = %e, "cannot open mailbox");
+            Err(LoginFailure::ServerError)
+        }
+    }
+}
+
+/// Streams one message; false if the connection must end (write failure or a file that broke midway).
+async fn retrieve(
+    stream: &mut TcpStream,
+    session: &mut Session,
+    index: usize,
+    path: PathBuf,
+    top: Option<u64>,
+) -> bool {
+    let file = tokio::fs::File::open(&path).await;
+    session.retrieve_started(index, file.is_ok());
+    if !flush(stream, session).await {
+        return false;
+    }
+    let Ok(mut file) = file else {
+        tracing::warn!(path = %path.display(), "message vanished");
+        return true;
+    };
+    let mut encoder = Encoder::new(top);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(70 * 1024);
+    while !encoder.is_done() {
+        let n = match file.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                // The +OK is out already: the only honest end is to drop the connection.
+                tracing::error!(error = %e, path = %path.display(), "read failed during RETR");
+                return false;
+            }
+        };
+        encoder.encode(&chunk[..n], &mut out);
+        if stream.write_all(&out).await.is_err() {
+            return false;
+        }
+        out.clear();
+    }
+    encoder.finish(&mut out);
+    stream.write_all(&out).await.is_ok()
+}

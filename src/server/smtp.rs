@@ -1,0 +1,219 @@
+//! The SMTP driver: moves bytes between a TCP connection and an [`smtp::Session`], and carries out its
+//! events against the store. All decisions are the session's; all waiting and disk I/O are here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{ReadError, Shared, blocking, read_some};
+use crate::smtp::{Event, Session};
+use crate::storage::Spool;
+
+/// Message bytes are collected up to this size before a write to the spool file.
+const SPOOL_WRITE_CHUNK: usize = 256 * 1024;
+
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, busy: bool) {
+    let settings = shared.settings();
+    let limits = &settings.limits;
+    let mut session = Session::new(settings.clone(), peer.ip());
+    if busy {
+        session.refuse_busy();
+    }
+    let session_deadline = Instant::now() + Duration::from_secs(limits.session_timeout_secs);
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut message = Message::default();
+    let mut stop_seen = false;
+    loop {
+        let (used, event) = session.advance(&buf);
+        match event {
+            Event::MessageLine(line) => {
+                message.pending.extend_from_slice(line);
+                message.pending.push(b'\n');
+                buf.drain(..used);
+                if message.pending.len() >= SPOOL_WRITE_CHUNK {
+                    message.write_pending().await;
+                }
+                continue;
+            }
+            Event::NeedInput => {}
+            Event::MessageStart => {
+                buf.drain(..used);
+                message.start(&shared, &session).await;
+                continue;
+            }
+            Event::MessageAbort => {
+                buf.drain(..used);
+                message.discard();
+                continue;
+            }
+            Event::MessageEnd => {
+                buf.drain(..used);
+                let result = message.finish(&shared, &session).await;
+                session.message_stored(result.as_deref().map_err(|_| ()));
+                continue;
+            }
+            Event::Close => {
+                let _ = stream.write_all(session.outbox()).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        }
+        // NeedInput: answer everything processed so far in one write, then wait for the client.
+        buf.drain(..used);
+        if !session.outbox().is_empty() {
+            if let Err(e) = stream.write_all(session.outbox()).await {
+                tracing::debug!(error = %e, "write failed");
+                return;
+            }
+            session.outbox().clear();
+        }
+        let per_read = Duration::from_secs(if session.in_message() {
+            limits.data_timeout_secs
+        } else {
+            limits.command_timeout_secs
+        });
+        let timeout = per_read.min(session_deadline.saturating_duration_since(Instant::now()));
+        // A stop waits for the message in progress: the session answers 421 at the next command.
+        let stop = shared.shutdown.cancelled();
+        let watch_stop = !stop_seen && !session.in_message();
+        let stop = async move {
+            if watch_stop {
+                stop.await
+            } else {
+                std::future::pending().await
+            }
+        };
+        match read_some(&mut stream, &mut buf, timeout, stop).await {
+            Ok(Some(0)) => {
+                if session.in_message() {
+                    tracing::info!("connection closed during DATA; nothing was acknowledged");
+                }
+                return;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                stop_seen = true;
+                session.request_shutdown();
+            }
+            Err(ReadError::Timeout) => {
+                tracing::info!("timeout");
+                session.timed_out();
+            }
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(error = %e, "read failed");
+                return;
+            }
+        }
+        if shared.shutdown.is_cancelled() && !stop_seen && !session.in_message() {
+            stop_seen = true;
+            session.request_shutdown();
+        }
+    }
+}
+
+/// The message being received: its spool file (absent when it could not be created; the failure is
+/// reported at the end of DATA as a temporary error) and the bytes not yet written.
+#[derive(Default)]
+struct Message {
+    spool: Option<Spool>,
+    failed: bool,
+    pending: Vec<u8>,
+}
+
+impl Message {
+    async fn start(&mut self, shared: &Arc<Shared>, session: &Session) {
+        self.discard();
+        let shared2 = shared.clone();
+        match blocking(move || shared2.store.spool()).await {
+            Ok(spool) => {
+                let date = chrono::Local::now().to_rfc2822();
+                self.pending
+                    .extend_from_slice(session.trace_headers(spool.id(), &date).as_bytes());
+                self.spool = Some(spool);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a spool file");
+                self.failed = true;
+            }
+        }
+    }
+
+    async fn write_pending(&mut self) {
+        let Some(mut spool) = self.spool.take() else {
+            self.pending.clear();
+            return;
+        };
+        let data = std::mem::take(&mut self.pending);
+        let (spool, result) = tokio::task::spawn_blocking(move || {
+            let r = spool.append(&data);
+            (spool, r)
+        })
+        .await
+        .expect("spool writes do not panic");
+        match result {
+            Ok(()) => self.spool = Some(spool),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the spool file");
+                self.failed = true;
+                drop_in_background(spool);
+            }
+        }
+    }
+
+    fn discard(&mut self) {
+        self.pending.clear();
+        self.failed = false;
+        if let Some(spool) = self.spool.take() {
+            drop_in_background(spool);
+        }
+    }
+
+    /// Makes the message durable; returns its queue id.
+    async fn finish(&mut self, shared: &Arc<Shared>, session: &Session) -> Result<String, ()> {
+        self.write_pending().await;
+        let spool = match (self.spool.take(), self.failed) {
+            (Some(spool), false) => spool,
+            _ => {
+                self.discard();
+                return Err(());
+            }
+        };
+        let envelope = session.envelope().expect("a message has an envelope");
+        let from = envelope
+            .from
+            .as_ref()
+            .map_or(String::new(), |m| m.raw.clone());
+        let rcpts: Vec<String> = envelope.recipients.iter().map(|m| m.raw.clone()).collect();
+        let accounts = envelope.mailboxes.clone();
+        let id = spool.id().to_string();
+        let shared2 = shared.clone();
+        let result = blocking(move || {
+            let maildirs = accounts
+                .iter()
+                .map(|a| shared2.store.ensure_maildir(a))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            spool.deliver(&maildirs)
+        })
+        .await;
+        match result {
+            Ok(()) => {
+                shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(queue_id = %id, from = %from, rcpts = ?rcpts, "message accepted");
+                Ok(id)
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "delivery failed, answered 451");
+                Err(())
+            }
+        }
+    }
+}
+
+/// Removing a spool file is disk I/O: keep it off the async workers.
+fn drop_in_background(spool: Spool) {
+    tokio::task::spawn_blocking(move || drop(spool));
+}

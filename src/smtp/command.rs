@@ -1,0 +1,470 @@
+//! Parsing of one SMTP command line (without its line ending) into a [`Command`], RFC 5321 §4.1.
+//! Pure: no I/O, no policy. Errors say which reply the client deserves.
+
+/// A mailbox from a path (RFC 5321 §4.1.2), with its local part decoded (quotes removed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mailbox {
+    pub local: String,
+    /// A domain name, or an address literal including its brackets.
+    pub domain: String,
+    /// The mailbox as the client wrote it (source route dropped), for trace headers and logs.
+    pub raw: String,
+}
+
+impl Mailbox {
+    pub fn is_address_literal(&self) -> bool {
+        self.domain.starts_with('[')
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Body {
+    #[default]
+    SevenBit,
+    EightBitMime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Ehlo(String),
+    Helo(String),
+    /// `from` is `None` for the null reverse-path `<>`.
+    Mail {
+        from: Option<Mailbox>,
+        size: Option<u64>,
+        body: Body,
+    },
+    Rcpt(Mailbox),
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Vrfy,
+    Expn,
+    Help,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Unknown verb: `500 5.5.1`.
+    Unrecognised,
+    /// Known verb, bad arguments: `501 5.5.4`.
+    Syntax,
+    /// Bad mailbox syntax or length: `501 5.1.3`.
+    Address,
+    /// Unknown MAIL/RCPT parameter: `555 5.5.4`.
+    UnknownParameter,
+    /// A verb we know of but do not offer (STARTTLS, AUTH, BDAT, …): `502 5.5.1`.
+    NotImplemented,
+    /// An HTTP request on the SMTP port: a cross-protocol attack, the connection is closed at once.
+    HttpVerb,
+}
+
+/// RFC 5321 §4.5.3.1: local part 64 octets, domain 255, path 256 (brackets included).
+const MAX_LOCAL: usize = 64;
+const MAX_DOMAIN: usize = 255;
+const MAX_PATH: usize = 256;
+
+pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
+    // Commands are ASCII (no SMTPUTF8 yet); NUL and 8-bit bytes are syntax errors, never a crash.
+    if line
+        .iter()
+        .any(|&b| b == 0 || b >= 0x80 || b == b'\r' || b == b'\n')
+    {
+        return Err(ParseError::Syntax);
+    }
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax)?;
+    let (verb, args) = match line.split_once(' ') {
+        Some((v, a)) => (v, a),
+        None => (line, ""),
+    };
+    let verb = verb.to_ascii_uppercase();
+    let no_args = |c: Command| {
+        if args.trim().is_empty() {
+            Ok(c)
+        } else {
+            Err(ParseError::Syntax)
+        }
+    };
+    match verb.as_str() {
+        "EHLO" => Ok(Command::Ehlo(parse_helo_arg(args)?)),
+        "HELO" => Ok(Command::Helo(parse_helo_arg(args)?)),
+        "MAIL" => parse_mail(args),
+        "RCPT" => parse_rcpt(args),
+        "DATA" => no_args(Command::Data),
+        "RSET" => no_args(Command::Rset),
+        "QUIT" => no_args(Command::Quit),
+        "NOOP" => Ok(Command::Noop),
+        "VRFY" => Ok(Command::Vrfy),
+        "EXPN" => Ok(Command::Expn),
+        "HELP" => Ok(Command::Help),
+        "STARTTLS" | "AUTH" | "BDAT" | "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" => {
+            Err(ParseError::NotImplemented)
+        }
+        "GET" | "POST" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "CONNECT" | "PATCH" | "TRACE"
+            if !args.is_empty() =>
+        {
+            Err(ParseError::HttpVerb)
+        }
+        _ => Err(ParseError::Unrecognised),
+    }
+}
+
+/// RFC 5321 §4.1.1.1 wants a domain or address literal. Real clients send bare host names with
+/// underscores and the like, so any single token of printable ASCII is taken; it is only ever echoed
+/// in the `Received:` header, where such a token is harmless.
+fn parse_helo_arg(args: &str) -> Result<String, ParseError> {
+    let arg = args.trim();
+    if arg.is_empty() || arg.len() > MAX_DOMAIN || !arg.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ParseError::Syntax);
+    }
+    Ok(arg.to_string())
+}
+
+fn strip_keyword<'a>(args: &'a str, keyword: &str) -> Option<&'a str> {
+    let head = args.get(..keyword.len())?;
+    // Tolerate `MAIL FROM: <a@b>`: common in the wild, and unambiguous.
+    head.eq_ignore_ascii_case(keyword)
+        .then(|| args[keyword.len()..].trim_start_matches(' '))
+}
+
+fn parse_mail(args: &str) -> Result<Command, ParseError> {
+    let rest = strip_keyword(args, "FROM:").ok_or(ParseError::Syntax)?;
+    let (from, params) = parse_path(rest, true)?;
+    let mut size = None;
+    let mut body = Body::default();
+    for param in params.split(' ').filter(|p| !p.is_empty()) {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        match key.to_ascii_uppercase().as_str() {
+            // RFC 1870 §3: SIZE=<decimal octets>.
+            "SIZE" => {
+                let valid = !value.is_empty()
+                    && value.len() <= 20
+                    && value.bytes().all(|b| b.is_ascii_digit());
+                size = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|_| valid)
+                        .ok_or(ParseError::Syntax)?,
+                );
+            }
+            // RFC 6152: BODY=7BIT | 8BITMIME.
+            "BODY" => {
+                body = match value.to_ascii_uppercase().as_str() {
+                    "7BIT" => Body::SevenBit,
+                    "8BITMIME" => Body::EightBitMime,
+                    _ => return Err(ParseError::Syntax),
+                }
+            }
+            _ => return Err(ParseError::UnknownParameter),
+        }
+    }
+    Ok(Command::Mail { from, size, body })
+}
+
+fn parse_rcpt(args: &str) -> Result<Command, ParseError> {
+    let rest = strip_keyword(args, "TO:").ok_or(ParseError::Syntax)?;
+    // RFC 5321 §4.1.1.3: `<Postmaster>` without a domain must be accepted.
+    if let Some(after) = rest
+        .get(..12)
+        .filter(|p| p.eq_ignore_ascii_case("<postmaster>"))
+        .map(|_| &rest[12..])
+    {
+        if !after.trim().is_empty() {
+            return Err(ParseError::UnknownParameter);
+        }
+        return Ok(Command::Rcpt(Mailbox {
+            local: "postmaster".into(),
+            domain: String::new(),
+            raw: "postmaster".into(),
+        }));
+    }
+    let (to, params) = parse_path(rest, false)?;
+    if !params.trim().is_empty() {
+        return Err(ParseError::UnknownParameter);
+    }
+    to.map(Command::Rcpt).ok_or(ParseError::Address)
+}
+
+/// Parses `<[@route,...:]mailbox>` (or `<>` when `null_ok`) and returns the rest of the line.
+fn parse_path(s: &str, null_ok: bool) -> Result<(Option<Mailbox>, &str), ParseError> {
+    let b = s.as_bytes();
+    if b.first() != Some(&b'<') {
+        return Err(ParseError::Syntax);
+    }
+    if b.get(1) == Some(&b'>') {
+        return if null_ok {
+            Ok((None, rest_after(s, 2)?))
+        } else {
+            Err(ParseError::Address)
+        };
+    }
+    let mut i = 1;
+    // RFC 5321 §4.1.1.3 / Appendix C: a source route must be accepted and should be ignored.
+    if b.get(i) == Some(&b'@') {
+        let colon = s[i..].find(':').ok_or(ParseError::Address)? + i;
+        for hop in s[i..colon].split(',') {
+            let domain = hop.strip_prefix('@').ok_or(ParseError::Address)?;
+            if !crate::accounts::is_valid_domain(domain) {
+                return Err(ParseError::Address);
+            }
+        }
+        i = colon + 1;
+    }
+    let start = i;
+    let local = if b.get(i) == Some(&b'"') {
+        parse_quoted(b, &mut i)?
+    } else {
+        let begin = i;
+        while i < b.len() && (is_atext(b[i]) || b[i] == b'.') {
+            i += 1;
+        }
+        let atom = &s[begin..i];
+        if atom.is_empty() || atom.starts_with('.') || atom.ends_with('.') || atom.contains("..") {
+            return Err(ParseError::Address);
+        }
+        atom.to_string()
+    };
+    if i - start > MAX_LOCAL || b.get(i) != Some(&b'@') {
+        return Err(ParseError::Address);
+    }
+    i += 1;
+    let domain_start = i;
+    if b.get(i) == Some(&b'[') {
+        let close = s[i..].find(']').ok_or(ParseError::Address)? + i;
+        let inner = &s[i + 1..close];
+        if inner.is_empty() || inner.bytes().any(|c| matches!(c, b'[' | b'\\' | b' ')) {
+            return Err(ParseError::Address);
+        }
+        i = close + 1;
+    } else {
+        while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'-' || b[i] == b'.') {
+            i += 1;
+        }
+        if !crate::accounts::is_valid_domain(&s[domain_start..i]) {
+            return Err(ParseError::Address);
+        }
+    }
+    let domain = &s[domain_start..i];
+    if domain.len() > MAX_DOMAIN || b.get(i) != Some(&b'>') || i + 1 > MAX_PATH {
+        return Err(ParseError::Address);
+    }
+    let mailbox = Mailbox {
+        local,
+        domain: domain.to_string(),
+        raw: s[start..i].to_string(),
+    };
+    Ok((Some(mailbox), rest_after(s, i + 1)?))
+}
+
+/// After the closing `>`: end of line, or a space and parameters.
+fn rest_after(s: &str, at: usize) -> Result<&str, ParseError> {
+    match s.as_bytes().get(at) {
+        None => Ok(""),
+        Some(b' ') => Ok(&s[at + 1..]),
+        Some(_) => Err(ParseError::Syntax),
+    }
+}
+
+/// RFC 5321 §4.1.2 Quoted-string: qtextSMTP or a backslash pair. Returns the decoded content.
+fn parse_quoted(b: &[u8], i: &mut usize) -> Result<String, ParseError> {
+    *i += 1;
+    let mut out = String::new();
+    loop {
+        match b.get(*i) {
+            Some(b'"') => {
+                *i += 1;
+                return if out.is_empty() {
+                    Err(ParseError::Address)
+                } else {
+                    Ok(out)
+                };
+            }
+            Some(b'\\') => match b.get(*i + 1) {
+                Some(&c) if (32..=126).contains(&c) => {
+                    out.push(c as char);
+                    *i += 2;
+                }
+                _ => return Err(ParseError::Address),
+            },
+            Some(&c) if (32..=126).contains(&c) => {
+                out.push(c as char);
+                *i += 1;
+            }
+            _ => return Err(ParseError::Address),
+        }
+    }
+}
+
+/// RFC 5322 §3.2.3 atext.
+fn is_atext(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mailbox(local: &str, domain: &str, raw: &str) -> Mailbox {
+        Mailbox {
+            local: local.into(),
+            domain: domain.into(),
+            raw: raw.into(),
+        }
+    }
+
+    #[test]
+    fn verbs_are_case_insensitive() {
+        assert_eq!(
+            parse(b"ehlo client.example"),
+            Ok(Command::Ehlo("client.example".into()))
+        );
+        assert_eq!(parse(b"QuIt"), Ok(Command::Quit));
+    }
+
+    #[test]
+    fn mail_with_params() {
+        assert_eq!(
+            parse(b"MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME"),
+            Ok(Command::Mail {
+                from: Some(mailbox("a", "b.example", "a@b.example")),
+                size: Some(1000),
+                body: Body::EightBitMime
+            })
+        );
+    }
+
+    #[test]
+    fn null_reverse_path() {
+        assert_eq!(
+            parse(b"MAIL FROM:<>"),
+            Ok(Command::Mail {
+                from: None,
+                size: None,
+                body: Body::SevenBit
+            })
+        );
+        assert_eq!(parse(b"RCPT TO:<>"), Err(ParseError::Address));
+    }
+
+    #[test]
+    fn space_after_colon_tolerated() {
+        assert!(matches!(
+            parse(b"MAIL FROM: <a@b.example>"),
+            Ok(Command::Mail { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_brackets_is_syntax_error() {
+        assert_eq!(parse(b"MAIL FROM:a@b.example"), Err(ParseError::Syntax));
+        assert_eq!(parse(b"RCPT TO:a@b.example"), Err(ParseError::Syntax));
+    }
+
+    #[test]
+    fn quoted_local_part_is_decoded() {
+        assert_eq!(
+            parse(br#"RCPT TO:<"john\"doe"@example.org>"#),
+            Ok(Command::Rcpt(mailbox(
+                "john\"doe",
+                "example.org",
+                r#""john\"doe"@example.org"#
+            )))
+        );
+    }
+
+    #[test]
+    fn source_route_is_dropped() {
+        assert_eq!(
+            parse(b"RCPT TO:<@relay.example,@b.example:user@other.example>"),
+            Ok(Command::Rcpt(mailbox(
+                "user",
+                "other.example",
+                "user@other.example"
+            )))
+        );
+    }
+
+    #[test]
+    fn address_literal() {
+        let Ok(Command::Rcpt(m)) = parse(b"RCPT TO:<u@[127.0.0.1]>") else {
+            panic!()
+        };
+        assert!(m.is_address_literal());
+    }
+
+    #[test]
+    fn postmaster_without_domain() {
+        assert_eq!(
+            parse(b"RCPT TO:<Postmaster>"),
+            Ok(Command::Rcpt(mailbox("postmaster", "", "postmaster")))
+        );
+    }
+
+    #[test]
+    fn length_limits() {
+        let long_local = format!("RCPT TO:<{}@example.org>", "a".repeat(65));
+        assert_eq!(parse(long_local.as_bytes()), Err(ParseError::Address));
+        let ok_local = format!("RCPT TO:<{}@example.org>", "a".repeat(64));
+        assert!(parse(ok_local.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn bad_addresses() {
+        for line in [
+            "RCPT TO:<user@>",
+            "RCPT TO:<@example.org>",
+            "RCPT TO:<a..b@example.org>",
+            "RCPT TO:<user@example.org.>",
+            "RCPT TO:<user@-bad.org>",
+            "RCPT TO:<user example.org>",
+            "RCPT TO:<user@example.org",
+        ] {
+            assert!(parse(line.as_bytes()).is_err(), "{line}");
+        }
+    }
+
+    #[test]
+    fn unknown_parameters() {
+        assert_eq!(
+            parse(b"MAIL FROM:<a@b.org> SMTPUTF8"),
+            Err(ParseError::UnknownParameter)
+        );
+        assert_eq!(
+            parse(b"RCPT TO:<a@b.org> NOTIFY=NEVER"),
+            Err(ParseError::UnknownParameter)
+        );
+        assert_eq!(
+            parse(b"MAIL FROM:<a@b.org> SIZE=12x"),
+            Err(ParseError::Syntax)
+        );
+    }
+
+    #[test]
+    fn hostile_bytes_are_syntax_errors() {
+        assert_eq!(parse(b"NOOP\0"), Err(ParseError::Syntax));
+        assert_eq!(
+            parse("MAIL FROM:<é@b.org>".as_bytes()),
+            Err(ParseError::Syntax)
+        );
+    }
+
+    #[test]
+    fn http_is_recognised() {
+        assert_eq!(parse(b"GET / HTTP/1.1"), Err(ParseError::HttpVerb));
+        assert_eq!(parse(b"POST /x HTTP/1.0"), Err(ParseError::HttpVerb));
+    }
+
+    #[test]
+    fn not_offered_extensions() {
+        assert_eq!(parse(b"STARTTLS"), Err(ParseError::NotImplemented));
+        assert_eq!(parse(b"AUTH PLAIN"), Err(ParseError::NotImplemented));
+    }
+
+    #[test]
+    fn data_takes_no_arguments() {
+        assert_eq!(parse(b"DATA x"), Err(ParseError::Syntax));
+        assert_eq!(parse(b"FOO"), Err(ParseError::Unrecognised));
+    }
+}

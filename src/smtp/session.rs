@@ -1,0 +1,382 @@
+//! The SMTP receiving session (RFC 5321) as a state machine that does no I/O: the driver feeds it bytes
+//! with [`Session::advance`] and acts on the [`Event`]s it returns; replies accumulate in an outbox
+//! that the driver writes out whenever the session needs more input (so pipelined replies go out in
+//! one write, RFC 2920 §3.2).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::command::{self, Body, Command, Mailbox, ParseError};
+use super::data::{DataError, DataReader, DataStep};
+use super::reply::{self, Reply};
+use crate::accounts::{Account, Route};
+use crate::config::Settings;
+
+/// What the driver must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// All complete input was used: flush the outbox, then read more.
+    NeedInput,
+    /// DATA was accepted: open a spool file and write [`Session::trace_headers`] into it.
+    MessageStart,
+    /// One line of the message (dot-unstuffed, without line ending): append it with a newline.
+    MessageLine(&'a [u8]),
+    /// The message was refused (its reply follows once the data ends): discard the spool file.
+    MessageAbort,
+    /// The message is complete: make it durable, then report with [`Session::message_stored`].
+    MessageEnd,
+    /// Flush the outbox and close the connection.
+    Close,
+}
+
+/// The envelope of the transaction in progress.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// `None` for the null reverse-path.
+    pub from: Option<Mailbox>,
+    pub body: Body,
+    /// Accepted recipients as given.
+    pub recipients: Vec<Mailbox>,
+    /// Where they deliver, each account once.
+    pub mailboxes: Vec<Arc<Account>>,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Command,
+    /// Discarding an over-long command line up to its LF.
+    DrainCommand,
+    Data(DataReader),
+    /// The message is being stored; no input is processed until the driver reports.
+    Storing,
+    Closed,
+}
+
+pub struct Session {
+    settings: Arc<Settings>,
+    peer: IpAddr,
+    /// The EHLO/HELO argument and whether it was EHLO.
+    helo: Option<(String, bool)>,
+    envelope: Option<Envelope>,
+    mode: Mode,
+    outbox: Vec<u8>,
+    errors: u32,
+    shutdown_requested: bool,
+}
+
+impl Session {
+    /// A new session; its greeting is already in the outbox.
+    pub fn new(settings: Arc<Settings>, peer: IpAddr) -> Session {
+        let mut session = Session {
+            settings,
+            peer,
+            helo: None,
+            envelope: None,
+            mode: Mode::Command,
+            outbox: Vec::new(),
+            errors: 0,
+            shutdown_requested: false,
+        };
+        let greeting = format!("{} ESMTP rustmail ready", session.settings.hostname);
+        session.reply(Reply::new(220, "", "").with_text(greeting));
+        session
+    }
+
+    /// A session refused because the server is full: one `421` and close.
+    pub fn refuse_busy(&mut self) {
+        self.outbox.clear();
+        self.reply(reply::TOO_MANY_CONNECTIONS);
+        self.mode = Mode::Closed;
+    }
+
+    pub fn outbox(&mut self) -> &mut Vec<u8> {
+        &mut self.outbox
+    }
+
+    pub fn envelope(&self) -> Option<&Envelope> {
+        self.envelope.as_ref()
+    }
+
+    /// True while a message is being received or stored: the connection must not be cut.
+    pub fn in_message(&self) -> bool {
+        matches!(self.mode, Mode::Data(_) | Mode::Storing)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.mode, Mode::Closed)
+    }
+
+    /// The server is stopping: answer `421` now if idle, else at the next command (a message being
+    /// received is never cut).
+    pub fn request_shutdown(&mut self) {
+        self.shutdown_requested = true;
+        if matches!(self.mode, Mode::Command | Mode::DrainCommand) {
+            self.close_with(reply::SHUTTING_DOWN);
+        }
+    }
+
+    /// The peer was silent for too long (RFC 5321 §4.5.3.2).
+    pub fn timed_out(&mut self) {
+        self.close_with(reply::TIMEOUT);
+    }
+
+    /// Processes input up to the next event. Returns the bytes consumed and the event.
+    pub fn advance<'a>(&mut self, input: &'a [u8]) -> (usize, Event<'a>) {
+        let mut used = 0;
+        loop {
+            let rest = &input[used..];
+            match &mut self.mode {
+                Mode::Closed => return (used, Event::Close),
+                Mode::Storing => return (used, Event::NeedInput),
+                Mode::Data(reader) => {
+                    let (n, step) = reader.step(rest);
+                    used += n;
+                    match step {
+                        DataStep::NeedMore => return (used, Event::NeedInput),
+                        DataStep::Skipped => {}
+                        DataStep::Line(line) => return (used, Event::MessageLine(line)),
+                        DataStep::Failed(_) => return (used, Event::MessageAbort),
+                        DataStep::End(Ok(())) => {
+                            self.mode = Mode::Storing;
+                            return (used, Event::MessageEnd);
+                        }
+                        DataStep::End(Err(e)) => self.data_refused(e),
+                    }
+                }
+                Mode::DrainCommand => match rest.iter().position(|&b| b == b'\n') {
+                    Some(lf) => {
+                        used += lf + 1;
+                        self.mode = Mode::Command;
+                        self.error(reply::LINE_TOO_LONG);
+                    }
+                    None => return (input.len(), Event::NeedInput),
+                },
+                Mode::Command => {
+                    let max = self.settings.limits.max_command_length;
+                    let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+                        if rest.len() >= max {
+                            // An over-long command: discard it to its end before answering, so
+                            // that its tail is never executed as a command of its own.
+                            self.mode = Mode::DrainCommand;
+                            return (input.len(), Event::NeedInput);
+                        }
+                        return (used, Event::NeedInput);
+                    };
+                    used += lf + 1;
+                    if lf + 1 > max {
+                        self.error(reply::LINE_TOO_LONG);
+                        continue;
+                    }
+                    let line = rest[..lf].strip_suffix(b"\r").unwrap_or(&rest[..lf]);
+                    if let Some(event) = self.command(line) {
+                        return (used, event);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The driver's report on storing the message announced by [`Event::MessageEnd`].
+    pub fn message_stored(&mut self, result: Result<&str, ()>) {
+        self.envelope = None;
+        self.mode = Mode::Command;
+        match result {
+            Ok(id) => self.reply(reply::OK.with_text(format!("OK, queued as {id}"))),
+            Err(()) => self.reply(reply::STORAGE_FAILED),
+        }
+    }
+
+    /// `Return-Path:` and `Received:` (RFC 5321 §4.4) for the current transaction, LF-terminated.
+    pub fn trace_headers(&self, id: &str, date: &str) -> String {
+        let envelope = self.envelope.as_ref();
+        let from = envelope
+            .and_then(|e| e.from.as_ref())
+            .map_or("", |m| m.raw.as_str());
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let peer = match self.peer {
+            IpAddr::V4(ip) => format!("[{ip}]"),
+            IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
+        };
+        // Naming the recipient only when there is one keeps Bcc recipients private.
+        let for_clause = match envelope.map(|e| e.recipients.as_slice()) {
+            Some([only]) => format!("\n\tfor <{}>", only.raw),
+            _ => String::new(),
+        };
+        format!(
+            "Return-Path: <{from}>\nReceived: from {helo} ({peer})\n\tby {host} (rustmail) with {with} id {id}{for_clause};\n\t{date}\n",
+            host = self.settings.hostname,
+            with = if esmtp { "ESMTP" } else { "SMTP" },
+        )
+    }
+
+    fn command(&mut self, line: &[u8]) -> Option<Event<'static>> {
+        if self.shutdown_requested {
+            self.close_with(reply::SHUTTING_DOWN);
+            return Some(Event::Close);
+        }
+        let command = match command::parse(line) {
+            Ok(c) => c,
+            Err(ParseError::HttpVerb) => {
+                tracing::warn!("HTTP request on the SMTP port, closing");
+                self.mode = Mode::Closed;
+                return Some(Event::Close);
+            }
+            Err(e) => {
+                self.error(match e {
+                    ParseError::Unrecognised => reply::UNRECOGNISED,
+                    ParseError::Syntax => reply::SYNTAX,
+                    ParseError::Address => reply::ADDRESS_SYNTAX,
+                    ParseError::UnknownParameter => reply::PARAMETER_UNKNOWN,
+                    ParseError::NotImplemented | ParseError::HttpVerb => reply::NOT_IMPLEMENTED,
+                });
+                return self.is_closed().then_some(Event::Close);
+            }
+        };
+        match command {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail { from, size, body } => self.mail(from, size, body),
+            Command::Rcpt(to) => self.rcpt(to),
+            Command::Data => return self.data(),
+            Command::Rset => {
+                self.envelope = None;
+                self.reply(reply::RESET_OK);
+            }
+            Command::Noop => self.reply(reply::OK),
+            Command::Vrfy => self.reply(reply::CANNOT_VRFY),
+            Command::Expn => self.error(reply::NOT_IMPLEMENTED),
+            Command::Help => self.reply(reply::HELP),
+            Command::Quit => {
+                self.close_with(reply::BYE);
+            }
+        }
+        self.is_closed().then_some(Event::Close)
+    }
+
+    fn hello(&mut self, name: String, esmtp: bool) {
+        // RFC 5321 §4.1.4: EHLO/HELO in the middle of a transaction resets it.
+        self.envelope = None;
+        let host = &self.settings.hostname;
+        let text = if esmtp {
+            format!(
+                "{host}\nPIPELINING\nSIZE {}\n8BITMIME\nENHANCEDSTATUSCODES",
+                self.settings.limits.max_message_size
+            )
+        } else {
+            host.clone()
+        };
+        self.helo = Some((name, esmtp));
+        self.reply(Reply::new(250, "", "").with_text(text));
+    }
+
+    fn mail(&mut self, from: Option<Mailbox>, size: Option<u64>, body: Body) {
+        if self.helo.is_none() {
+            return self.error(reply::BAD_SEQUENCE.with_text("Send EHLO or HELO first"));
+        }
+        if self.envelope.is_some() {
+            return self.error(reply::BAD_SEQUENCE.with_text("Nested MAIL command"));
+        }
+        // RFC 1870 §6.2: refuse a declared size over the limit at once.
+        if size.is_some_and(|s| s > self.settings.limits.max_message_size) {
+            return self.error(reply::MESSAGE_TOO_BIG);
+        }
+        self.envelope = Some(Envelope {
+            from,
+            body,
+            ..Envelope::default()
+        });
+        self.reply(reply::SENDER_OK);
+    }
+
+    fn rcpt(&mut self, to: Mailbox) {
+        let Some(envelope) = self.envelope.as_ref() else {
+            return self.error(reply::BAD_SEQUENCE.with_text("Send MAIL first"));
+        };
+        if envelope.recipients.len() >= self.settings.limits.max_recipients {
+            return self.reply(reply::TOO_MANY_RECIPIENTS);
+        }
+        let directory = &self.settings.directory;
+        let route = if to.is_address_literal() {
+            Route::NotLocal
+        } else if to.domain.is_empty() {
+            // `<Postmaster>` (RFC 5321 §4.1.1.3) means the postmaster of our primary domain.
+            let primary = directory.domains().next().unwrap_or_default().to_string();
+            directory.route(&to.local, &primary)
+        } else {
+            directory.route(&to.local, &to.domain)
+        };
+        let accounts = match route {
+            Route::NotLocal => {
+                tracing::info!(rcpt = %to.raw, reply = 550, "relay denied");
+                return self.error(reply::RELAY_DENIED);
+            }
+            Route::Unknown => {
+                tracing::info!(rcpt = %to.raw, reply = 550, "unknown recipient");
+                return self.error(reply::UNKNOWN_USER);
+            }
+            Route::Local(accounts) => accounts,
+        };
+        let envelope = self.envelope.as_mut().expect("checked above");
+        for account in accounts {
+            if !envelope.mailboxes.contains(&account) {
+                envelope.mailboxes.push(account);
+            }
+        }
+        envelope.recipients.push(to);
+        self.reply(reply::RECIPIENT_OK);
+    }
+
+    fn data(&mut self) -> Option<Event<'static>> {
+        match &self.envelope {
+            None => self.error(reply::BAD_SEQUENCE.with_text("Send MAIL first")),
+            // RFC 2920 §3.1: after a pipelined group in which every RCPT failed, DATA gets 554.
+            Some(e) if e.recipients.is_empty() => self.error(reply::NO_VALID_RECIPIENTS),
+            Some(_) => {
+                let limits = &self.settings.limits;
+                self.mode = Mode::Data(DataReader::new(
+                    limits.max_line_length,
+                    limits.max_message_size,
+                ));
+                self.reply(reply::START_DATA);
+                return Some(Event::MessageStart);
+            }
+        }
+        self.is_closed().then_some(Event::Close)
+    }
+
+    fn data_refused(&mut self, error: DataError) {
+        self.envelope = None;
+        self.mode = Mode::Command;
+        tracing::info!(?error, "message refused");
+        self.error(match error {
+            DataError::BareLineEnding => reply::BAD_LINE_ENDING,
+            DataError::LineTooLong => reply::DATA_LINE_TOO_LONG,
+            DataError::TooBig => reply::MESSAGE_TOO_BIG,
+        });
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        reply.write_to(&mut self.outbox);
+    }
+
+    /// A refusal; enough of them and the session ends (a client that keeps failing is probing).
+    fn error(&mut self, reply: Reply) {
+        self.reply(reply);
+        self.errors += 1;
+        if self.errors >= self.settings.limits.max_errors {
+            tracing::info!(errors = self.errors, "too many errors, closing");
+            self.close_with(reply::TOO_MANY_ERRORS);
+        }
+    }
+
+    fn close_with(&mut self, reply: Reply) {
+        if !self.is_closed() {
+            self.reply(reply);
+            self.mode = Mode::Closed;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -1,0 +1,349 @@
+//! Dialog tests of the SMTP session: whole transcripts fed in every chunk size, as a network might split them.
+
+use super::*;
+use crate::config::{AccountConfig, Config};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+fn settings() -> Arc<Settings> {
+    static HASH: OnceLock<String> = OnceLock::new();
+    let hash = HASH
+        .get_or_init(|| crate::accounts::hash_password(b"pw"))
+        .clone();
+    let account = |aliases: &[&str]| AccountConfig {
+        password_hash: Some(hash.clone()),
+        password_hash_file: None,
+        aliases: aliases.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut config = Config {
+        hostname: Some("mx.example.org".into()),
+        domains: vec!["example.org".into()],
+        accounts: BTreeMap::from([
+            (
+                "alice@example.org".into(),
+                account(&["al@example.org", "postmaster@example.org"]),
+            ),
+            ("bob@example.org".into(), account(&[])),
+        ]),
+        ..Config::default()
+    };
+    config.limits.max_recipients = 3;
+    config.limits.max_message_size = 200;
+    config.limits.max_errors = 6;
+    Arc::new(Settings::from_config(config).unwrap())
+}
+
+#[derive(Debug, PartialEq)]
+struct Transcript {
+    replies: String,
+    /// Stored messages: (mailboxes, content with LF endings).
+    messages: Vec<(Vec<String>, String)>,
+    closed: bool,
+}
+
+/// Plays the driver: feeds `input` in `chunk`-byte pieces, stores messages in memory.
+fn play(input: &[u8], chunk: usize) -> Transcript {
+    let mut session = Session::new(settings(), "192.0.2.7".parse().unwrap());
+    let mut buf: Vec<u8> = Vec::new();
+    let mut fed = 0;
+    let mut message: Option<String> = None;
+    let mut t = Transcript {
+        replies: String::new(),
+        messages: vec![],
+        closed: false,
+    };
+    loop {
+        let (n, event) = session.advance(&buf);
+        let mut need_input = false;
+        match event {
+            Event::NeedInput => need_input = true,
+            Event::MessageStart => message = Some(String::new()),
+            Event::MessageLine(line) => {
+                let m = message.as_mut().unwrap();
+                m.push_str(std::str::from_utf8(line).unwrap());
+                m.push('\n');
+            }
+            Event::MessageAbort => message = None,
+            Event::MessageEnd => {
+                let mailboxes = session
+                    .envelope()
+                    .unwrap()
+                    .mailboxes
+                    .iter()
+                    .map(|a| a.address.clone())
+                    .collect();
+                t.messages.push((mailboxes, message.take().unwrap()));
+                session.message_stored(Ok("Q1"));
+            }
+            Event::Close => t.closed = true,
+        }
+        buf.drain(..n);
+        if t.closed {
+            break;
+        }
+        if need_input {
+            if fed >= input.len() {
+                break;
+            }
+            let end = (fed + chunk).min(input.len());
+            buf.extend_from_slice(&input[fed..end]);
+            fed = end;
+        }
+    }
+    t.replies = String::from_utf8(std::mem::take(session.outbox())).unwrap();
+    t
+}
+
+/// The transcript, after checking that every chunk size gives the same one.
+fn dialog(input: &str) -> Transcript {
+    let reference = play(input.as_bytes(), input.len());
+    for chunk in [1, 2, 3, 5, 8, 13, 64, 512] {
+        assert_eq!(
+            play(input.as_bytes(), chunk),
+            reference,
+            "chunk size {chunk}"
+        );
+    }
+    reference
+}
+
+fn codes(t: &Transcript) -> Vec<String> {
+    t.replies
+        .lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| l[..3].to_string())
+        .collect()
+}
+
+const HELLO: &str = "EHLO client.example\r\n";
+
+#[test]
+fn greeting_and_ehlo_advertise_extensions() {
+    let t = dialog(HELLO);
+    assert!(t.replies.starts_with("220 mx.example.org ESMTP"));
+    for ext in [
+        "250-PIPELINING",
+        "250-SIZE 200",
+        "250-8BITMIME",
+        "250 ENHANCEDSTATUSCODES",
+    ] {
+        assert!(t.replies.contains(ext), "{ext} missing: {}", t.replies);
+    }
+}
+
+#[test]
+fn pipelined_delivery_with_dot_unstuffing() {
+    let t = dialog(
+        "EHLO c\r\nMAIL FROM:<x@remote.example> BODY=8BITMIME\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n\
+         Subject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
+    );
+    assert_eq!(codes(&t), ["220", "250", "250", "250", "354", "250", "221"]);
+    assert_eq!(
+        t.messages,
+        vec![(
+            vec!["alice@example.org".into()],
+            "Subject: hi\n\n.dot\n".into()
+        )]
+    );
+    assert!(t.closed);
+}
+
+#[test]
+fn alias_and_account_deliver_once() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<>\r\nRCPT TO:<AL@Example.ORG>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nx\r\n.\r\n"
+    ));
+    assert_eq!(
+        t.messages[0].0,
+        vec![
+            "alice@example.org".to_string(),
+            "bob@example.org".to_string()
+        ]
+    );
+}
+
+#[test]
+fn relay_and_unknown_user_refused() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<a@b.example>\r\nRCPT TO:<someone@elsewhere.example>\r\nRCPT TO:<nobody@example.org>\r\n\
+         RCPT TO:<u@[127.0.0.1]>\r\nRCPT TO:<\"alice@elsewhere.example\"@example.org>\r\nDATA\r\n"
+    ));
+    assert!(t.replies.contains("550 5.7.1"));
+    assert!(t.replies.contains("550 5.1.1"));
+    assert_eq!(
+        codes(&t),
+        ["220", "250", "250", "550", "550", "550", "550", "554"]
+    );
+    assert!(t.messages.is_empty());
+}
+
+#[test]
+fn postmaster_without_domain_is_routed() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\nx\r\n.\r\n"
+    ));
+    assert_eq!(t.messages[0].0, vec!["alice@example.org".to_string()]);
+}
+
+#[test]
+fn sequence_errors() {
+    let t = dialog(
+        "MAIL FROM:<a@b.example>\r\nEHLO c\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nMAIL FROM:<>\r\nMAIL FROM:<>\r\n",
+    );
+    assert_eq!(codes(&t), ["220", "503", "250", "503", "503", "250", "503"]);
+}
+
+#[test]
+fn rset_and_ehlo_reset_the_transaction() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nRSET\r\nDATA\r\nMAIL FROM:<>\r\nEHLO again\r\nRCPT TO:<bob@example.org>\r\n"
+    ));
+    assert_eq!(
+        codes(&t),
+        [
+            "220", "250", "250", "250", "250", "503", "250", "250", "503"
+        ]
+    );
+}
+
+#[test]
+fn recipient_cap() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<al@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+    ));
+    assert!(
+        t.replies.ends_with("452 4.5.3 Too many recipients\r\n"),
+        "{}",
+        t.replies
+    );
+}
+
+#[test]
+fn declared_size_over_limit_refused_at_mail() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<> SIZE=201\r\nMAIL FROM:<> SIZE=200\r\n"
+    ));
+    assert_eq!(codes(&t), ["220", "250", "552", "250"]);
+}
+
+#[test]
+fn oversized_message_refused_after_reading_to_the_end() {
+    let big = "x".repeat(150);
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n{big}\r\n{big}\r\nRSET\r\n.\r\nNOOP\r\n"
+    ));
+    assert!(t.messages.is_empty());
+    assert_eq!(codes(&t), ["220", "250", "250", "250", "354", "552", "250"]);
+}
+
+#[test]
+fn smuggling_bare_lf_is_neither_end_of_data_nor_a_new_transaction() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nhello\n.\nMAIL FROM:<evil@b.example>\r\n\
+         RCPT TO:<alice@example.org>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n"
+    ));
+    assert!(
+        t.messages.is_empty(),
+        "nothing may be delivered: {:?}",
+        t.messages
+    );
+    assert_eq!(codes(&t), ["220", "250", "250", "250", "354", "550", "250"]);
+    assert!(t.replies.contains("550 5.6.0"));
+}
+
+#[test]
+fn smuggling_bare_cr_refused() {
+    let t = dialog(&format!(
+        "{HELLO}MAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\na\r.\rb\r\n.\r\n"
+    ));
+    assert!(t.messages.is_empty());
+    assert!(
+        t.replies
+            .ends_with("550 5.6.0 Message refused: bare CR or LF; lines must end with CRLF\r\n")
+    );
+}
+
+#[test]
+fn overlong_command_is_drained_then_refused() {
+    let long = format!("NOOP {}RSET\r\nNOOP\r\n", "x".repeat(600));
+    let t = dialog(&long);
+    assert_eq!(codes(&t), ["220", "500", "250"]);
+    assert!(t.replies.contains("500 5.5.2 Line too long"));
+}
+
+#[test]
+fn too_many_errors_close_the_session() {
+    let t = dialog(&"BOGUS\r\n".repeat(10));
+    assert_eq!(
+        codes(&t),
+        ["220", "500", "500", "500", "500", "500", "500", "421"]
+    );
+    assert!(t.closed);
+}
+
+#[test]
+fn http_request_closes_at_once() {
+    let t = dialog("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(codes(&t), ["220"]);
+    assert!(t.closed);
+}
+
+#[test]
+fn vrfy_discloses_nothing() {
+    let t = dialog("VRFY alice\r\nVRFY nobody\r\n");
+    assert_eq!(codes(&t), ["220", "252", "252"]);
+}
+
+#[test]
+fn helo_gets_no_extensions_and_plain_smtp_trace() {
+    let mut s = Session::new(settings(), "2001:db8::1".parse().unwrap());
+    let (_, e) = s.advance(
+        b"HELO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n",
+    );
+    assert_eq!(e, Event::MessageStart);
+    let out = String::from_utf8(s.outbox().clone()).unwrap();
+    assert!(out.contains("250 mx.example.org\r\n") && !out.contains("PIPELINING"));
+    let trace = s.trace_headers("Q9", "Thu, 26 Nov 2026 10:00:00 +0000");
+    assert_eq!(
+        trace,
+        "Return-Path: <a@b.example>\nReceived: from c.example ([IPv6:2001:db8::1])\n\tby mx.example.org (rustmail) with SMTP id Q9\n\tfor <bob@example.org>;\n\tThu, 26 Nov 2026 10:00:00 +0000\n"
+    );
+}
+
+#[test]
+fn shutdown_waits_for_the_message_then_answers_421() {
+    let mut s = Session::new(settings(), "192.0.2.7".parse().unwrap());
+    let (n, e) = s.advance(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n");
+    assert_eq!((n, e), (55, Event::MessageStart));
+    s.request_shutdown();
+    assert!(!s.is_closed(), "a DATA transfer is never cut");
+    let (_, e) = s.advance(b"x\r\n");
+    assert_eq!(e, Event::MessageLine(b"x"));
+    let (_, e) = s.advance(b".\r\nNOOP\r\n");
+    assert_eq!(e, Event::MessageEnd);
+    s.message_stored(Ok("Q1"));
+    let (_, e) = s.advance(b"NOOP\r\n");
+    assert_eq!(e, Event::Close);
+    let out = String::from_utf8(s.outbox().clone()).unwrap();
+    assert!(
+        out.ends_with(
+            "250 2.0.0 OK, queued as Q1\r\n421 4.3.2 Service shutting down, try again later\r\n"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn storage_failure_is_temporary() {
+    let mut s = Session::new(settings(), "192.0.2.7".parse().unwrap());
+    let (_, e) = s.advance(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n.\r\n");
+    assert_eq!(e, Event::MessageStart);
+    let (_, e) = s.advance(b".\r\n");
+    assert_eq!(e, Event::MessageEnd);
+    s.message_stored(Err(()));
+    assert!(
+        String::from_utf8(s.outbox().clone())
+            .unwrap()
+            .ends_with("451 4.3.0 Could not store the message, try again later\r\n")
+    );
+}
