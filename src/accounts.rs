@@ -132,7 +132,10 @@ impl Directory {
     /// timing does not reveal which accounts exist. CPU-heavy: call it off the async runtime.
     pub fn verify(&self, user: &str, password: &[u8]) -> Option<Arc<Account>> {
         let account = self.accounts.get(&user.to_lowercase());
-        let hash = account.map_or_else(|| dummy_hash(), |a| a.password_hash.as_str());
+        let hash: &str = match account {
+            Some(a) => &a.password_hash,
+            None => dummy_hash(),
+        };
         let ok = verify_password(hash, password);
         account.filter(|_| ok).cloned()
     }

@@ -289,12 +289,11 @@ pub fn expunge(maildir: &Path, paths: &[PathBuf]) -> io::Result<()> {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 let uid = uid_for(&name);
-                if let Ok(now) = scan(maildir) {
-                    if let Some(m) = now.iter().find(|m| m.uid == uid) {
-                        if let Err(e) = fs::remove_file(&m.path) {
-                            first_error.get_or_insert(e);
-                        }
-                    }
+                let moved = scan(maildir)
+                    .ok()
+                    .and_then(|now| now.into_iter().find(|m| m.uid == uid));
+                if let Some(Err(e)) = moved.map(|m| fs::remove_file(&m.path)) {
+                    first_error.get_or_insert(e);
                 }
             }
             Err(e) => {

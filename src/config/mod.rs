@@ -238,6 +238,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
     fn environment_overrides_nested_keys() {
         let f = file("[limits]\nmax_recipients = 7\n");
         figment::Jail::expect_with(|jail| {

@@ -72,14 +72,14 @@ pub fn plan(
                 Endpoint::Bind(_) => None,
             })
             .collect();
-        if named.is_empty() {
-            if let Some(fds) = by_name.remove(listener) {
-                out.extend(
-                    fds.into_iter()
-                        .map(|i| (spec.protocol, Source::Inherited(i))),
-                );
-                continue;
-            }
+        if named.is_empty()
+            && let Some(fds) = by_name.remove(listener)
+        {
+            out.extend(
+                fds.into_iter()
+                    .map(|i| (spec.protocol, Source::Inherited(i))),
+            );
+            continue;
         }
         for endpoint in &spec.endpoints {
             match endpoint {
