@@ -263,11 +263,21 @@ fn wire_size_of_file(path: &Path) -> io::Result<u64> {
     let mut buf = [0u8; 64 * 1024];
     let mut size = 0u64;
     let mut prev_cr = false;
+    let mut last = b'\n';
     loop {
         let n = reader.read(&mut buf)?;
         if n == 0 {
-            return Ok(size);
+            // POP3 completes a last line that lacks its newline (see pop3::wire): count that too.
+            return Ok(size
+                + if last == b'\n' {
+                    0
+                } else if prev_cr {
+                    1
+                } else {
+                    2
+                });
         }
+        last = buf[n - 1];
         for &b in &buf[..n] {
             size += if b == b'\n' && !prev_cr { 2 } else { 1 };
             prev_cr = b == b'\r';
@@ -408,7 +418,7 @@ mod tests {
         let msgs = scan(&dir).unwrap();
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].uid, "1700000000.foreign.host");
-        assert_eq!(msgs[0].size, 7);
+        assert_eq!(msgs[0].size, 9, "a\\r\\nb\\r\\nc\\r\\n as POP3 sends it");
         assert_eq!(msgs[1].size, 3);
         assert!(msgs[1].uid.ends_with(".mx.example.org"));
     }
