@@ -1,0 +1,580 @@
+"""Helpers shared by the rustmail end-to-end tests.
+
+Everything here talks to a real `rustmail serve` process over loopback sockets
+using only the Python standard library (subprocess, socket, smtplib, poplib).
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
+
+DOMAIN = "example.test"
+HOSTNAME = "mx.test"
+SENDER = "sender@client.test"
+
+# Generous: a debug build verifies argon2id hashes slowly.
+NET_TIMEOUT = 30.0
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+# Must stay below STOP_TIMEOUT so a "graceful" stop that drains connections still counts.
+SHUTDOWN_TIMEOUT_SECS = 5
+
+
+# --------------------------------------------------------------------------- polling
+
+
+def wait_until(
+    condition: Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
+    """Poll `condition` until it returns a truthy value; return that value.
+
+    Exceptions raised by `condition` count as "not yet" and the last one is
+    reported when the deadline passes. Raises AssertionError on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+            last_exc = None
+        except Exception as exc:  # noqa: BLE001 - reported below
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            if last_exc is not None:
+                text += f"\nlast exception: {last_exc!r}"
+            raise AssertionError(f"timed out after {timeout}s: {text}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (bound to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def child_env() -> dict[str, str]:
+    """The environment for rustmail processes: ours without RUSTMAIL_* variables.
+
+    rustmail reads RUSTMAIL_* environment variables as config overrides and rejects
+    unknown ones, so the test runner's own RUSTMAIL_BIN must not leak into it.
+    """
+    return {k: v for k, v in os.environ.items() if not k.upper().startswith("RUSTMAIL_")}
+
+
+def hash_password(binary: Path, password: str) -> str:
+    """Hash a password with `rustmail hash-password` (password on stdin)."""
+    proc = subprocess.run(
+        [str(binary), "hash-password"],
+        input=(password + "\n").encode(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+        env=child_env(),
+    )
+    out = proc.stdout.decode(errors="replace")
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, (
+        f"`rustmail hash-password` exited {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    )
+    hashes = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("$argon2id$")]
+    assert len(hashes) == 1, (
+        f"`rustmail hash-password` printed no single argon2id PHC hash on stdout\n"
+        f"stdout:\n{out}\nstderr:\n{err}"
+    )
+    return hashes[0]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def toml_str(value: str) -> str:
+    """A TOML basic string."""
+    out = ['"']
+    for ch in value:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def render_config(
+    *,
+    storage_root: Path,
+    smtp_listen: Iterable[str],
+    pop3_listen: Iterable[str],
+    accounts: dict[str, dict],
+    hostname: str = HOSTNAME,
+    domains: Iterable[str] = (DOMAIN,),
+    limits: dict | None = None,
+    auth: dict | None = None,
+    extra_top: dict | None = None,
+) -> str:
+    """Render a rustmail TOML config.
+
+    `accounts` maps an address to the keys of its table, e.g.
+    {"password_hash": "...", "aliases": [...]}. `extra_top` adds top-level keys
+    (used to write deliberately invalid configs).
+    """
+    lines = [
+        f"hostname = {toml_str(hostname)}",
+        f"domains = {toml_value(list(domains))}",
+        f"storage_root = {toml_str(str(storage_root))}",
+    ]
+    for key, value in (extra_top or {}).items():
+        lines.append(f"{key} = {toml_value(value)}")
+    lines += [
+        "",
+        "[listen]",
+        f"smtp = {toml_value(list(smtp_listen))}",
+        f"pop3 = {toml_value(list(pop3_listen))}",
+    ]
+    if limits:
+        lines += ["", "[limits]"] + [f"{k} = {toml_value(v)}" for k, v in limits.items()]
+    if auth:
+        lines += ["", "[auth]"] + [f"{k} = {toml_value(v)}" for k, v in auth.items()]
+    for address, table in accounts.items():
+        lines += ["", f"[accounts.{toml_str(address)}]"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class RustmailServer:
+    """One `rustmail serve --config FILE` process plus the state it owns."""
+
+    def __init__(
+        self,
+        *,
+        binary: Path,
+        workdir: Path,
+        passwords: dict[str, str],
+        hashes: dict[str, str],
+        accounts: dict[str, dict],
+        limits: dict | None = None,
+        auth: dict | None = None,
+    ) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.config_path = workdir / "rustmail.toml"
+        self.log_path = workdir / "server.log"
+        self.passwords = dict(passwords)
+        self.hashes = dict(hashes)
+        self.smtp_port = free_port()
+        self.pop3_port = free_port()
+        while self.pop3_port == self.smtp_port:
+            self.pop3_port = free_port()
+        self.limits = {"shutdown_timeout_secs": SHUTDOWN_TIMEOUT_SECS, **(limits or {})}
+        self.auth = {"failure_delay_ms": 50, **(auth or {})}
+        self.proc: subprocess.Popen | None = None
+        self.start_failed = False  # start() already reported the problem
+        self.exit_codes: list[int] = []
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.write_config(accounts)
+
+    # ----- config
+
+    def config_text(self, accounts: dict[str, dict], **overrides) -> str:
+        kwargs = dict(
+            storage_root=self.state_dir,
+            smtp_listen=[f"127.0.0.1:{self.smtp_port}"],
+            pop3_listen=[f"127.0.0.1:{self.pop3_port}"],
+            accounts=accounts,
+            limits=self.limits,
+            auth=self.auth,
+        )
+        kwargs.update(overrides)
+        return render_config(**kwargs)
+
+    def write_config(self, accounts: dict[str, dict], **overrides) -> str:
+        text = self.config_text(accounts, **overrides)
+        write_atomically(self.config_path, text)
+        return text
+
+    def account(self, address: str, aliases: Iterable[str] = ()) -> dict:
+        table: dict = {"password_hash": self.hashes[address]}
+        aliases = list(aliases)
+        if aliases:
+            table["aliases"] = aliases
+        return table
+
+    # ----- log
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return "<no log file>"
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        text = self.log_text()
+        if len(text) > chars:
+            text = "...[log truncated]...\n" + text[-chars:]
+        return f"--- server log {self.log_path} ---\n{text}\n--- end of server log ---"
+
+    # ----- lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        assert not self.running, "server already running"
+        self.start_failed = False
+        with open(self.log_path, "ab") as log:
+            log.write(f"===== rustmail serve --config {self.config_path} =====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [str(self.binary), "serve", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.workdir,
+                env=child_env(),
+            )
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise _ServerDied()
+            return port_accepts(self.smtp_port) and port_accepts(self.pop3_port)
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ready():
+                    return
+            except _ServerDied:
+                self.start_failed = True
+                raise AssertionError(
+                    f"rustmail serve exited with code {self.proc.returncode} before listening "
+                    f"on SMTP {self.smtp_port} / POP3 {self.pop3_port}\n{self.log_tail()}"
+                ) from None
+            if time.monotonic() >= deadline:
+                self.kill()
+                self.start_failed = True
+                raise AssertionError(
+                    f"rustmail serve did not accept connections on SMTP {self.smtp_port} and "
+                    f"POP3 {self.pop3_port} within {timeout}s\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send `sig` and wait for the process to exit; return its exit code."""
+        assert self.proc is not None, "server was never started"
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(
+                    f"rustmail serve did not exit within {timeout}s of signal {sig}; killed it\n"
+                    f"{self.log_tail()}"
+                ) from None
+        code = self.proc.returncode
+        self.exit_codes.append(code)
+        return code
+
+    def stop_ok(self, sig: int = signal.SIGTERM) -> None:
+        code = self.stop(sig)
+        assert code == 0, f"rustmail serve exited with code {code} after signal {sig}\n{self.log_tail()}"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Graceful stop (exit code must be 0), then start on the same config and state."""
+        self.stop_ok()
+        self.start()
+
+    def reload(self, accounts: dict[str, dict] | None = None, *, text: str | None = None) -> int:
+        """Rewrite the config (from accounts, or raw text) and send SIGHUP.
+
+        Returns the log offset from before the signal, for `log_since`.
+        """
+        assert self.running, f"server not running\n{self.log_tail()}"
+        if text is None:
+            assert accounts is not None
+            text = self.config_text(accounts)
+        write_atomically(self.config_path, text)
+        offset = self.log_size()
+        self.proc.send_signal(signal.SIGHUP)
+        return offset
+
+    def assert_alive(self) -> None:
+        assert self.running, (
+            f"rustmail serve is no longer running (exit code {self.proc.returncode})\n{self.log_tail()}"
+        )
+
+    # ----- disk
+
+    def maildir(self, address: str) -> Path:
+        local, domain = address.split("@", 1)
+        return self.state_dir / "mail" / domain / local
+
+    def maildir_files(self, address: str, sub: str = "new") -> list[Path]:
+        d = self.maildir(address) / sub
+        if not d.is_dir():
+            return []
+        return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def stored_messages(self, address: str) -> list[Path]:
+        return self.maildir_files(address, "new") + self.maildir_files(address, "cur")
+
+    def all_stored_files(self) -> list[Path]:
+        root = self.state_dir / "mail"
+        if not root.is_dir():
+            return []
+        return sorted(
+            p for p in root.rglob("*") if p.is_file() and p.parent.name in ("new", "cur", "tmp")
+        )
+
+    # ----- clients
+
+    def smtp(self) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="client.test", timeout=NET_TIMEOUT)
+
+    def send(self, to_addrs, msg: bytes, sender: str = SENDER) -> dict:
+        with self.smtp() as s:
+            return s.sendmail(sender, to_addrs, msg)
+
+    def pop3_connect(self) -> poplib.POP3:
+        return poplib.POP3("127.0.0.1", self.pop3_port, timeout=NET_TIMEOUT)
+
+    def pop3(self, address: str, password: str | None = None) -> poplib.POP3:
+        """A POP3 session logged in with USER/PASS."""
+        p = self.pop3_connect()
+        try:
+            p.user(address)
+            p.pass_(self.passwords[address] if password is None else password)
+        except BaseException:
+            close_quietly(p)
+            raise
+        return p
+
+    def rcpt_code(self, address: str) -> tuple[int, bytes]:
+        """SMTP reply to RCPT TO:<address> (no message is sent)."""
+        with self.smtp() as s:
+            s.ehlo()
+            code, _ = s.mail(SENDER)
+            assert code == 250, f"MAIL FROM refused: {code}"
+            reply = s.rcpt(address)
+            s.rset()
+            return reply
+
+
+class _ServerDied(Exception):
+    pass
+
+
+def close_quietly(p: poplib.POP3) -> None:
+    try:
+        p.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def drop_connection(p: poplib.POP3) -> None:
+    """Close a POP3 connection abruptly, without QUIT."""
+    try:
+        p.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    close_quietly(p)
+
+
+# --------------------------------------------------------------------------- messages
+
+_counter = 0
+
+
+def make_message(
+    to: str,
+    subject: str | None = None,
+    body_lines: Iterable[bytes] = (b"Hello.",),
+    extra_headers: Iterable[bytes] = (),
+) -> tuple[str, bytes]:
+    """An RFC 5322 message as CRLF-terminated bytes; returns (unique subject, bytes)."""
+    global _counter
+    _counter += 1
+    if subject is None:
+        subject = f"e2e test message {os.getpid()}-{_counter}-{time.monotonic_ns()}"
+    headers = [
+        f"From: Sender <{SENDER}>".encode(),
+        f"To: <{to}>".encode(),
+        f"Subject: {subject}".encode(),
+        f"Message-ID: <{os.getpid()}.{_counter}.{time.monotonic_ns()}@client.test>".encode(),
+        b"Date: Thu, 26 Nov 2026 10:00:00 +0000",
+        b"MIME-Version: 1.0",
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Transfer-Encoding: 8bit",
+        *extra_headers,
+    ]
+    msg = b"\r\n".join(headers) + b"\r\n\r\n" + b"\r\n".join(body_lines) + b"\r\n"
+    return subject, msg
+
+
+def pop3_message_bytes(lines: list[bytes]) -> bytes:
+    """Re-assemble poplib's line list (un-dot-stuffed, CRLF stripped) into message bytes."""
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+):")
+
+
+def split_prepended_headers(
+    lines: list[bytes], names: Iterable[str] = ("Return-Path", "Received")
+) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    """Strip the header fields the server prepends, in order, from a message's lines.
+
+    Each expected field must appear, in the given order, at the very top; a field's
+    folded continuation lines (starting with space or tab) are consumed with it.
+    Returns ([(name, unfolded value)], remaining lines).
+    """
+    fields: list[tuple[str, bytes]] = []
+    i = 0
+    for name in names:
+        assert i < len(lines), f"message ended before the prepended {name}: header"
+        m = _HEADER_NAME.match(lines[i])
+        assert m and m.group(1).decode().lower() == name.lower(), (
+            f"expected a prepended {name}: header at line {i}, got {lines[i][:200]!r}\n"
+            f"first lines: {lines[:6]!r}"
+        )
+        value = lines[i][m.end():]
+        i += 1
+        while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+            value += b" " + lines[i].strip()
+            i += 1
+        fields.append((name, value.strip()))
+    return fields, lines[i:]
+
+
+def subject_of(lines: list[bytes]) -> str | None:
+    for line in lines:
+        if line == b"":
+            return None
+        if line.lower().startswith(b"subject:"):
+            return line[len(b"subject:"):].strip().decode(errors="replace")
+    return None
+
+
+def retr_all_subjects(p: poplib.POP3) -> list[str | None]:
+    count, _ = p.stat()
+    return [subject_of(p.retr(i)[1]) for i in range(1, count + 1)]
+
+
+# --------------------------------------------------------------------------- dev default
+
+
+_PASSWORD_TOKEN = re.compile(r"password(?:\s*(?:\bis\b|[:=]|->|\u2192)\s*|\s+)(\S+)", re.IGNORECASE)
+
+
+def parse_demo_password(stdout_text: str) -> str | None:
+    """Find the demo account's generated password in `rustmail serve`'s stdout.
+
+    Tolerant: prefers lines mentioning demo@localhost, takes the token after the
+    first "password" followed by a separator (skipping separators such as ':' '=' 'is'), strips quotes.
+    """
+    lines = stdout_text.splitlines()
+    demo_idx = [i for i, ln in enumerate(lines) if "demo@localhost" in ln]
+    candidates: list[str] = []
+    for i in demo_idx:
+        candidates.append(lines[i])
+        candidates.extend(lines[i + 1 : i + 3])  # the password may be on the next line
+    candidates.extend(lines)
+    for line in candidates:
+        # "password" followed by a separator (":", "=", "is", blanks) and then the token;
+        # this skips words like "demo-password.hash" in the same line.
+        m = _PASSWORD_TOKEN.search(line)
+        if not m:
+            continue
+        token = m.group(1).strip("\"'`").rstrip(",;")
+        if token.endswith(")") and "(" not in token:
+            token = token[:-1]
+        token = token.strip("\"'`")
+        if token:
+            return token
+    return None

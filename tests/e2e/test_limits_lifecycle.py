@@ -1,0 +1,107 @@
+"""[limits] enforcement, and stopping/restarting the daemon without losing mail."""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+
+import pytest
+
+from conftest import ALICE, ALICE_ALIAS, BOB, CAROL
+from e2e_helpers import SENDER, STOP_TIMEOUT, make_message, retr_all_subjects
+
+
+def test_message_over_max_message_size_refused_with_size_declared(server_factory):
+    srv = server_factory(limits={"max_message_size": 10_000})
+    srv.start()
+    _, msg = make_message(ALICE, body_lines=[b"y" * 70] * 300)  # ~21 kB
+    with pytest.raises((smtplib.SMTPSenderRefused, smtplib.SMTPDataError)) as excinfo:
+        srv.send([ALICE], msg)  # smtplib declares SIZE= when the server advertises SIZE
+    assert 500 <= excinfo.value.smtp_code < 600, excinfo.value
+    assert srv.all_stored_files() == []
+
+
+def test_message_over_max_message_size_refused_without_size_declared(server_factory):
+    srv = server_factory(limits={"max_message_size": 10_000})
+    srv.start()
+    _, msg = make_message(ALICE, body_lines=[b"y" * 70] * 300)
+    with srv.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250  # no SIZE parameter: the limit must be enforced during DATA
+        assert s.rcpt(ALICE)[0] == 250
+        code, text = s.data(msg)
+        assert 500 <= code < 600, f"oversized DATA answered {code} {text!r}"
+        # The session stays usable after a refused message.
+        _, small = make_message(ALICE)
+        assert s.sendmail(SENDER, [ALICE], small) == {}
+    assert len(srv.maildir_files(ALICE, "new")) == 1
+
+
+def test_message_at_limit_accepted(server_factory):
+    srv = server_factory(limits={"max_message_size": 100_000})
+    srv.start()
+    _, msg = make_message(ALICE, body_lines=[b"z" * 70] * 1000)  # ~72 kB
+    assert srv.send([ALICE], msg) == {}
+    assert len(srv.maildir_files(ALICE, "new")) == 1
+
+
+def test_recipients_over_max_recipients_refused(server_factory):
+    srv = server_factory(limits={"max_recipients": 2})
+    srv.start()
+    _, msg = make_message(ALICE)
+    refused = srv.send([ALICE, BOB, ALICE_ALIAS], msg)
+    assert list(refused) == [ALICE_ALIAS], refused
+    code = refused[ALICE_ALIAS][0]
+    assert 400 <= code < 600, refused
+    assert len(srv.maildir_files(ALICE, "new")) == 1
+    assert len(srv.maildir_files(BOB, "new")) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_gracefully_with_exit_code_0(server, sig):
+    _, msg = make_message(ALICE)
+    server.send([ALICE], msg)
+    server.stop_ok(sig)
+    assert len(server.maildir_files(ALICE, "new")) == 1
+
+
+def test_sigterm_with_idle_open_sessions_exits_0_and_keeps_pending_dele(server):
+    subjects = []
+    for _ in range(2):
+        subject, msg = make_message(ALICE)
+        server.send([ALICE], msg)
+        subjects.append(subject)
+    smtp = server.smtp()
+    smtp.ehlo()
+    pop = server.pop3(ALICE)
+    pop.dele(1)  # never QUIT: the deletion must not happen
+    try:
+        code = server.stop(signal.SIGTERM, timeout=STOP_TIMEOUT)
+        assert code == 0, f"exit code {code} after SIGTERM with open sessions\n{server.log_tail()}"
+    finally:
+        for closer in (smtp.close, pop.close):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001
+                pass
+    assert len(server.stored_messages(ALICE)) == 2, server.all_stored_files()
+    server.start()
+    p = server.pop3(ALICE)
+    try:
+        assert sorted(retr_all_subjects(p)) == sorted(subjects)
+    finally:
+        p.quit()
+
+
+def test_mail_delivered_before_restart_fetchable_after(server):
+    subject, msg = make_message(BOB)
+    server.send([BOB], msg)
+    server.restart()
+    p = server.pop3(BOB)
+    try:
+        assert retr_all_subjects(p) == [subject]
+    finally:
+        p.quit()
+    _, msg = make_message(CAROL)
+    code, _ = server.rcpt_code(CAROL)
+    assert code == 550, "carol is not configured and must stay refused after a restart"
