@@ -105,3 +105,25 @@ def test_mail_delivered_before_restart_fetchable_after(server):
     _, msg = make_message(CAROL)
     code, _ = server.rcpt_code(CAROL)
     assert code == 550, "carol is not configured and must stay refused after a restart"
+
+
+def test_storage_failure_answers_4xx_and_leaves_nothing_in_any_new(server):
+    # Bob's Maildir is broken (new/ is a file), Alice's is fine: a message to both must be refused
+    # temporarily as a whole, not delivered to Alice alone.
+    new = server.maildir(BOB) / "new"
+    for f in new.iterdir():
+        f.unlink()
+    new.rmdir()
+    new.write_bytes(b"not a directory")
+    _, msg = make_message(ALICE)
+    with server.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt(ALICE)[0] == 250
+        assert s.rcpt(BOB)[0] == 250
+        code, text = s.data(msg)
+        assert code == 451, (code, text)
+        assert text.startswith(b"4.3.0"), text
+    assert server.maildir_files(ALICE, "new") == []
+    assert list((server.maildir(ALICE) / "tmp").iterdir()) == []
+    assert "delivery failed" in server.log_text()
