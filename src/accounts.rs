@@ -54,6 +54,7 @@ impl Directory {
     pub fn from_config(
         accounts: &BTreeMap<String, AccountConfig>,
         domains: &BTreeSet<String>,
+        secrets: SecretFiles,
     ) -> Result<Directory, ConfigError> {
         let mut dir = Directory {
             domains: domains.clone(),
@@ -70,7 +71,7 @@ impl Directory {
                     "the same account is listed twice (addresses are case-insensitive)",
                 ));
             }
-            let password_hash = load_hash(cfg, &key)?;
+            let password_hash = load_hash(cfg, &key, secrets)?;
             let account = Arc::new(Account {
                 address: canonical.clone(),
                 local,
@@ -145,9 +146,27 @@ fn canonical_address(address: &str) -> String {
     address.to_lowercase()
 }
 
-fn load_hash(cfg: &AccountConfig, key: &str) -> Result<String, ConfigError> {
+/// Whether `password_hash_file`s are read while loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretFiles {
+    Read,
+    /// Only check that the paths are absolute: for build-time checks, where the secrets are absent.
+    /// Such accounts cannot log in.
+    Skip,
+}
+
+fn load_hash(cfg: &AccountConfig, key: &str, secrets: SecretFiles) -> Result<String, ConfigError> {
     let hash = match (&cfg.password_hash, &cfg.password_hash_file) {
         (Some(h), None) => h.trim().to_string(),
+        (None, Some(path)) if secrets == SecretFiles::Skip => {
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.password_hash_file"),
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+            return Ok(dummy_hash().to_string());
+        }
         (None, Some(path)) => std::fs::read_to_string(path)
             .map_err(|e| {
                 ConfigError::invalid(
@@ -306,7 +325,7 @@ mod tests {
                 account(&h, &["team@example.org"]),
             ),
         ]);
-        Directory::from_config(&accounts, &domains()).unwrap()
+        Directory::from_config(&accounts, &domains(), SecretFiles::Read).unwrap()
     }
 
     #[test]
@@ -346,7 +365,7 @@ mod tests {
     #[test]
     fn bad_hash_names_its_key() {
         let accounts = BTreeMap::from([("a@example.org".to_string(), account("plain", &[]))]);
-        let err = Directory::from_config(&accounts, &domains()).unwrap_err();
+        let err = Directory::from_config(&accounts, &domains(), SecretFiles::Read).unwrap_err();
         assert!(
             err.to_string()
                 .contains("accounts.\"a@example.org\".password_hash"),
@@ -358,7 +377,7 @@ mod tests {
     fn account_outside_local_domains_refused() {
         let h = hash_password(b"x");
         let accounts = BTreeMap::from([("a@elsewhere.org".to_string(), account(&h, &[]))]);
-        assert!(Directory::from_config(&accounts, &domains()).is_err());
+        assert!(Directory::from_config(&accounts, &domains(), SecretFiles::Read).is_err());
     }
 
     #[test]
@@ -372,10 +391,30 @@ mod tests {
         ] {
             let accounts = BTreeMap::from([(bad.to_string(), account(&h, &[]))]);
             assert!(
-                Directory::from_config(&accounts, &domains()).is_err(),
+                Directory::from_config(&accounts, &domains(), SecretFiles::Read).is_err(),
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn skipped_secret_files_must_still_be_absolute() {
+        let file = |p: &str| AccountConfig {
+            password_hash_file: Some(p.into()),
+            ..AccountConfig::default()
+        };
+        let ok = BTreeMap::from([("a@example.org".to_string(), file("/run/credentials/x/a"))]);
+        let d = Directory::from_config(&ok, &domains(), SecretFiles::Skip).unwrap();
+        assert!(
+            d.verify("a@example.org", b"").is_none(),
+            "a skipped secret never logs in"
+        );
+        assert!(
+            Directory::from_config(&ok, &domains(), SecretFiles::Read).is_err(),
+            "absent file"
+        );
+        let relative = BTreeMap::from([("a@example.org".to_string(), file("a.hash"))]);
+        assert!(Directory::from_config(&relative, &domains(), SecretFiles::Skip).is_err());
     }
 
     #[test]

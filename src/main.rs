@@ -35,6 +35,10 @@ enum Command {
     CheckConfig {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Do not read `password_hash_file`s, only check that their paths are absolute (for build-time
+        /// checks, where the secrets are not present).
+        #[arg(long)]
+        skip_secret_files: bool,
     },
     /// Read a password (from the terminal, or the first line of stdin) and print its argon2id hash.
     HashPassword,
@@ -50,7 +54,10 @@ fn main() -> ExitCode {
         Command::Serve { config } => inherited
             .context("cannot adopt the sockets passed by systemd")
             .and_then(|inherited| serve(config, inherited, watchdog)),
-        Command::CheckConfig { config } => check_config(&config),
+        Command::CheckConfig {
+            config,
+            skip_secret_files,
+        } => check_config(&config, skip_secret_files),
         Command::HashPassword => hash_password(),
     };
     match result {
@@ -97,8 +104,13 @@ fn serve(
     result
 }
 
-fn check_config(path: &Path) -> anyhow::Result<()> {
-    let settings = config::load_settings(Some(path))?;
+fn check_config(path: &Path, skip_secret_files: bool) -> anyhow::Result<()> {
+    let secrets = if skip_secret_files {
+        config::SecretFiles::Skip
+    } else {
+        config::SecretFiles::Read
+    };
+    let settings = config::load_settings(Some(path), secrets)?;
     let accounts = settings.directory.accounts().count();
     let domains: Vec<&str> = settings.directory.domains().collect();
     println!(

@@ -5,6 +5,7 @@
 
 mod settings;
 
+pub use crate::accounts::SecretFiles;
 pub use settings::{Endpoint, ListenerSpec, Protocol, Settings};
 
 use std::collections::BTreeMap;
@@ -186,9 +187,9 @@ fn load_with_env(path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
         .map_err(|e| ConfigError::Parse(Box::new(e)))
 }
 
-/// Reads and validates in one step, as `check-config` and SIGHUP do.
-pub fn load_settings(path: Option<&Path>) -> Result<Settings, ConfigError> {
-    Settings::from_config(load(path)?)
+/// Reads and validates in one step, as `check-config` does.
+pub fn load_settings(path: Option<&Path>, secrets: SecretFiles) -> Result<Settings, ConfigError> {
+    Settings::from_config_with(load(path)?, secrets)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use super::{Auth, Config, ConfigError, Limits};
-use crate::accounts::{self, Directory};
+use crate::accounts::{self, Directory, SecretFiles};
 
 /// The protocols a listener can speak. `submission`, `submissions` and `pop3s` are reserved names:
 /// they need TLS and authenticated submission, which this release does not have yet.
@@ -70,6 +70,12 @@ pub struct Settings {
 
 impl Settings {
     pub fn from_config(config: Config) -> Result<Settings, ConfigError> {
+        Settings::from_config_with(config, SecretFiles::Read)
+    }
+
+    /// Like [`Settings::from_config`]; with [`SecretFiles::Skip`] the `password_hash_file`s are not
+    /// read (for checks at build time, where the secrets do not exist yet).
+    pub fn from_config_with(config: Config, secrets: SecretFiles) -> Result<Settings, ConfigError> {
         let hostname = match config.hostname {
             Some(h) => h,
             None => system_hostname(),
@@ -101,7 +107,7 @@ impl Settings {
         }
         validate_limits(&config.limits)?;
         let listeners = parse_listeners(&config.listen)?;
-        let directory = Directory::from_config(&config.accounts, &domains)?;
+        let directory = Directory::from_config(&config.accounts, &domains, secrets)?;
         Ok(Settings {
             hostname,
             storage_root: config.storage_root,

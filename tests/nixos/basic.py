@@ -1,0 +1,37 @@
+# Proves: a client node delivers with smtplib and fetches with poplib through the socket-activated,
+# Type=notify service; relaying and unknown users are refused; systemd sees live status and
+# structured journal fields.
+target = globals().get("SERVER_ADDRESS", "server")
+mc = f"mailclient --host {target}"
+login = "--user alice@example.test --password alice-password"
+
+start_all()
+server.wait_for_unit("rustmail-smtp.socket")
+server.wait_for_unit("rustmail-pop3.socket")
+
+with subtest("send with smtplib, fetch with poplib"):
+    client.succeed(f"{mc} send --sender bob@remote.test --to alice@example.test --subject hello --body 'Hi Alice'")
+    out = client.succeed(f"{mc} fetch {login}")
+    assert "Subject: hello" in out and "Hi Alice" in out, out
+    assert out.startswith("Return-Path: <bob@remote.test>"), out
+
+with subtest("alias delivers to its account"):
+    client.succeed(f"{mc} send --sender bob@remote.test --to postmaster@example.test --subject alias")
+    assert "Subject: alias" in client.succeed(f"{mc} fetch {login}")
+
+with subtest("relay and unknown users refused"):
+    client.succeed(f"{mc} send --sender bob@remote.test --to someone@elsewhere.test --expect-code 550")
+    client.succeed(f"{mc} send --sender bob@remote.test --to nobody@example.test --expect-code 550")
+
+with subtest("systemd sees readiness, status and structured logs"):
+    server.wait_for_unit("rustmail.service")
+    server.wait_until_succeeds("systemctl show -p StatusText --value rustmail.service | grep -q '2 messages delivered'", 30)
+    server.succeed("journalctl -u rustmail.service -o verbose --no-pager | grep -q 'QUEUE_ID='")
+    server.succeed("journalctl -u rustmail.service -o verbose --no-pager | grep -q 'PEER='")
+    server.fail("journalctl -u rustmail.service --no-pager | grep -q alice-password")
+
+with subtest("reload keeps serving"):
+    server.succeed("systemctl reload rustmail.service")
+    server.wait_until_succeeds("journalctl -u rustmail.service --no-pager | grep -q 'configuration reloaded'", 30)
+    server.wait_for_unit("rustmail.service")
+    client.succeed(f"{mc} send --sender bob@remote.test --to alice@example.test --subject after-reload")
