@@ -1,0 +1,28 @@
+# The server node of the VM tests. tests/nixos/server.toml is the same configuration for the runs of
+# these tests under systemd-nspawn.
+{ config, pkgs, ... }:
+
+let
+  # A test password's hash may live in the store; real ones must not (the module asserts it).
+  aliceHash = pkgs.runCommand "alice.hash" { } ''
+    echo alice-password | ${config.services.rustmail.package}/bin/rustmail hash-password > $out
+  '';
+in
+{
+  environment.etc."rustmail-test/alice.hash".source = aliceHash;
+
+  services.rustmail = {
+    enable = true;
+    openFirewall = true;
+    settings = {
+      hostname = "server";
+      domains = [ "example.test" ];
+      # The client node reaches the server over the test network, and there is no TLS yet.
+      auth.allow_unencrypted_remote = true;
+    };
+    accounts."alice@example.test" = {
+      hashedPasswordFile = "/etc/rustmail-test/alice.hash";
+      aliases = [ "postmaster@example.test" ];
+    };
+  };
+}
