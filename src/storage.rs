@@ -131,6 +131,11 @@ impl Spool {
         &self.id
     }
 
+    /// Octets written so far (LF form).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Appends LF-terminated text (no CR: the SMTP session refuses messages with bare CR).
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;

@@ -114,7 +114,7 @@ async fn login(
     .map_err(|_| LoginFailure::ServerError)?;
     let shown_user = user.escape_debug().to_string();
     let Some(account) = account else {
-        tracing::warn!(user = %shown_user, "login failed");
+        tracing::warn!(user = %shown_user, "login failed for {shown_user}");
         let delay = shared.settings().auth.failure_delay_ms;
         tokio::time::sleep(Duration::from_millis(delay)).await;
         return Err(LoginFailure::BadCredentials);
@@ -131,7 +131,7 @@ async fn login(
     .await;
     match opened {
         Ok(Some((dir, lock, messages))) => {
-            tracing::info!(user = %shown_user, messages = messages.len(), "logged in");
+            tracing::info!(user = %shown_user, messages = messages.len(), "logged in: {shown_user}");
             let listing = messages
                 .iter()
                 .map(|m| Listing {
@@ -150,7 +150,7 @@ async fn login(
             ))
         }
         Ok(None) => {
-            tracing::info!(user = %shown_user, "mailbox in use");
+            tracing::info!(user = %shown_user, "mailbox of {shown_user} in use");
             Err(LoginFailure::InUse)
         }
         Err(e) => {

@@ -190,6 +190,7 @@ impl Message {
         let rcpts: Vec<String> = envelope.recipients.iter().map(|m| m.raw.clone()).collect();
         let accounts = envelope.mailboxes.clone();
         let id = spool.id().to_string();
+        let size = spool.size();
         let shared2 = shared.clone();
         let result = blocking(move || {
             let maildirs = accounts
@@ -202,11 +203,11 @@ impl Message {
         match result {
             Ok(()) => {
                 shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(queue_id = %id, from = %from, rcpts = ?rcpts, "message accepted");
+                tracing::info!(queue_id = %id, from = %from, rcpts = ?rcpts, size, "message accepted: {id} from <{from}> to {} ({size} octets)", rcpts.join(", "));
                 Ok(id)
             }
             Err(e) => {
-                tracing::error!(queue_id = %id, error = %e, "delivery failed, answered 451");
+                tracing::error!(queue_id = %id, error = %e, "delivery failed, answered 451: {id}: {e}");
                 Err(())
             }
         }

@@ -307,11 +307,11 @@ impl Session {
         };
         let accounts = match route {
             Route::NotLocal => {
-                tracing::info!(rcpt = %to.raw, reply = 550, "relay denied");
+                tracing::info!(rcpt = %to.raw, reply = 550, "relay denied for <{}>", to.raw);
                 return self.error(reply::RELAY_DENIED);
             }
             Route::Unknown => {
-                tracing::info!(rcpt = %to.raw, reply = 550, "unknown recipient");
+                tracing::info!(rcpt = %to.raw, reply = 550, "unknown recipient <{}>", to.raw);
                 return self.error(reply::UNKNOWN_USER);
             }
             Route::Local(accounts) => accounts,
@@ -347,7 +347,7 @@ impl Session {
     fn data_refused(&mut self, error: DataError) {
         self.envelope = None;
         self.mode = Mode::Command;
-        tracing::info!(?error, "message refused");
+        tracing::info!(?error, "message refused: {error:?}");
         self.error(match error {
             DataError::BareLineEnding => reply::BAD_LINE_ENDING,
             DataError::LineTooLong => reply::DATA_LINE_TOO_LONG,
