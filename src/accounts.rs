@@ -12,7 +12,7 @@ use argon2::Argon2;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
-use crate::config::{AccountConfig, ConfigError};
+use crate::config::{AccountConfig, Config, ConfigError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
@@ -47,12 +47,19 @@ pub struct Directory {
     accounts: BTreeMap<String, Arc<Account>>,
     /// Every deliverable address (accounts and aliases) → its accounts.
     routes: HashMap<String, Vec<Arc<Account>>>,
+    /// Receives `postmaster@` of every local domain that has no such account or alias.
+    postmaster: Option<Arc<Account>>,
+    /// Local domain → the account that receives mail for its unknown addresses.
+    catch_all: HashMap<String, Arc<Account>>,
+    /// `user+tag@domain` is delivered to `user@domain` (RFC 5233 sub-addressing).
+    subaddress_separator: Option<char>,
 }
 
 impl Directory {
-    /// Builds the directory, reading `password_hash_file`s. `domains` must already be lower-case.
+    /// Builds the directory from the `accounts`, `postmaster`, `catch_all` and `subaddress_separator`
+    /// keys, reading `password_hash_file`s. `domains` must already be normalised ([`normalize_domain`]).
     pub fn from_config(
-        accounts: &BTreeMap<String, AccountConfig>,
+        config: &Config,
         domains: &BTreeSet<String>,
         secrets: SecretFiles,
     ) -> Result<Directory, ConfigError> {
@@ -60,7 +67,8 @@ impl Directory {
             domains: domains.clone(),
             ..Directory::default()
         };
-        for (address, cfg) in accounts {
+        let mut canonical_of = HashMap::new();
+        for (address, cfg) in &config.accounts {
             let key = format!("accounts.\"{address}\"");
             let (local, domain) = split_config_address(address, domains)
                 .map_err(|m| ConfigError::invalid(&key, m))?;
@@ -82,10 +90,11 @@ impl Directory {
                 .entry(canonical.clone())
                 .or_default()
                 .push(account.clone());
-            dir.accounts.insert(canonical, account);
+            dir.accounts.insert(canonical.clone(), account);
+            canonical_of.insert(address.as_str(), canonical);
         }
-        for (address, cfg) in accounts {
-            let account = dir.accounts[&canonical_address(address)].clone();
+        for (address, cfg) in &config.accounts {
+            let account = dir.accounts[&canonical_of[address.as_str()]].clone();
             for (i, alias) in cfg.aliases.iter().enumerate() {
                 let key = format!("accounts.\"{address}\".aliases[{i}]");
                 let (local, domain) = split_config_address(alias, domains)
@@ -103,11 +112,57 @@ impl Directory {
                 }
             }
         }
+        // RFC 5321 §4.5.1: postmaster@ must be accepted for every local domain. By default the first
+        // account receives it.
+        dir.postmaster = match &config.postmaster {
+            Some(address) => Some(dir.account_named(address, "postmaster")?),
+            None => dir.accounts.values().next().cloned(),
+        };
+        for (domain, address) in &config.catch_all {
+            let key = format!("catch_all.\"{domain}\"");
+            let normal = normalize_domain(domain)
+                .filter(|d| domains.contains(d))
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        &key,
+                        format!("{domain} is not one of the local `domains`"),
+                    )
+                })?;
+            let account = dir.account_named(address, &key)?;
+            dir.catch_all.insert(normal, account);
+        }
+        dir.subaddress_separator = match config.subaddress_separator.as_str() {
+            "" => None,
+            sep => {
+                let mut chars = sep.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None)
+                        if c.is_ascii_punctuation() && c != '@' && c != '.' && c != '"' =>
+                    {
+                        Some(c)
+                    }
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            "subaddress_separator",
+                            "one ASCII punctuation character other than @ . \" (or \"\" to turn sub-addressing off)",
+                        ));
+                    }
+                }
+            }
+        };
         Ok(dir)
     }
 
+    fn account_named(&self, address: &str, key: &str) -> Result<Arc<Account>, ConfigError> {
+        split_config_address(address, &self.domains)
+            .ok()
+            .and_then(|(local, domain)| self.accounts.get(&format!("{local}@{domain}")))
+            .cloned()
+            .ok_or_else(|| ConfigError::invalid(key, format!("{address} is not an account")))
+    }
+
     pub fn is_local_domain(&self, domain: &str) -> bool {
-        self.domains.contains(&domain.to_ascii_lowercase())
+        normalize_domain(domain).is_some_and(|d| self.domains.contains(&d))
     }
 
     pub fn domains(&self) -> impl Iterator<Item = &str> {
@@ -118,13 +173,29 @@ impl Directory {
         self.accounts.values()
     }
 
+    /// Routing, in order: an account or alias; the address without its `+tag`; `postmaster`; the
+    /// domain's catch-all.
     pub fn route(&self, local: &str, domain: &str) -> Route {
-        if !self.is_local_domain(domain) {
+        let Some(domain) = normalize_domain(domain).filter(|d| self.domains.contains(d)) else {
             return Route::NotLocal;
-        }
-        let address = format!("{}@{}", local.to_lowercase(), domain.to_ascii_lowercase());
-        match self.routes.get(&address) {
-            Some(accounts) => Route::Local(accounts.clone()),
+        };
+        let local = local.to_lowercase();
+        let lookup = |local: &str| self.routes.get(&format!("{local}@{domain}")).cloned();
+        let base = self
+            .subaddress_separator
+            .and_then(|sep| local.split_once(sep))
+            .map(|(base, _)| base)
+            .filter(|base| !base.is_empty());
+        let found = lookup(&local)
+            .or_else(|| base.and_then(lookup))
+            .or_else(|| {
+                (local == "postmaster")
+                    .then(|| self.postmaster.clone().map(|a| vec![a]))
+                    .flatten()
+            })
+            .or_else(|| self.catch_all.get(&domain).map(|a| vec![a.clone()]));
+        match found {
+            Some(accounts) => Route::Local(accounts),
             None => Route::Unknown,
         }
     }
@@ -140,10 +211,6 @@ impl Directory {
         let ok = verify_password(hash, password);
         account.filter(|_| ok).cloned()
     }
-}
-
-fn canonical_address(address: &str) -> String {
-    address.to_lowercase()
 }
 
 /// Whether `password_hash_file`s are read while loading.
@@ -251,7 +318,8 @@ pub fn generate_password() -> String {
         .collect()
 }
 
-/// A configured address must be plain and filesystem-safe, because its parts name its Maildir.
+/// A configured address must be plain and filesystem-safe, because its parts name its Maildir. Local
+/// parts may be UTF-8 (RFC 6531) letters and digits; domains may be given as U-labels or A-labels.
 fn split_config_address(
     address: &str,
     domains: &BTreeSet<String>,
@@ -260,26 +328,34 @@ fn split_config_address(
         .rsplit_once('@')
         .ok_or_else(|| format!("{address:?} is not an address (local@domain)"))?;
     let local = local.to_lowercase();
-    let domain = domain.to_ascii_lowercase();
     let local_ok = !local.is_empty()
         && local.len() <= 64
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
         && local
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'+'));
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
     if !local_ok {
         return Err(format!(
-            "{address:?}: the local part must be 1-64 of a-z 0-9 . - _ + (no leading, trailing or double dot)"
+            "{address:?}: the local part must be 1-64 octets of letters, digits and . - _ + (no leading, trailing or double dot)"
         ));
     }
-    if !domains.contains(&domain) {
-        return Err(format!(
-            "{address:?}: {domain} is not one of the local `domains`"
-        ));
-    }
+    let domain = normalize_domain(domain)
+        .filter(|d| domains.contains(d))
+        .ok_or_else(|| format!("{address:?}: {domain} is not one of the local `domains`"))?;
     Ok((local, domain))
+}
+
+/// The comparable form of a domain: lower-case ASCII, internationalised labels in punycode (A-labels).
+/// `None` if it is not a valid host name.
+pub fn normalize_domain(domain: &str) -> Option<String> {
+    let ascii = if domain.is_ascii() {
+        domain.to_ascii_lowercase()
+    } else {
+        idna::domain_to_ascii(domain).ok()?
+    };
+    is_valid_domain(&ascii).then_some(ascii)
 }
 
 /// RFC 1035 host name syntax: dot-separated labels of letters, digits and inner hyphens.
@@ -302,7 +378,26 @@ mod tests {
     use super::*;
 
     fn domains() -> BTreeSet<String> {
-        ["example.org".to_string()].into()
+        ["example.org".to_string(), "xn--mnchen-3ya.de".to_string()].into()
+    }
+
+    /// A directory from these accounts, with the rest of the config as `tweak` leaves it.
+    fn build(
+        accounts: BTreeMap<String, AccountConfig>,
+        secrets: SecretFiles,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Result<Directory, ConfigError> {
+        let mut config = Config {
+            accounts,
+            ..Config::default()
+        };
+        tweak(&mut config);
+        Directory::from_config(&config, &domains(), secrets)
+    }
+
+    fn hash() -> String {
+        static HASH: OnceLock<String> = OnceLock::new();
+        HASH.get_or_init(|| hash_password(b"secret")).clone()
     }
 
     fn account(hash: &str, aliases: &[&str]) -> AccountConfig {
@@ -314,7 +409,11 @@ mod tests {
     }
 
     fn directory() -> Directory {
-        let h = hash_password(b"secret");
+        directory_with(|_| {})
+    }
+
+    fn directory_with(tweak: impl FnOnce(&mut Config)) -> Directory {
+        let h = hash();
         let accounts = BTreeMap::from([
             (
                 "Alice@Example.org".to_string(),
@@ -325,7 +424,7 @@ mod tests {
                 account(&h, &["team@example.org"]),
             ),
         ]);
-        Directory::from_config(&accounts, &domains(), SecretFiles::Read).unwrap()
+        build(accounts, SecretFiles::Read, tweak).unwrap()
     }
 
     #[test]
@@ -353,6 +452,90 @@ mod tests {
         assert_eq!(d.route("alice", "example.org."), Route::NotLocal);
     }
 
+    fn routed(d: &Directory, local: &str, domain: &str) -> Vec<String> {
+        match d.route(local, domain) {
+            Route::Local(a) => a.iter().map(|a| a.address.clone()).collect(),
+            other => panic!("{local}@{domain}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn subaddress_goes_to_the_base_address() {
+        let d = directory();
+        assert_eq!(routed(&d, "bob+lists", "example.org"), ["bob@example.org"]);
+        assert_eq!(routed(&d, "team+x+y", "example.org").len(), 2);
+        assert_eq!(d.route("+x", "example.org"), Route::Unknown);
+        let off = directory_with(|c| c.subaddress_separator = String::new());
+        assert_eq!(off.route("bob+lists", "example.org"), Route::Unknown);
+        let dash = directory_with(|c| c.subaddress_separator = "-".into());
+        assert_eq!(
+            routed(&dash, "bob-lists", "example.org"),
+            ["bob@example.org"]
+        );
+    }
+
+    #[test]
+    fn postmaster_is_always_deliverable() {
+        assert_eq!(
+            routed(&directory(), "PostMaster", "example.org"),
+            ["alice@example.org"]
+        );
+        assert_eq!(
+            routed(&directory(), "postmaster", "münchen.de"),
+            ["alice@example.org"]
+        );
+        let d = directory_with(|c| c.postmaster = Some("bob@example.org".into()));
+        assert_eq!(routed(&d, "postmaster", "example.org"), ["bob@example.org"]);
+    }
+
+    #[test]
+    fn catch_all_takes_unknown_addresses_of_its_domain_only() {
+        let d = directory_with(|c| {
+            c.catch_all = BTreeMap::from([("example.org".into(), "bob@example.org".into())])
+        });
+        assert_eq!(routed(&d, "anything", "example.org"), ["bob@example.org"]);
+        assert_eq!(routed(&d, "alice", "example.org"), ["alice@example.org"]);
+        assert_eq!(d.route("anything", "münchen.de"), Route::Unknown);
+        assert_eq!(directory().route("anything", "example.org"), Route::Unknown);
+    }
+
+    #[test]
+    fn routing_keys_are_validated() {
+        let accounts = || BTreeMap::from([("a@example.org".to_string(), account(&hash(), &[]))]);
+        let key = |r: Result<Directory, ConfigError>| match r {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            key(build(accounts(), SecretFiles::Read, |c| c.postmaster =
+                Some("x@example.org".into()))),
+            "postmaster"
+        );
+        assert_eq!(
+            key(build(accounts(), SecretFiles::Read, |c| {
+                c.catch_all = BTreeMap::from([("other.org".into(), "a@example.org".into())])
+            })),
+            "catch_all.\"other.org\""
+        );
+        assert_eq!(
+            key(build(accounts(), SecretFiles::Read, |c| c
+                .subaddress_separator =
+                "ab".into())),
+            "subaddress_separator"
+        );
+    }
+
+    #[test]
+    fn utf8_local_parts_and_idn_domains() {
+        let accounts = BTreeMap::from([("José@München.de".to_string(), account(&hash(), &[]))]);
+        let d = build(accounts, SecretFiles::Read, |_| {}).unwrap();
+        assert_eq!(
+            routed(&d, "JOSÉ", "xn--mnchen-3ya.de"),
+            ["josé@xn--mnchen-3ya.de"]
+        );
+        assert_eq!(routed(&d, "josé", "MÜNCHEN.de"), ["josé@xn--mnchen-3ya.de"]);
+    }
+
     #[test]
     fn verify_accepts_right_password_only() {
         let d = directory();
@@ -365,7 +548,7 @@ mod tests {
     #[test]
     fn bad_hash_names_its_key() {
         let accounts = BTreeMap::from([("a@example.org".to_string(), account("plain", &[]))]);
-        let err = Directory::from_config(&accounts, &domains(), SecretFiles::Read).unwrap_err();
+        let err = build(accounts.clone(), SecretFiles::Read, |_| {}).unwrap_err();
         assert!(
             err.to_string()
                 .contains("accounts.\"a@example.org\".password_hash"),
@@ -375,14 +558,14 @@ mod tests {
 
     #[test]
     fn account_outside_local_domains_refused() {
-        let h = hash_password(b"x");
+        let h = hash();
         let accounts = BTreeMap::from([("a@elsewhere.org".to_string(), account(&h, &[]))]);
-        assert!(Directory::from_config(&accounts, &domains(), SecretFiles::Read).is_err());
+        assert!(build(accounts.clone(), SecretFiles::Read, |_| {}).is_err());
     }
 
     #[test]
     fn unsafe_local_part_refused() {
-        let h = hash_password(b"x");
+        let h = hash();
         for bad in [
             "../x@example.org",
             ".a@example.org",
@@ -391,7 +574,7 @@ mod tests {
         ] {
             let accounts = BTreeMap::from([(bad.to_string(), account(&h, &[]))]);
             assert!(
-                Directory::from_config(&accounts, &domains(), SecretFiles::Read).is_err(),
+                build(accounts.clone(), SecretFiles::Read, |_| {}).is_err(),
                 "{bad}"
             );
         }
@@ -404,17 +587,17 @@ mod tests {
             ..AccountConfig::default()
         };
         let ok = BTreeMap::from([("a@example.org".to_string(), file("/run/credentials/x/a"))]);
-        let d = Directory::from_config(&ok, &domains(), SecretFiles::Skip).unwrap();
+        let d = build(ok.clone(), SecretFiles::Skip, |_| {}).unwrap();
         assert!(
             d.verify("a@example.org", b"").is_none(),
             "a skipped secret never logs in"
         );
         assert!(
-            Directory::from_config(&ok, &domains(), SecretFiles::Read).is_err(),
+            build(ok.clone(), SecretFiles::Read, |_| {}).is_err(),
             "absent file"
         );
         let relative = BTreeMap::from([("a@example.org".to_string(), file("a.hash"))]);
-        assert!(Directory::from_config(&relative, &domains(), SecretFiles::Skip).is_err());
+        assert!(build(relative.clone(), SecretFiles::Skip, |_| {}).is_err());
     }
 
     #[test]

@@ -26,6 +26,9 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         Just(b"MAIL FROM:<a@b.example>\r\n".to_vec()),
         Just(b"RCPT TO:<demo@localhost>\r\n".to_vec()),
         Just(b"DATA\r\n".to_vec()),
+        Just(b"BDAT 5\r\n".to_vec()),
+        Just(b"BDAT 3 LAST\r\n".to_vec()),
+        Just("MAIL FROM:<jos\u{e9}@b.example> SMTPUTF8\r\n".as_bytes().to_vec()),
         Just(b"USER demo@localhost\r\nPASS x\r\n".to_vec()),
         Just(b"RETR 1\r\nDELE 1\r\nLIST\r\n".to_vec()),
         Just(vec![b'x'; 700]),
@@ -59,7 +62,11 @@ proptest! {
             prop_assert!(n <= buf.len());
             let end = matches!(event, smtp::Event::Close);
             let need = matches!(event, smtp::Event::NeedInput);
+            if matches!(event, smtp::Event::MessageBytes) {
+                let _ = session.take_message_bytes();
+            }
             if matches!(event, smtp::Event::MessageEnd) {
+                let _ = session.take_message_bytes();
                 session.message_stored(Ok("id"));
             }
             buf.drain(..n);

@@ -50,6 +50,13 @@ pub struct Config {
     pub auth: Auth,
     /// address → account.
     pub accounts: BTreeMap<String, AccountConfig>,
+    /// The account that receives `postmaster@` of every local domain without such an address of its
+    /// own (RFC 5321 §4.5.1); default: the first account in address order.
+    pub postmaster: Option<String>,
+    /// Local domain → account receiving mail for that domain's unknown addresses (default: none).
+    pub catch_all: BTreeMap<String, String>,
+    /// `user+tag@domain` is delivered to `user@domain`; `""` turns sub-addressing off.
+    pub subaddress_separator: String,
 }
 
 impl Default for Config {
@@ -62,6 +69,9 @@ impl Default for Config {
             limits: Limits::default(),
             auth: Auth::default(),
             accounts: BTreeMap::new(),
+            postmaster: None,
+            catch_all: BTreeMap::new(),
+            subaddress_separator: "+".into(),
         }
     }
 }
@@ -95,6 +105,8 @@ impl Default for Listen {
 pub struct Limits {
     /// Concurrent connections over all listeners; one more gets a temporary refusal.
     pub max_connections: usize,
+    /// Concurrent connections from one IP address.
+    pub max_connections_per_ip: usize,
     /// Largest accepted message in octets (CRLF form), advertised as `SIZE`.
     pub max_message_size: u64,
     /// Recipients per SMTP transaction.
@@ -121,6 +133,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
+            max_connections_per_ip: 20,
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
             max_line_length: 1000,

@@ -76,8 +76,8 @@ impl Settings {
     /// Like [`Settings::from_config`]; with [`SecretFiles::Skip`] the `password_hash_file`s are not
     /// read (for checks at build time, where the secrets do not exist yet).
     pub fn from_config_with(config: Config, secrets: SecretFiles) -> Result<Settings, ConfigError> {
-        let hostname = match config.hostname {
-            Some(h) => h,
+        let hostname = match &config.hostname {
+            Some(h) => h.clone(),
             None => system_hostname(),
         };
         if !accounts::is_valid_domain(&hostname) {
@@ -88,13 +88,13 @@ impl Settings {
         }
         let mut domains = BTreeSet::new();
         for (i, d) in config.domains.iter().enumerate() {
-            if !accounts::is_valid_domain(d) {
-                return Err(ConfigError::invalid(
+            let normal = accounts::normalize_domain(d).ok_or_else(|| {
+                ConfigError::invalid(
                     format!("domains[{i}]"),
                     format!("{d:?} is not a valid domain name"),
-                ));
-            }
-            domains.insert(d.to_ascii_lowercase());
+                )
+            })?;
+            domains.insert(normal);
         }
         if domains.is_empty() {
             return Err(ConfigError::invalid(
@@ -107,7 +107,7 @@ impl Settings {
         }
         validate_limits(&config.limits)?;
         let listeners = parse_listeners(&config.listen)?;
-        let directory = Directory::from_config(&config.accounts, &domains, secrets)?;
+        let directory = Directory::from_config(&config, &domains, secrets)?;
         Ok(Settings {
             hostname,
             storage_root: config.storage_root,
@@ -128,8 +128,12 @@ fn system_hostname() -> String {
 }
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let positive: [(&str, u64); 10] = [
+    let positive: [(&str, u64); 11] = [
         ("limits.max_connections", l.max_connections as u64),
+        (
+            "limits.max_connections_per_ip",
+            l.max_connections_per_ip as u64,
+        ),
         ("limits.max_message_size", l.max_message_size),
         ("limits.max_recipients", l.max_recipients as u64),
         ("limits.max_errors", u64::from(l.max_errors)),

@@ -5,10 +5,11 @@ pub mod listeners;
 mod pop3;
 mod smtp;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,6 +32,8 @@ pub struct Shared {
     settings: RwLock<Arc<Settings>>,
     store: Store,
     stats: Stats,
+    /// Open connections per client address, for `limits.max_connections_per_ip`.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
     shutdown: CancellationToken,
 }
 
@@ -80,6 +83,7 @@ pub async fn run(
         settings: RwLock::new(Arc::new(settings)),
         store,
         stats: Stats::default(),
+        per_ip: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
     });
     // Signal handlers are installed before READY=1, so that a SIGHUP right after start is not fatal.
@@ -165,26 +169,51 @@ async fn accept_loop(
     }
 }
 
-/// Counts a session as active for as long as it lives.
-struct ActiveGuard(Arc<Shared>);
+/// Counts a session, overall and for its client address, for as long as it lives.
+struct ActiveGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl ActiveGuard {
+    /// Returns the guard, the number of sessions and the number from this address (both with this one).
+    fn new(shared: Arc<Shared>, ip: IpAddr) -> (ActiveGuard, usize, usize) {
+        let active = shared.stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+        let from_ip = {
+            let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = per_ip.entry(ip).or_insert(0);
+            *n += 1;
+            *n
+        };
+        (ActiveGuard { shared, ip }, active, from_ip)
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+        let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
     }
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, protocol: Protocol, shared: Arc<Shared>) {
     let id = shared.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    let active = shared.stats.active.fetch_add(1, Ordering::Relaxed) + 1;
-    let _guard = ActiveGuard(shared.clone());
-    let busy = active > shared.settings().limits.max_connections;
+    let ip = peer.ip().to_canonical();
+    let (_guard, active, from_ip) = ActiveGuard::new(shared.clone(), ip);
+    let limits = shared.settings().limits.clone();
+    let busy = active > limits.max_connections || from_ip > limits.max_connections_per_ip;
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("conn", id, proto = protocol.name(), peer = %peer);
     async move {
         tracing::debug!("connected");
         if busy {
-            tracing::warn!(active, "connection limit reached, refusing");
+            tracing::warn!(active, from_ip, "connection limit reached, refusing {peer}");
         }
         match protocol {
             Protocol::Smtp => smtp::serve(stream, peer, shared, busy).await,

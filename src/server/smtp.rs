@@ -45,6 +45,16 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
                 message.start(&shared, &session).await;
                 continue;
             }
+            Event::MessageBytes => {
+                buf.drain(..used);
+                message
+                    .pending
+                    .extend_from_slice(&session.take_message_bytes());
+                if message.pending.len() >= SPOOL_WRITE_CHUNK {
+                    message.write_pending().await;
+                }
+                continue;
+            }
             Event::MessageAbort => {
                 buf.drain(..used);
                 message.discard();
@@ -52,6 +62,10 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
             }
             Event::MessageEnd => {
                 buf.drain(..used);
+                // The tail of a last BDAT chunk (nothing for DATA).
+                message
+                    .pending
+                    .extend_from_slice(&session.take_message_bytes());
                 let result = message.finish(&shared, &session).await;
                 session.message_stored(result.as_deref().map_err(|_| ()));
                 continue;

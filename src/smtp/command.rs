@@ -5,7 +5,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mailbox {
     pub local: String,
-    /// A domain name, or an address literal including its brackets.
+    /// A domain name (U-labels allowed, RFC 6531), or an address literal including its brackets.
     pub domain: String,
     /// The mailbox as the client wrote it (source route dropped), for trace headers and logs.
     pub raw: String,
@@ -14,6 +14,11 @@ pub struct Mailbox {
 impl Mailbox {
     pub fn is_address_literal(&self) -> bool {
         self.domain.starts_with('[')
+    }
+
+    /// Non-ASCII: only allowed in a transaction that declared SMTPUTF8 (RFC 6531 §3.4).
+    pub fn is_utf8(&self) -> bool {
+        !self.raw.is_ascii()
     }
 }
 
@@ -33,9 +38,16 @@ pub enum Command {
         from: Option<Mailbox>,
         size: Option<u64>,
         body: Body,
+        /// The SMTPUTF8 parameter (RFC 6531 §3.4).
+        smtputf8: bool,
     },
     Rcpt(Mailbox),
     Data,
+    /// RFC 3030 CHUNKING: `size` octets of message follow the command line.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -66,19 +78,20 @@ const MAX_DOMAIN: usize = 255;
 const MAX_PATH: usize = 256;
 
 pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
-    // Commands are ASCII (no SMTPUTF8 yet); NUL and 8-bit bytes are syntax errors, never a crash.
-    if line
-        .iter()
-        .any(|&b| b == 0 || b >= 0x80 || b == b'\r' || b == b'\n')
-    {
+    // NUL, other control characters and invalid UTF-8 are syntax errors, never a crash. UTF-8 is
+    // allowed in the paths of MAIL and RCPT only (RFC 6531 §3.3).
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax)?;
+    if line.chars().any(char::is_control) {
         return Err(ParseError::Syntax);
     }
-    let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax)?;
     let (verb, args) = match line.split_once(' ') {
         Some((v, a)) => (v, a),
         None => (line, ""),
     };
     let verb = verb.to_ascii_uppercase();
+    if !line.is_ascii() && verb != "MAIL" && verb != "RCPT" {
+        return Err(ParseError::Syntax);
+    }
     let no_args = |c: Command| {
         if args.trim().is_empty() {
             Ok(c)
@@ -98,7 +111,8 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
         "VRFY" => Ok(Command::Vrfy),
         "EXPN" => Ok(Command::Expn),
         "HELP" => Ok(Command::Help),
-        "STARTTLS" | "AUTH" | "BDAT" | "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" => {
+        "BDAT" => parse_bdat(args),
+        "STARTTLS" | "AUTH" | "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" => {
             Err(ParseError::NotImplemented)
         }
         "GET" | "POST" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "CONNECT" | "PATCH" | "TRACE"
@@ -133,6 +147,7 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
     let (from, params) = parse_path(rest, true)?;
     let mut size = None;
     let mut body = Body::default();
+    let mut smtputf8 = false;
     for param in params.split(' ').filter(|p| !p.is_empty()) {
         let (key, value) = param.split_once('=').unwrap_or((param, ""));
         match key.to_ascii_uppercase().as_str() {
@@ -157,10 +172,36 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
                     _ => return Err(ParseError::Syntax),
                 }
             }
+            // RFC 6531 §3.4: a keyword without value.
+            "SMTPUTF8" if value.is_empty() && !param.contains('=') => smtputf8 = true,
             _ => return Err(ParseError::UnknownParameter),
         }
     }
-    Ok(Command::Mail { from, size, body })
+    Ok(Command::Mail {
+        from,
+        size,
+        body,
+        smtputf8,
+    })
+}
+
+/// RFC 3030 §2: `BDAT chunk-size [LAST]`.
+fn parse_bdat(args: &str) -> Result<Command, ParseError> {
+    let mut words = args.split(' ').filter(|w| !w.is_empty());
+    let size = words
+        .next()
+        .filter(|w| w.len() <= 20 && w.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|w| w.parse().ok())
+        .ok_or(ParseError::Syntax)?;
+    let last = match words.next() {
+        None => false,
+        Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(ParseError::Syntax),
+    };
+    if words.next().is_some() {
+        return Err(ParseError::Syntax);
+    }
+    Ok(Command::Bdat { size, last })
 }
 
 fn parse_rcpt(args: &str) -> Result<Command, ParseError> {
@@ -217,7 +258,8 @@ fn parse_path(s: &str, null_ok: bool) -> Result<(Option<Mailbox>, &str), ParseEr
         parse_quoted(b, &mut i)?
     } else {
         let begin = i;
-        while i < b.len() && (is_atext(b[i]) || b[i] == b'.') {
+        // RFC 6531 §3.3: UTF-8 characters extend atext.
+        while i < b.len() && (is_atext(b[i]) || b[i] == b'.' || b[i] >= 0x80) {
             i += 1;
         }
         let atom = &s[begin..i];
@@ -239,10 +281,13 @@ fn parse_path(s: &str, null_ok: bool) -> Result<(Option<Mailbox>, &str), ParseEr
         }
         i = close + 1;
     } else {
-        while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'-' || b[i] == b'.') {
+        while i < b.len()
+            && (b[i].is_ascii_alphanumeric() || b[i] == b'-' || b[i] == b'.' || b[i] >= 0x80)
+        {
             i += 1;
         }
-        if !crate::accounts::is_valid_domain(&s[domain_start..i]) {
+        // U-labels (RFC 6531) are checked through their A-label form.
+        if crate::accounts::normalize_domain(&s[domain_start..i]).is_none() {
             return Err(ParseError::Address);
         }
     }
@@ -267,14 +312,17 @@ fn rest_after(s: &str, at: usize) -> Result<&str, ParseError> {
     }
 }
 
-/// RFC 5321 §4.1.2 Quoted-string: qtextSMTP or a backslash pair. Returns the decoded content.
+/// RFC 5321 §4.1.2 Quoted-string: qtextSMTP (and UTF-8, RFC 6531) or a backslash pair. Returns the
+/// decoded content.
 fn parse_quoted(b: &[u8], i: &mut usize) -> Result<String, ParseError> {
     *i += 1;
-    let mut out = String::new();
+    let mut out = Vec::new();
     loop {
         match b.get(*i) {
             Some(b'"') => {
                 *i += 1;
+                // Whole UTF-8 sequences were copied from a valid UTF-8 line, so this cannot fail.
+                let out = String::from_utf8(out).map_err(|_| ParseError::Address)?;
                 return if out.is_empty() {
                     Err(ParseError::Address)
                 } else {
@@ -283,13 +331,13 @@ fn parse_quoted(b: &[u8], i: &mut usize) -> Result<String, ParseError> {
             }
             Some(b'\\') => match b.get(*i + 1) {
                 Some(&c) if (32..=126).contains(&c) => {
-                    out.push(c as char);
+                    out.push(c);
                     *i += 2;
                 }
                 _ => return Err(ParseError::Address),
             },
-            Some(&c) if (32..=126).contains(&c) => {
-                out.push(c as char);
+            Some(&c) if (32..=126).contains(&c) || c >= 0x80 => {
+                out.push(c);
                 *i += 1;
             }
             _ => return Err(ParseError::Address),
@@ -330,7 +378,8 @@ mod tests {
             Ok(Command::Mail {
                 from: Some(mailbox("a", "b.example", "a@b.example")),
                 size: Some(1000),
-                body: Body::EightBitMime
+                body: Body::EightBitMime,
+                smtputf8: false,
             })
         );
     }
@@ -342,7 +391,8 @@ mod tests {
             Ok(Command::Mail {
                 from: None,
                 size: None,
-                body: Body::SevenBit
+                body: Body::SevenBit,
+                smtputf8: false,
             })
         );
         assert_eq!(parse(b"RCPT TO:<>"), Err(ParseError::Address));
@@ -428,7 +478,7 @@ mod tests {
     #[test]
     fn unknown_parameters() {
         assert_eq!(
-            parse(b"MAIL FROM:<a@b.org> SMTPUTF8"),
+            parse(b"MAIL FROM:<a@b.org> RET=FULL"),
             Err(ParseError::UnknownParameter)
         );
         assert_eq!(
@@ -444,10 +494,74 @@ mod tests {
     #[test]
     fn hostile_bytes_are_syntax_errors() {
         assert_eq!(parse(b"NOOP\0"), Err(ParseError::Syntax));
+        assert_eq!(parse(b"RSET\x1b[2J"), Err(ParseError::Syntax));
         assert_eq!(
-            parse("MAIL FROM:<é@b.org>".as_bytes()),
-            Err(ParseError::Syntax)
+            parse(b"MAIL FROM:<\xff@b.org>"),
+            Err(ParseError::Syntax),
+            "invalid UTF-8"
         );
+        assert_eq!(
+            parse("EHLO é.example".as_bytes()),
+            Err(ParseError::Syntax),
+            "UTF-8 outside paths"
+        );
+    }
+
+    #[test]
+    fn utf8_addresses_and_smtputf8() {
+        let Ok(Command::Mail {
+            from: Some(from),
+            smtputf8: true,
+            ..
+        }) = parse("MAIL FROM:<josé@münchen.de> SMTPUTF8".as_bytes())
+        else {
+            panic!()
+        };
+        assert!(from.is_utf8());
+        assert_eq!(
+            (from.local.as_str(), from.domain.as_str()),
+            ("josé", "münchen.de")
+        );
+        let Ok(Command::Rcpt(to)) = parse("RCPT TO:<\"δοκιμή\"@example.org>".as_bytes())
+        else {
+            panic!()
+        };
+        assert_eq!(to.local, "δοκιμή");
+        assert_eq!(
+            parse(b"MAIL FROM:<a@b.org> SMTPUTF8=yes"),
+            Err(ParseError::UnknownParameter)
+        );
+        assert_eq!(
+            parse("RCPT TO:<a@bad_domäin.org>".as_bytes()),
+            Err(ParseError::Address)
+        );
+    }
+
+    #[test]
+    fn bdat() {
+        assert_eq!(
+            parse(b"BDAT 100"),
+            Ok(Command::Bdat {
+                size: 100,
+                last: false
+            })
+        );
+        assert_eq!(
+            parse(b"bdat 0 last"),
+            Ok(Command::Bdat {
+                size: 0,
+                last: true
+            })
+        );
+        for bad in [
+            "BDAT",
+            "BDAT -1",
+            "BDAT 1 FIRST",
+            "BDAT 1 LAST x",
+            "BDAT 99999999999999999999999",
+        ] {
+            assert_eq!(parse(bad.as_bytes()), Err(ParseError::Syntax), "{bad}");
+        }
     }
 
     #[test]
@@ -460,6 +574,7 @@ mod tests {
     fn not_offered_extensions() {
         assert_eq!(parse(b"STARTTLS"), Err(ParseError::NotImplemented));
         assert_eq!(parse(b"AUTH PLAIN"), Err(ParseError::NotImplemented));
+        assert_eq!(parse(b"ETRN example.org"), Err(ParseError::NotImplemented));
     }
 
     #[test]

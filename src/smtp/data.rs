@@ -123,6 +123,88 @@ impl DataReader {
     }
 }
 
+/// The reader of BDAT chunks (RFC 3030): chunks are delimited by their declared size, so there is no
+/// dot-stuffing and no end-of-data line, but the message is held to the same rules as with DATA: lines
+/// end with CRLF (a bare CR or LF refuses the message), no line is longer than the limit, and the whole
+/// is no larger than the size limit. A line may span chunks, so the state lives across them.
+#[derive(Debug)]
+pub struct ChunkReader {
+    max_line: usize,
+    max_size: u64,
+    size: u64,
+    /// Octets of the current line so far (a pending CR included).
+    line_len: usize,
+    prev_cr: bool,
+    error: Option<DataError>,
+}
+
+impl ChunkReader {
+    pub fn new(max_line: usize, max_size: u64) -> ChunkReader {
+        ChunkReader {
+            max_line,
+            max_size,
+            size: 0,
+            line_len: 0,
+            prev_cr: false,
+            error: None,
+        }
+    }
+
+    pub fn error(&self) -> Option<DataError> {
+        self.error
+    }
+
+    /// Appends the message bytes of `chunk` to `out` in stored form (LF line endings). Returns the
+    /// error that this chunk caused, if it is the message's first.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Option<DataError> {
+        if self.error.is_some() {
+            return None;
+        }
+        self.size = self.size.saturating_add(chunk.len() as u64);
+        if self.size > self.max_size {
+            return self.fail(DataError::TooBig);
+        }
+        for &b in chunk {
+            match (self.prev_cr, b) {
+                (true, b'\n') => {
+                    out.push(b'\n');
+                    self.line_len = 0;
+                    self.prev_cr = false;
+                    continue;
+                }
+                (true, _) | (false, b'\n') => return self.fail(DataError::BareLineEnding),
+                (false, b'\r') => self.prev_cr = true,
+                (false, _) => out.push(b),
+            }
+            self.line_len += 1;
+            // The limit counts the CRLF: content + CR + LF.
+            if self.line_len + 1 + usize::from(!self.prev_cr) > self.max_line {
+                return self.fail(DataError::LineTooLong);
+            }
+        }
+        None
+    }
+
+    /// After the LAST chunk: a final line without CRLF is completed; a dangling CR is a bare CR.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), DataError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.prev_cr {
+            return Err(DataError::BareLineEnding);
+        }
+        if self.line_len > 0 {
+            out.push(b'\n');
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, error: DataError) -> Option<DataError> {
+        self.error = Some(error);
+        Some(error)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +363,77 @@ mod tests {
         let mut r = DataReader::new(1000, 100);
         let (_, _) = r.step(b"..ab\r\n");
         assert_eq!(r.size(), 5);
+    }
+
+    fn chunks(
+        message: &[u8],
+        split: usize,
+        max_line: usize,
+        max_size: u64,
+    ) -> (Vec<u8>, Result<(), DataError>) {
+        let mut r = ChunkReader::new(max_line, max_size);
+        let mut out = Vec::new();
+        for c in message.chunks(split.max(1)) {
+            r.feed(c, &mut out);
+        }
+        let end = r.finish(&mut out);
+        (if end.is_ok() { out } else { Vec::new() }, end)
+    }
+
+    fn all_splits(
+        message: &[u8],
+        max_line: usize,
+        max_size: u64,
+    ) -> (Vec<u8>, Result<(), DataError>) {
+        let reference = chunks(message, message.len(), max_line, max_size);
+        for split in [1, 2, 3, 5, 64] {
+            assert_eq!(
+                chunks(message, split, max_line, max_size),
+                reference,
+                "split {split}"
+            );
+        }
+        reference
+    }
+
+    #[test]
+    fn bdat_stores_lf_lines_without_unstuffing() {
+        let (out, end) = all_splits(b"Subject: x\r\n\r\n.not stuffed\r\n.\r\nlast", 1000, 1000);
+        assert_eq!(end, Ok(()));
+        assert_eq!(out, b"Subject: x\n\n.not stuffed\n.\nlast\n");
+    }
+
+    #[test]
+    fn bdat_same_rules_as_data() {
+        assert_eq!(
+            all_splits(b"a\nb\r\n", 1000, 1000).1,
+            Err(DataError::BareLineEnding)
+        );
+        assert_eq!(
+            all_splits(b"a\rb\r\n", 1000, 1000).1,
+            Err(DataError::BareLineEnding)
+        );
+        assert_eq!(
+            all_splits(b"a\r", 1000, 1000).1,
+            Err(DataError::BareLineEnding)
+        );
+        assert_eq!(
+            all_splits(&[b'x'; 20], 10, 1000).1,
+            Err(DataError::LineTooLong)
+        );
+        assert_eq!(
+            all_splits(b"0123456789\r\n", 1000, 11).1,
+            Err(DataError::TooBig)
+        );
+    }
+
+    #[test]
+    fn bdat_line_of_exactly_the_limit() {
+        let mut line = vec![b'x'; 8];
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(all_splits(&line, 10, 1000).1, Ok(()));
+        let mut long = vec![b'x'; 9];
+        long.extend_from_slice(b"\r\n");
+        assert_eq!(all_splits(&long, 10, 1000).1, Err(DataError::LineTooLong));
     }
 }

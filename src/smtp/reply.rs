@@ -97,6 +97,12 @@ pub const MESSAGE_TOO_BIG: Reply = Reply::new(
     "Message size exceeds fixed maximum message size",
 );
 pub const NO_VALID_RECIPIENTS: Reply = Reply::new(554, "5.5.1", "No valid recipients");
+/// RFC 6531 §3.5: a UTF-8 address in a transaction that did not declare SMTPUTF8.
+pub const NEEDS_SMTPUTF8: Reply = Reply::new(
+    553,
+    "5.6.7",
+    "Non-ASCII address requires the SMTPUTF8 parameter",
+);
 pub const PARAMETER_UNKNOWN: Reply = Reply::new(
     555,
     "5.5.4",

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::command::{self, Body, Command, Mailbox, ParseError};
-use super::data::{DataError, DataReader, DataStep};
+use super::data::{ChunkReader, DataError, DataReader, DataStep};
 use super::reply::{self, Reply};
 use crate::accounts::{Account, Route};
 use crate::config::Settings;
@@ -21,6 +21,8 @@ pub enum Event<'a> {
     MessageStart,
     /// One line of the message (dot-unstuffed, without line ending): append it with a newline.
     MessageLine(&'a [u8]),
+    /// Message bytes already in stored form (BDAT): append [`Session::take_message_bytes`].
+    MessageBytes,
     /// The message was refused (its reply follows once the data ends): discard the spool file.
     MessageAbort,
     /// The message is complete: make it durable, then report with [`Session::message_stored`].
@@ -35,6 +37,8 @@ pub struct Envelope {
     /// `None` for the null reverse-path.
     pub from: Option<Mailbox>,
     pub body: Body,
+    /// SMTPUTF8 was declared: UTF-8 addresses are allowed (RFC 6531).
+    pub smtputf8: bool,
     /// Accepted recipients as given.
     pub recipients: Vec<Mailbox>,
     /// Where they deliver, each account once.
@@ -47,6 +51,11 @@ enum Mode {
     /// Discarding an over-long command line up to its LF.
     DrainCommand,
     Data(DataReader),
+    /// Inside a BDAT chunk: `left` octets still belong to it (RFC 3030).
+    Chunk {
+        left: u64,
+        last: bool,
+    },
     /// The message is being stored; no input is processed until the driver reports.
     Storing,
     Closed,
@@ -59,6 +68,12 @@ pub struct Session {
     helo: Option<(String, bool)>,
     envelope: Option<Envelope>,
     mode: Mode,
+    /// The BDAT transaction in progress: its reader (None between transactions), and whether its data
+    /// is being kept (false: the chunks are read and dropped, e.g. after a refusal).
+    bdat: Option<ChunkReader>,
+    bdat_keep: bool,
+    /// Stored-form bytes of the current BDAT chunk, for [`Event::MessageBytes`].
+    chunk_out: Vec<u8>,
     outbox: Vec<u8>,
     errors: u32,
     shutdown_requested: bool,
@@ -73,6 +88,9 @@ impl Session {
             helo: None,
             envelope: None,
             mode: Mode::Command,
+            bdat: None,
+            bdat_keep: false,
+            chunk_out: Vec::new(),
             outbox: Vec::new(),
             errors: 0,
             shutdown_requested: false,
@@ -99,7 +117,15 @@ impl Session {
 
     /// True while a message is being received or stored: the connection must not be cut.
     pub fn in_message(&self) -> bool {
-        matches!(self.mode, Mode::Data(_) | Mode::Storing)
+        matches!(
+            self.mode,
+            Mode::Data(_) | Mode::Chunk { .. } | Mode::Storing
+        )
+    }
+
+    /// The bytes announced by [`Event::MessageBytes`].
+    pub fn take_message_bytes(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.chunk_out)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -143,6 +169,19 @@ impl Session {
                         DataStep::End(Err(e)) => self.data_refused(e),
                     }
                 }
+                Mode::Chunk { left, last } => {
+                    let (left, last) = (*left, *last);
+                    let n = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    if n == 0 && left > 0 {
+                        return (used, Event::NeedInput);
+                    }
+                    used += n;
+                    let left = left - n as u64;
+                    self.mode = Mode::Chunk { left, last };
+                    if let Some(event) = self.chunk_bytes(&rest[..n], left == 0, last) {
+                        return (used, event);
+                    }
+                }
                 Mode::DrainCommand => match rest.iter().position(|&b| b == b'\n') {
                     Some(lf) => {
                         used += lf + 1;
@@ -179,6 +218,7 @@ impl Session {
     /// The driver's report on storing the message announced by [`Event::MessageEnd`].
     pub fn message_stored(&mut self, result: Result<&str, ()>) {
         self.envelope = None;
+        self.bdat = None;
         self.mode = Mode::Command;
         match result {
             Ok(id) => self.reply(reply::OK.with_text(format!("OK, queued as {id}"))),
@@ -193,6 +233,12 @@ impl Session {
             .and_then(|e| e.from.as_ref())
             .map_or("", |m| m.raw.as_str());
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        // RFC 3848 / RFC 6531 §4.3 protocol names.
+        let with = match (esmtp, envelope.is_some_and(|e| e.smtputf8)) {
+            (_, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            (false, false) => "SMTP",
+        };
         let peer = match self.peer {
             IpAddr::V4(ip) => format!("[{ip}]"),
             IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
@@ -205,7 +251,6 @@ impl Session {
         format!(
             "Return-Path: <{from}>\nReceived: from {helo} ({peer})\n\tby {host} (rustmail) with {with} id {id}{for_clause};\n\t{date}\n",
             host = self.settings.hostname,
-            with = if esmtp { "ESMTP" } else { "SMTP" },
         )
     }
 
@@ -232,12 +277,24 @@ impl Session {
                 return self.is_closed().then_some(Event::Close);
             }
         };
+        // A new transaction, RSET or EHLO ends a BDAT transaction that never got its LAST chunk.
+        let abandons_bdat = matches!(
+            command,
+            Command::Ehlo(_) | Command::Helo(_) | Command::Rset | Command::Quit
+        );
+        let abort = abandons_bdat && self.bdat.take().is_some() && self.bdat_keep;
         match command {
             Command::Ehlo(name) => self.hello(name, true),
             Command::Helo(name) => self.hello(name, false),
-            Command::Mail { from, size, body } => self.mail(from, size, body),
+            Command::Mail {
+                from,
+                size,
+                body,
+                smtputf8,
+            } => self.mail(from, size, body, smtputf8),
             Command::Rcpt(to) => self.rcpt(to),
             Command::Data => return self.data(),
+            Command::Bdat { size, last } => return self.bdat(size, last),
             Command::Rset => {
                 self.envelope = None;
                 self.reply(reply::RESET_OK);
@@ -250,6 +307,10 @@ impl Session {
                 self.close_with(reply::BYE);
             }
         }
+        if abort {
+            // The driver drops the spool file first; Close (if any) comes at the next advance.
+            return Some(Event::MessageAbort);
+        }
         self.is_closed().then_some(Event::Close)
     }
 
@@ -259,7 +320,7 @@ impl Session {
         let host = &self.settings.hostname;
         let text = if esmtp {
             format!(
-                "{host}\nPIPELINING\nSIZE {}\n8BITMIME\nENHANCEDSTATUSCODES",
+                "{host}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nCHUNKING\nENHANCEDSTATUSCODES",
                 self.settings.limits.max_message_size
             )
         } else {
@@ -269,7 +330,7 @@ impl Session {
         self.reply(Reply::new(250, "", "").with_text(text));
     }
 
-    fn mail(&mut self, from: Option<Mailbox>, size: Option<u64>, body: Body) {
+    fn mail(&mut self, from: Option<Mailbox>, size: Option<u64>, body: Body, smtputf8: bool) {
         if self.helo.is_none() {
             return self.error(reply::BAD_SEQUENCE.with_text("Send EHLO or HELO first"));
         }
@@ -280,9 +341,13 @@ impl Session {
         if size.is_some_and(|s| s > self.settings.limits.max_message_size) {
             return self.error(reply::MESSAGE_TOO_BIG);
         }
+        if from.as_ref().is_some_and(Mailbox::is_utf8) && !smtputf8 {
+            return self.error(reply::NEEDS_SMTPUTF8);
+        }
         self.envelope = Some(Envelope {
             from,
             body,
+            smtputf8,
             ..Envelope::default()
         });
         self.reply(reply::SENDER_OK);
@@ -294,6 +359,9 @@ impl Session {
         };
         if envelope.recipients.len() >= self.settings.limits.max_recipients {
             return self.reply(reply::TOO_MANY_RECIPIENTS);
+        }
+        if to.is_utf8() && !envelope.smtputf8 {
+            return self.error(reply::NEEDS_SMTPUTF8);
         }
         let directory = &self.settings.directory;
         let route = if to.is_address_literal() {
@@ -329,6 +397,10 @@ impl Session {
     fn data(&mut self) -> Option<Event<'static>> {
         match &self.envelope {
             None => self.error(reply::BAD_SEQUENCE.with_text("Send MAIL first")),
+            // RFC 3030 §3: DATA and BDAT do not mix in one transaction.
+            Some(_) if self.bdat.is_some() => {
+                self.error(reply::BAD_SEQUENCE.with_text("DATA after BDAT"))
+            }
             // RFC 2920 §3.1: after a pipelined group in which every RCPT failed, DATA gets 554.
             Some(e) if e.recipients.is_empty() => self.error(reply::NO_VALID_RECIPIENTS),
             Some(_) => {
@@ -342,6 +414,87 @@ impl Session {
             }
         }
         self.is_closed().then_some(Event::Close)
+    }
+
+    /// BDAT: the chunk's octets are always read (RFC 3030 §3: even when refused), then answered.
+    fn bdat(&mut self, size: u64, last: bool) -> Option<Event<'static>> {
+        self.mode = Mode::Chunk { left: size, last };
+        if self.bdat.is_some() {
+            return None;
+        }
+        let limits = &self.settings.limits;
+        self.bdat = Some(ChunkReader::new(
+            limits.max_line_length,
+            limits.max_message_size,
+        ));
+        self.bdat_keep = self
+            .envelope
+            .as_ref()
+            .is_some_and(|e| !e.recipients.is_empty());
+        if self.bdat_keep {
+            return Some(Event::MessageStart);
+        }
+        None
+    }
+
+    /// Handles octets of the current chunk; `end`: they complete it.
+    fn chunk_bytes(&mut self, bytes: &[u8], end: bool, last: bool) -> Option<Event<'static>> {
+        let keep = self.bdat_keep;
+        let reader = self
+            .bdat
+            .as_mut()
+            .expect("a chunk belongs to a BDAT transaction");
+        let mut newly_failed = false;
+        if keep {
+            newly_failed = reader.feed(bytes, &mut self.chunk_out).is_some();
+        }
+        let failed = reader.error();
+        if !end {
+            return if newly_failed {
+                self.chunk_out.clear();
+                Some(Event::MessageAbort)
+            } else if self.chunk_out.is_empty() {
+                None
+            } else {
+                Some(Event::MessageBytes)
+            };
+        }
+        self.mode = Mode::Command;
+        if !keep {
+            // No transaction to add to: the chunk was read to stay in step, and is refused.
+            self.bdat = None;
+            match &self.envelope {
+                None => self.error(reply::BAD_SEQUENCE.with_text("Send MAIL first")),
+                Some(_) => self.error(reply::NO_VALID_RECIPIENTS),
+            }
+            return self.is_closed().then_some(Event::Close);
+        }
+        if let Some(error) = failed {
+            self.chunk_out.clear();
+            self.bdat = None;
+            self.data_refused(error);
+            return Some(Event::MessageAbort)
+                .filter(|_| newly_failed)
+                .or_else(|| self.is_closed().then_some(Event::Close));
+        }
+        if last {
+            let reader = self.bdat.as_mut().expect("checked above");
+            if let Err(error) = reader.finish(&mut self.chunk_out) {
+                self.chunk_out.clear();
+                self.bdat = None;
+                self.data_refused(error);
+                return Some(Event::MessageAbort);
+            }
+            // The remaining bytes go out with the end: the driver appends them before storing.
+            self.mode = Mode::Storing;
+            return Some(Event::MessageEnd);
+        }
+        self.reply(reply::OK.with_text("Chunk received"));
+        if self.chunk_out.is_empty() {
+            None
+        } else {
+            Some(Event::MessageBytes)
+        }
     }
 
     fn data_refused(&mut self, error: DataError) {

@@ -46,7 +46,7 @@ fn play(input: &[u8], chunk: usize) -> Transcript {
     let mut session = Session::new(settings(), "192.0.2.7".parse().unwrap());
     let mut buf: Vec<u8> = Vec::new();
     let mut fed = 0;
-    let mut message: Option<String> = None;
+    let mut message: Option<Vec<u8>> = None;
     let mut t = Transcript {
         replies: String::new(),
         messages: vec![],
@@ -57,14 +57,20 @@ fn play(input: &[u8], chunk: usize) -> Transcript {
         let mut need_input = false;
         match event {
             Event::NeedInput => need_input = true,
-            Event::MessageStart => message = Some(String::new()),
+            Event::MessageStart => message = Some(Vec::new()),
             Event::MessageLine(line) => {
                 let m = message.as_mut().unwrap();
-                m.push_str(std::str::from_utf8(line).unwrap());
-                m.push('\n');
+                m.extend_from_slice(line);
+                m.push(b'\n');
+            }
+            Event::MessageBytes => {
+                let bytes = session.take_message_bytes();
+                message.as_mut().unwrap().extend_from_slice(&bytes);
             }
             Event::MessageAbort => message = None,
             Event::MessageEnd => {
+                let bytes = session.take_message_bytes();
+                message.as_mut().unwrap().extend_from_slice(&bytes);
                 let mailboxes = session
                     .envelope()
                     .unwrap()
@@ -72,7 +78,10 @@ fn play(input: &[u8], chunk: usize) -> Transcript {
                     .iter()
                     .map(|a| a.address.clone())
                     .collect();
-                t.messages.push((mailboxes, message.take().unwrap()));
+                t.messages.push((
+                    mailboxes,
+                    String::from_utf8(message.take().unwrap()).unwrap(),
+                ));
                 session.message_stored(Ok("Q1"));
             }
             Event::Close => t.closed = true,
@@ -345,5 +354,110 @@ fn storage_failure_is_temporary() {
         String::from_utf8(s.outbox().clone())
             .unwrap()
             .ends_with("451 4.3.0 Could not store the message, try again later\r\n")
+    );
+}
+
+/// `BDAT` with the chunk that follows it.
+fn bdat(chunk: &str, last: bool) -> String {
+    format!(
+        "BDAT {}{}\r\n{chunk}",
+        chunk.len(),
+        if last { " LAST" } else { "" }
+    )
+}
+
+const TX: &str = "EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bob@example.org>\r\n";
+
+#[test]
+fn bdat_chunks_make_one_message_without_unstuffing() {
+    let t = dialog(&format!(
+        "{TX}{}{}{}NOOP\r\n",
+        bdat("Subject: chunked\r\n\r\n.dot", false),
+        bdat(" stays\r\nQUIT\r\n", false),
+        bdat(".\r\n", true)
+    ));
+    assert_eq!(t.messages.len(), 1);
+    assert_eq!(t.messages[0].1, "Subject: chunked\n\n.dot stays\nQUIT\n.\n");
+    assert_eq!(
+        codes(&t),
+        ["220", "250", "250", "250", "250", "250", "250", "250"]
+    );
+    assert!(!t.closed, "QUIT inside a chunk is data, not a command");
+}
+
+#[test]
+fn bdat_without_recipients_is_read_and_refused() {
+    let t = dialog(&format!(
+        "EHLO c\r\nMAIL FROM:<>\r\n{}NOOP\r\n",
+        bdat("RSET\r\n", true)
+    ));
+    assert!(t.messages.is_empty());
+    assert_eq!(codes(&t), ["220", "250", "250", "554", "250"]);
+    let t = dialog(&format!("EHLO c\r\n{}NOOP\r\n", bdat("x\r\n", false)));
+    assert_eq!(codes(&t), ["220", "250", "503", "250"]);
+}
+
+#[test]
+fn bdat_bare_lf_refused_and_stream_stays_in_step() {
+    let t = dialog(&format!(
+        "{TX}{}NOOP\r\n",
+        bdat("a\n.\nMAIL FROM:<x@y.example>\r\n", true)
+    ));
+    assert!(t.messages.is_empty());
+    assert_eq!(codes(&t), ["220", "250", "250", "250", "550", "250"]);
+}
+
+#[test]
+fn bdat_oversized_refused_across_chunks() {
+    let part = "x".repeat(120) + "\r\n";
+    let t = dialog(&format!(
+        "{TX}{}{}NOOP\r\n",
+        bdat(&part, false),
+        bdat(&part, true)
+    ));
+    assert!(t.messages.is_empty());
+    assert_eq!(codes(&t), ["220", "250", "250", "250", "250", "552", "250"]);
+}
+
+#[test]
+fn bdat_and_data_do_not_mix_and_rset_abandons() {
+    let t = dialog(&format!(
+        "{TX}{}DATA\r\nRSET\r\nNOOP\r\n",
+        bdat("x\r\n", false)
+    ));
+    assert!(t.messages.is_empty());
+    assert_eq!(
+        codes(&t),
+        ["220", "250", "250", "250", "250", "503", "250", "250"]
+    );
+}
+
+#[test]
+fn smtputf8_is_required_for_utf8_addresses() {
+    let t = dialog(
+        "EHLO c\r\nMAIL FROM:<josé@b.example>\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<bøb@example.org>\r\n",
+    );
+    assert_eq!(codes(&t), ["220", "250", "553", "250", "553"]);
+    assert!(t.replies.contains("553 5.6.7"));
+    assert!(t.replies.contains("250-SMTPUTF8\r\n250-CHUNKING\r\n"));
+    let t = dialog(
+        "EHLO c\r\nMAIL FROM:<josé@b.example> SMTPUTF8\r\nRCPT TO:<bøb@example.org>\r\nRCPT TO:<bob+tag@EXAMPLE.org>\r\nDATA\r\nSubject: café\r\n.\r\n",
+    );
+    assert_eq!(codes(&t), ["220", "250", "250", "550", "250", "354", "250"]);
+    assert_eq!(t.messages[0].1, "Subject: café\n");
+}
+
+#[test]
+fn utf8_trace_header_names_the_protocol() {
+    let mut s = Session::new(settings(), "192.0.2.7".parse().unwrap());
+    let (_, e) = s.advance(
+        "EHLO c\r\nMAIL FROM:<josé@b.example> SMTPUTF8\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+            .as_bytes(),
+    );
+    assert_eq!(e, Event::MessageStart);
+    assert!(s.trace_headers("Q", "date").contains("with UTF8SMTP id Q"));
+    assert!(
+        s.trace_headers("Q", "date")
+            .starts_with("Return-Path: <josé@b.example>\n")
     );
 }
