@@ -77,11 +77,29 @@ impl Store {
         self.root.join(account.maildir())
     }
 
-    /// Creates the account's Maildir if it does not exist yet.
+    /// Creates the account's Maildir if it does not exist yet. Each directory created is made durable
+    /// in its parent, so that a message acknowledged into a brand-new Maildir survives a crash.
     pub fn ensure_maildir(&self, account: &Account) -> io::Result<PathBuf> {
         let dir = self.maildir(account);
-        for sub in ["tmp", "new", "cur"] {
-            fs::create_dir_all(dir.join(sub))?;
+        if ["cur", "new", "tmp"]
+            .iter()
+            .all(|sub| dir.join(sub).is_dir())
+        {
+            return Ok(dir);
+        }
+        let domain = self.root.join("mail").join(&account.domain);
+        for path in [
+            domain,
+            dir.clone(),
+            dir.join("tmp"),
+            dir.join("new"),
+            dir.join("cur"),
+        ] {
+            match fs::create_dir(&path) {
+                Ok(()) => fsync_dir(path.parent().expect("a Maildir path has a parent"))?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(dir)
     }
@@ -93,7 +111,8 @@ impl Store {
             .unwrap_or_default();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let id = format!(
-            "{}.M{}P{}Q{}",
+            // Zero-padded microseconds keep the names of one second in delivery order.
+            "{}.M{:06}P{}Q{}",
             now.as_secs(),
             now.subsec_micros(),
             std::process::id(),
@@ -177,13 +196,18 @@ impl Drop for Spool {
     }
 }
 
+/// tmp/ then new/, as the Maildir protocol has it; with link(2) rather than rename(2), so that a name
+/// collision fails (EEXIST) instead of replacing a delivered message.
 fn link_into(spooled: &Path, maildir: &Path, name: &str) -> io::Result<PathBuf> {
     let tmp = maildir.join("tmp").join(name);
     let new = maildir.join("new").join(name);
     fs::hard_link(spooled, &tmp)?;
-    if let Err(e) = fs::rename(&tmp, &new).and_then(|()| fsync_dir(&maildir.join("new"))) {
-        let _ = fs::remove_file(&tmp);
-        let _ = fs::remove_file(&new);
+    let linked = fs::hard_link(&tmp, &new);
+    let _ = fs::remove_file(&tmp);
+    if let Err(e) = linked.and_then(|()| fsync_dir(&maildir.join("new"))) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            let _ = fs::remove_file(&new);
+        }
         return Err(e);
     }
     Ok(new)
@@ -401,6 +425,22 @@ mod tests {
         assert!(files(&good.join("new")).is_empty());
         assert!(files(&good.join("tmp")).is_empty() && files(&broken.join("tmp")).is_empty());
         assert!(files(&store.root().join("spool")).is_empty());
+    }
+
+    #[test]
+    fn name_collision_never_replaces_a_delivered_message() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        let mut spool = store.spool().unwrap();
+        spool.append(b"new\n").unwrap();
+        let name = format!("{},S=4,W=5", spool.name);
+        fs::write(dir.join("new").join(&name), b"delivered earlier\n").unwrap();
+        assert!(spool.deliver(std::slice::from_ref(&dir)).is_err());
+        assert_eq!(
+            fs::read(dir.join("new").join(&name)).unwrap(),
+            b"delivered earlier\n"
+        );
+        assert!(files(&dir.join("tmp")).is_empty());
     }
 
     #[test]

@@ -28,7 +28,11 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         Just(b"DATA\r\n".to_vec()),
         Just(b"BDAT 5\r\n".to_vec()),
         Just(b"BDAT 3 LAST\r\n".to_vec()),
-        Just("MAIL FROM:<jos\u{e9}@b.example> SMTPUTF8\r\n".as_bytes().to_vec()),
+        Just(
+            "MAIL FROM:<jos\u{e9}@b.example> SMTPUTF8\r\n"
+                .as_bytes()
+                .to_vec()
+        ),
         Just(b"USER demo@localhost\r\nPASS x\r\n".to_vec()),
         Just(b"RETR 1\r\nDELE 1\r\nLIST\r\n".to_vec()),
         Just(vec![b'x'; 700]),
@@ -72,7 +76,7 @@ proptest! {
             buf.drain(..n);
             if end { break; }
             if need {
-                prop_assert!(buf.len() < cap, "kept {} bytes", buf.len());
+                prop_assert!(buf.len() <= cap, "kept {} bytes", buf.len());
                 if fed >= input.len() { break; }
                 let next = (fed + chunk).min(input.len());
                 buf.extend_from_slice(&input[fed..next]);
@@ -97,7 +101,8 @@ proptest! {
                 }
                 if n == 0 { break; }
             }
-            prop_assert!(buf.len() < 1000);
+            // A line may hold one more octet when it starts with a transparency dot.
+            prop_assert!(buf.len() <= 1000);
         }
     }
 

@@ -138,7 +138,7 @@ impl Default for Limits {
             max_recipients: 100,
             max_line_length: 1000,
             max_command_length: 512,
-            max_errors: 10,
+            max_errors: 20,
             command_timeout_secs: 300,
             data_timeout_secs: 300,
             session_timeout_secs: 3600,

@@ -189,7 +189,12 @@ fn parse_listeners(listen: &super::Listen) -> Result<Vec<ListenerSpec>, ConfigEr
         for (i, text) in raw.iter().enumerate() {
             let endpoint = parse_endpoint(text)
                 .map_err(|message| ConfigError::invalid(format!("{key}[{i}]"), message))?;
-            if endpoints.contains(&endpoint) {
+            // Across all listeners: one address (or socket name) serves one protocol.
+            if endpoints.contains(&endpoint)
+                || out
+                    .iter()
+                    .any(|l: &ListenerSpec| l.endpoints.contains(&endpoint))
+            {
                 return Err(ConfigError::invalid(
                     format!("{key}[{i}]"),
                     format!("{text:?} is listed twice"),
@@ -274,6 +279,14 @@ mod tests {
         let mut c = config();
         c.listen.pop3 = vec!["127.0.0.1:110".into(), "nonsense".into()];
         assert_eq!(invalid_key(c), "listen.pop3[1]");
+    }
+
+    #[test]
+    fn one_address_for_two_listeners_is_refused() {
+        let mut c = config();
+        c.listen.smtp = vec!["127.0.0.1:2500".into()];
+        c.listen.pop3 = vec!["127.0.0.1:2500".into()];
+        assert_eq!(invalid_key(c), "listen.pop3[0]");
     }
 
     #[test]

@@ -8,9 +8,9 @@ mod smtp;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +34,9 @@ pub struct Shared {
     stats: Stats,
     /// Open connections per client address, for `limits.max_connections_per_ip`.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Password verifications running at once: argon2 takes 19 MiB and a core each, so a flood of
+    /// logins must queue here instead of exhausting memory through the blocking pool.
+    auth_slots: tokio::sync::Semaphore,
     shutdown: CancellationToken,
 }
 
@@ -84,6 +87,9 @@ pub async fn run(
         store,
         stats: Stats::default(),
         per_ip: Mutex::new(HashMap::new()),
+        auth_slots: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ),
         shutdown: CancellationToken::new(),
     });
     // Signal handlers are installed before READY=1, so that a SIGHUP right after start is not fatal.
@@ -93,13 +99,17 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let live_listeners = Arc::new(AtomicUsize::new(0));
+    // Failed accepts in a row, per listener: a listener stuck on EMFILE or a broken socket is not healthy.
+    let accept_failures: Arc<Vec<AtomicU32>> =
+        Arc::new(listeners.iter().map(|_| AtomicU32::new(0)).collect());
     let expected_listeners = listeners.len();
-    for (protocol, listener) in listeners {
+    for (i, (protocol, listener)) in listeners.into_iter().enumerate() {
         let listener = TcpListener::from_std(listener)?;
         live_listeners.fetch_add(1, Ordering::SeqCst);
         let (shared, tracker2, live) = (shared.clone(), tracker.clone(), live_listeners.clone());
+        let failures = accept_failures.clone();
         tokio::spawn(async move {
-            accept_loop(listener, protocol, shared, tracker2).await;
+            accept_loop(listener, protocol, shared, tracker2, &failures[i]).await;
             live.fetch_sub(1, Ordering::SeqCst);
         });
     }
@@ -110,7 +120,11 @@ pub async fn run(
     if let Some(interval) = watchdog {
         let (shared, live) = (shared.clone(), live_listeners.clone());
         tokio::spawn(watchdog_loop(shared, interval, move || {
+            // About five seconds of nothing but failed accepts (they back off 100 ms each).
             live.load(Ordering::SeqCst) == expected_listeners
+                && accept_failures
+                    .iter()
+                    .all(|f| f.load(Ordering::Relaxed) < 50)
         }));
     }
     tokio::spawn(status_loop(shared.clone()));
@@ -150,6 +164,7 @@ async fn accept_loop(
     protocol: Protocol,
     shared: Arc<Shared>,
     tracker: TaskTracker,
+    failures: &AtomicU32,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -158,9 +173,11 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                failures.store(0, Ordering::Relaxed);
                 tracker.spawn(connection(stream, peer, protocol, shared.clone()));
             }
             Err(e) => {
+                failures.fetch_add(1, Ordering::Relaxed);
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, listener = protocol.name(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -316,6 +333,31 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(format!("blocking task failed: {e}"))))
+}
+
+/// `now + secs`, or a year from now when that does not fit (a huge configured timeout must not panic).
+fn deadline_in(secs: u64) -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(secs))
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+/// Writes all of `bytes` within `timeout`; false if the peer is gone or stopped reading. Without the
+/// limit, a client that never reads would hold its session (and a POP3 mailbox lock) forever.
+async fn write_timed(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> bool {
+    use tokio::io::AsyncWriteExt;
+    match tokio::time::timeout(timeout, stream.write_all(bytes)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            false
+        }
+        Err(_) => {
+            tracing::info!("peer stopped reading, closing");
+            false
+        }
+    }
 }
 
 /// Reads into `buf` with a deadline, stopping early when `stop` resolves. `Ok(None)` means "stopped".

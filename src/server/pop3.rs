@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use super::{ReadError, Shared, blocking, read_some};
+use super::{ReadError, Shared, blocking, deadline_in, read_some, write_timed};
 use crate::pop3::wire::Encoder;
 use crate::pop3::{Event, Listing, LoginFailure, Secret, Session};
 use crate::storage::{self, MailboxLock};
@@ -32,6 +32,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         session.refuse_busy();
     }
     let idle = Duration::from_secs(settings.limits.pop3_idle_timeout_secs);
+    let session_deadline = deadline_in(settings.limits.session_timeout_secs);
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut maildrop: Option<Maildrop> = None;
     loop {
@@ -49,7 +50,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
             }
             Event::Retrieve { index, top } => {
                 let path = maildrop.as_ref().expect("RETR only after login").paths[index].clone();
-                if !retrieve(&mut stream, &mut session, index, path, top).await {
+                if !retrieve(&mut stream, &mut session, index, path, top, idle).await {
                     return;
                 }
                 shared.stats.retrieved.fetch_add(1, Ordering::Relaxed);
@@ -69,29 +70,39 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
                 continue;
             }
             Event::Close => {
-                let _ = stream.write_all(session.outbox()).await;
-                let _ = stream.shutdown().await;
+                if write_timed(&mut stream, session.outbox(), idle).await {
+                    let _ = stream.shutdown().await;
+                }
                 return;
             }
         }
-        if !flush(&mut stream, &mut session).await {
+        if !flush(&mut stream, &mut session, idle).await {
             return;
         }
-        match read_some(&mut stream, &mut buf, idle, shared.shutdown.cancelled()).await {
+        let left = session_deadline.saturating_duration_since(std::time::Instant::now());
+        match read_some(
+            &mut stream,
+            &mut buf,
+            idle.min(left),
+            shared.shutdown.cancelled(),
+        )
+        .await
+        {
             Ok(Some(0)) => return, // dropped: nothing is deleted
             Ok(Some(_)) => {}
             Ok(None) => session.abort("server shutting down"),
+            Err(ReadError::Timeout) if left <= idle => session.abort("session time limit reached"),
             Err(ReadError::Timeout) => session.abort("idle timeout"),
             Err(ReadError::Io(_)) => return,
         }
     }
 }
 
-async fn flush(stream: &mut TcpStream, session: &mut Session) -> bool {
+async fn flush(stream: &mut TcpStream, session: &mut Session, timeout: Duration) -> bool {
     if session.outbox().is_empty() {
         return true;
     }
-    let ok = stream.write_all(session.outbox()).await.is_ok();
+    let ok = write_timed(stream, session.outbox(), timeout).await;
     session.outbox().clear();
     ok
 }
@@ -105,6 +116,11 @@ async fn login(
 ) -> Result<(Maildrop, Vec<Listing>), LoginFailure> {
     let settings = shared.settings();
     let user_owned = user.to_string();
+    let _slot = shared
+        .auth_slots
+        .acquire()
+        .await
+        .map_err(|_| LoginFailure::ServerError)?;
     let account = tokio::task::spawn_blocking(move || {
         settings
             .directory
@@ -167,10 +183,11 @@ async fn retrieve(
     index: usize,
     path: PathBuf,
     top: Option<u64>,
+    timeout: Duration,
 ) -> bool {
     let file = tokio::fs::File::open(&path).await;
     session.retrieve_started(index, file.is_ok());
-    if !flush(stream, session).await {
+    if !flush(stream, session, timeout).await {
         return false;
     }
     let Ok(mut file) = file else {
@@ -191,11 +208,11 @@ async fn retrieve(
             }
         };
         encoder.encode(&chunk[..n], &mut out);
-        if stream.write_all(&out).await.is_err() {
+        if !write_timed(stream, &out, timeout).await {
             return false;
         }
         out.clear();
     }
     encoder.finish(&mut out);
-    stream.write_all(&out).await.is_ok()
+    write_timed(stream, &out, timeout).await
 }

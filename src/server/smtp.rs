@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
-use super::{ReadError, Shared, blocking, read_some};
+use super::{ReadError, Shared, blocking, deadline_in, read_some, write_timed};
 use crate::smtp::{Event, Session};
 use crate::storage::Spool;
 
@@ -23,11 +23,18 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
     if busy {
         session.refuse_busy();
     }
-    let session_deadline = Instant::now() + Duration::from_secs(limits.session_timeout_secs);
+    let session_deadline = deadline_in(limits.session_timeout_secs);
+    let write_timeout = Duration::from_secs(limits.command_timeout_secs);
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut message = Message::default();
     let mut stop_seen = false;
     loop {
+        // A stop seen during a message applies from the next command on, including commands that
+        // were pipelined behind the final dot.
+        if !stop_seen && shared.shutdown.is_cancelled() {
+            stop_seen = true;
+            session.request_shutdown();
+        }
         let (used, event) = session.advance(&buf);
         match event {
             Event::MessageLine(line) => {
@@ -71,16 +78,16 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
                 continue;
             }
             Event::Close => {
-                let _ = stream.write_all(session.outbox()).await;
-                let _ = stream.shutdown().await;
+                if write_timed(&mut stream, session.outbox(), write_timeout).await {
+                    let _ = stream.shutdown().await;
+                }
                 return;
             }
         }
         // NeedInput: answer everything processed so far in one write, then wait for the client.
         buf.drain(..used);
         if !session.outbox().is_empty() {
-            if let Err(e) = stream.write_all(session.outbox()).await {
-                tracing::debug!(error = %e, "write failed");
+            if !write_timed(&mut stream, session.outbox(), write_timeout).await {
                 return;
             }
             session.outbox().clear();
@@ -121,10 +128,6 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
                 tracing::debug!(error = %e, "read failed");
                 return;
             }
-        }
-        if shared.shutdown.is_cancelled() && !stop_seen && !session.in_message() {
-            stop_seen = true;
-            session.request_shutdown();
         }
     }
 }
@@ -225,6 +228,13 @@ impl Message {
                 Err(())
             }
         }
+    }
+}
+
+impl Drop for Message {
+    /// A session that ends mid-message (dropped, timed out) leaves its spool file to be removed.
+    fn drop(&mut self) {
+        self.discard();
     }
 }
 

@@ -59,7 +59,9 @@ impl DataReader {
     /// Reads at most one line from `input`; returns how many bytes were consumed and what happened.
     pub fn step<'a>(&mut self, input: &'a [u8]) -> (usize, DataStep<'a>) {
         let Some(lf) = input.iter().position(|&b| b == b'\n') else {
-            if input.is_empty() || !(self.draining || input.len() >= self.max_line) {
+            // RFC 5321 §4.5.3.1.6: the limit does not count a dot doubled for transparency.
+            let max = self.max_line + usize::from(input.first() == Some(&b'.'));
+            if input.is_empty() || !(self.draining || input.len() >= max) {
                 return (0, DataStep::NeedMore);
             }
             // Over-long line: discard what we have, keep discarding up to the LF.
@@ -90,7 +92,7 @@ impl DataReader {
         if starts_clean && ends_crlf && line == b"." {
             return (consumed, DataStep::End(self.error.map_or(Ok(()), Err)));
         }
-        if consumed > self.max_line {
+        if consumed > self.max_line + usize::from(input[0] == b'.') {
             return (consumed, self.fail(DataError::LineTooLong));
         }
         if !ends_crlf || line.contains(&b'\r') {
@@ -342,6 +344,23 @@ mod tests {
         assert_eq!(end, Some(Ok(())));
         assert_eq!(lines[0].len(), 998);
         let mut input = vec![b'x'; 999];
+        input.extend_from_slice(b"\r\n.\r\n");
+        assert_eq!(
+            for_all_chunks(&input, 1000, 1 << 20).1,
+            Some(Err(DataError::LineTooLong))
+        );
+    }
+
+    #[test]
+    fn transparency_dot_does_not_count_toward_the_line_limit() {
+        let mut input = b".".to_vec();
+        input.extend_from_slice(&[b'.'; 998]);
+        input.extend_from_slice(b"\r\n.\r\n");
+        let (lines, end, _) = for_all_chunks(&input, 1000, 1 << 20);
+        assert_eq!(end, Some(Ok(())));
+        assert_eq!(lines[0].len(), 998);
+        let mut input = b"..".to_vec();
+        input.extend_from_slice(&[b'x'; 998]);
         input.extend_from_slice(b"\r\n.\r\n");
         assert_eq!(
             for_all_chunks(&input, 1000, 1 << 20).1,

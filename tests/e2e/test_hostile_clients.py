@@ -1,0 +1,112 @@
+"""Clients that misbehave at the transport level: stop reading, pipeline past a stop, flood connections."""
+
+from __future__ import annotations
+
+import poplib
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import ALICE, BOB, PASSWORDS
+from e2e_helpers import STOP_TIMEOUT, make_message, wait_until
+
+
+def read_reply(f) -> bytes:
+    """One SMTP reply (through its last line)."""
+    while True:
+        line = f.readline()
+        if not line or line[3:4] != b"-":
+            return line
+
+
+def test_client_that_stops_reading_loses_its_session_and_pop3_lock(server_factory):
+    srv = server_factory(limits={"pop3_idle_timeout_secs": 2, "max_message_size": 8_000_000})
+    srv.start()
+    _, msg = make_message(ALICE, body_lines=[b"z" * 990] * 6000)  # about 6 MB
+    srv.send([ALICE], msg)
+    stalled = socket.create_connection(("127.0.0.1", srv.pop3_port))
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    f = stalled.makefile("rb")
+    f.readline()
+    stalled.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+    assert f.readline().startswith(b"+OK") and f.readline().startswith(b"+OK")
+    stalled.sendall(b"RETR 1\r\n")  # and never read the answer
+    try:
+        # While the stalled session holds the mailbox, a second one is refused; once the write
+        # timeout ends it, the lock is free again.
+        def second_login_works():
+            try:
+                srv.pop3(ALICE).quit()
+                return True
+            except poplib.error_proto as e:
+                assert b"[IN-USE]" in e.args[0], e
+                return False
+
+        wait_until(second_login_works, timeout=20, message="the stalled session to release the mailbox")
+    finally:
+        stalled.close()
+
+
+def test_stop_during_data_answers_421_to_commands_pipelined_after_the_dot(server):
+    c = socket.create_connection(("127.0.0.1", server.smtp_port), timeout=10)
+    f = c.makefile("rb")
+    read_reply(f)
+    for line in (b"EHLO c.test", f"MAIL FROM:<a@remote.test>".encode(), f"RCPT TO:<{ALICE}>".encode(), b"DATA"):
+        c.sendall(line + b"\r\n")
+        read_reply(f)
+    c.sendall(b"Subject: in flight\r\n\r\nbody\r\n")
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping" in server.log_text(), timeout=10, message="the stop to begin")
+    c.sendall(f".\r\nMAIL FROM:<b@remote.test>\r\nRCPT TO:<{BOB}>\r\nDATA\r\n".encode())
+    assert read_reply(f).startswith(b"250 2.0.0"), "the message in flight is finished and acknowledged"
+    assert read_reply(f).startswith(b"421 4.3.2"), "nothing after it is accepted"
+    c.close()
+    assert server.proc.wait(timeout=STOP_TIMEOUT) == 0
+    assert len(server.stored_messages(ALICE)) == 1
+    assert server.stored_messages(BOB) == []
+
+
+def test_connections_per_ip_are_capped(server_factory):
+    srv = server_factory(limits={"max_connections_per_ip": 3})
+    srv.start()
+    held = [socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10) for _ in range(3)]
+    try:
+        for c in held:
+            assert c.makefile("rb").readline().startswith(b"220")
+        extra = socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10)
+        assert extra.makefile("rb").readline().startswith(b"421 4.7.0")
+        extra.close()
+    finally:
+        for c in held:
+            c.close()
+    # Once they are gone, the address may connect again.
+    wait_until(lambda: srv.smtp().ehlo()[0] == 250, timeout=10, message="a new connection to be served")
+
+
+@pytest.mark.parametrize("tool", ["swaks", "curl"])
+def test_real_clients_deliver(server, tool, tmp_path):
+    """swaks and curl smtp:// as real SMTP clients (installed by .ci/run)."""
+    import shutil
+    import subprocess
+
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
+    body = tmp_path / "msg.eml"
+    body.write_bytes(f"From: a@remote.test\r\nTo: {ALICE}\r\nSubject: via {tool}\r\n\r\nhello from {tool}\r\n".encode())
+    if tool == "swaks":
+        cmd = ["swaks", "--server", f"127.0.0.1:{server.smtp_port}", "--from", "a@remote.test",
+               "--to", ALICE, "--data", f"@{body}", "--helo", "client.test"]
+    else:
+        cmd = ["curl", "--silent", "--show-error", f"smtp://127.0.0.1:{server.smtp_port}/client.test",
+               "--mail-from", "a@remote.test", "--mail-rcpt", ALICE, "--upload-file", str(body)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    p = server.pop3(ALICE)
+    try:
+        _, lines, _ = p.retr(1)
+        assert f"Subject: via {tool}".encode() in lines
+        assert f"hello from {tool}".encode() in lines
+    finally:
+        p.quit()
