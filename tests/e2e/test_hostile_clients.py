@@ -110,3 +110,46 @@ def test_real_clients_deliver(server, tool, tmp_path):
         assert f"hello from {tool}".encode() in lines
     finally:
         p.quit()
+
+
+HOSTILE_SESSIONS = [
+    # smuggling in several line-ending forms
+    b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\n.\nMAIL FROM:<e@r.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nsmuggled\r\n",
+    b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r.\rQUIT\r\n",
+    b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\n.\r\nRSET\r\n",
+    # an over-long command, an over-long data line, a message over the limit
+    b"EHLO x\r\nNOOP " + b"A" * 100_000 + b"\r\n",
+    b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n" + b"B" * 200_000 + b"\r\n.\r\n",
+    b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n" + (b"C" * 998 + b"\r\n") * 200 + b".\r\n",
+    # cross-protocol and garbage
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x00\x01\x02\xff\xfe\r\n" * 50,
+    b"FOO\r\n" * 100,
+    # relay probes and enumeration
+    b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<u%evil.test@example.test>\r\nRCPT TO:<@example.test:u@evil.test>\r\nRCPT TO:<u@[127.0.0.1]>\r\nRCPT TO:<u@evil.test>\r\nDATA\r\nx\r\n.\r\n",
+    b"EHLO x\r\n" + b"VRFY alice\r\nEXPN team\r\n" * 20,
+    # BDAT whose chunk hides commands, and a bogus chunk size
+    b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nBDAT 20 LAST\r\nx\nMAIL FROM:<e@r.t>\r\n",
+    b"EHLO x\r\nBDAT 99999999999999999999999\r\n",
+]
+
+
+def test_a_dozen_hostile_sessions_leave_the_server_serving_and_deliver_nothing(server_factory):
+    server = server_factory(limits={"max_message_size": 100_000})  # the 200 kB message is over it
+    server.start()
+    for raw in HOSTILE_SESSIONS:
+        c = socket.create_connection(("127.0.0.1", server.smtp_port), timeout=10)
+        try:
+            c.sendall(raw)
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(65536):
+                pass
+        except OSError:
+            pass  # the server may close first, which is fine
+        finally:
+            c.close()
+    server.assert_alive()
+    assert server.all_stored_files() == [], "nothing hostile was delivered"
+    subject, msg = make_message(ALICE)
+    assert server.send([ALICE], msg) == {}
+    assert len(server.stored_messages(ALICE)) == 1
