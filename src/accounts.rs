@@ -21,6 +21,7 @@ pub struct Account {
     pub local: String,
     pub domain: String,
     password_hash: String,
+    apop_secret: Option<String>,
 }
 
 impl Account {
@@ -80,11 +81,38 @@ impl Directory {
                 ));
             }
             let password_hash = load_hash(cfg, &key, secrets)?;
+            let apop_secret = match (&cfg.apop_secret_file, secrets) {
+                (None, _) => None,
+                (Some(path), SecretFiles::Skip) if path.is_absolute() => Some(String::new()),
+                (Some(path), SecretFiles::Skip) => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.apop_secret_file"),
+                        format!("{} is not an absolute path", path.display()),
+                    ));
+                }
+                (Some(path), SecretFiles::Read) => {
+                    let secret = std::fs::read_to_string(path).map_err(|e| {
+                        ConfigError::invalid(
+                            format!("{key}.apop_secret_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    let secret = secret.trim_end_matches(['\r', '\n']).to_string();
+                    if secret.is_empty() {
+                        return Err(ConfigError::invalid(
+                            format!("{key}.apop_secret_file"),
+                            "the file is empty",
+                        ));
+                    }
+                    Some(secret)
+                }
+            };
             let account = Arc::new(Account {
                 address: canonical.clone(),
                 local,
                 domain,
                 password_hash,
+                apop_secret,
             });
             dir.routes
                 .entry(canonical.clone())
@@ -200,6 +228,32 @@ impl Directory {
         }
     }
 
+    /// Whether any account can use APOP (then the POP3 greeting carries a timestamp).
+    pub fn offers_apop(&self) -> bool {
+        self.accounts.values().any(|a| a.apop_secret.is_some())
+    }
+
+    /// Checks an APOP login: `digest` must be the hex MD5 of `banner` followed by the account's
+    /// secret. Unknown users and users without a secret cost the same and fail the same way.
+    pub fn verify_apop(&self, user: &str, banner: &str, digest: &str) -> Option<Arc<Account>> {
+        use md5::{Digest, Md5};
+        let account = self.accounts.get(&user.to_lowercase());
+        let secret = account.and_then(|a| a.apop_secret.as_deref());
+        let expected = Md5::new()
+            .chain_update(banner.as_bytes())
+            .chain_update(secret.unwrap_or("\0no secret\0").as_bytes())
+            .finalize();
+        let expected: String = expected.iter().map(|b| format!("{b:02x}")).collect();
+        // Constant-time comparison: the digest is compared whole, whatever its first bytes.
+        let same = expected.len() == digest.len()
+            && expected
+                .bytes()
+                .zip(digest.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        account.filter(|_| same && secret.is_some()).cloned()
+    }
+
     /// Checks a login. Costs one password hash verification whether or not the user exists, so that
     /// timing does not reveal which accounts exist. CPU-heavy: call it off the async runtime.
     pub fn verify(&self, user: &str, password: &[u8]) -> Option<Arc<Account>> {
@@ -267,28 +321,75 @@ fn load_hash(cfg: &AccountConfig, key: &str, secrets: SecretFiles) -> Result<Str
     Ok(hash)
 }
 
-/// Accepts argon2 PHC strings (what `rustmail hash-password` prints).
+/// The password hash formats rustmail verifies: its own argon2 PHC strings, and the crypt(3) formats
+/// of other servers and of `mkpasswd`, so that existing hashes can be reused as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    /// `$argon2id$…` (also argon2i/argon2d), PHC format.
+    Argon2,
+    /// `$2b$…` (also 2a/2y): bcrypt.
+    Bcrypt,
+    /// `$6$…`: SHA-512-crypt.
+    Sha512Crypt,
+}
+
+fn scheme_of(hash: &str) -> Option<Scheme> {
+    if hash.starts_with("$argon2") {
+        Some(Scheme::Argon2)
+    } else if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+        Some(Scheme::Bcrypt)
+    } else if hash.starts_with("$6$") {
+        Some(Scheme::Sha512Crypt)
+    } else {
+        None
+    }
+}
+
+/// Checks a hash's format and parameters, without the cost of a verification (which would slow down
+/// every reload).
 fn check_hash(hash: &str) -> Result<(), String> {
-    let parsed = PasswordHash::new(hash).map_err(|e| format!("not a PHC password hash ({e})"))?;
-    if !parsed.algorithm.as_str().starts_with("argon2") {
-        return Err(format!(
-            "unsupported hash algorithm {:?}; use argon2id (`rustmail hash-password`)",
-            parsed.algorithm.as_str()
-        ));
+    match scheme_of(hash) {
+        Some(Scheme::Argon2) => {
+            let parsed =
+                PasswordHash::new(hash).map_err(|e| format!("not a PHC password hash ({e})"))?;
+            if parsed.hash.is_none() || parsed.salt.is_none() {
+                return Err("the hash has no salt or no output".into());
+            }
+            argon2::Params::try_from(&parsed)
+                .map(|_| ())
+                .map_err(|e| format!("unusable argon2 parameters ({e})"))
+        }
+        Some(Scheme::Bcrypt) => hash
+            .parse::<bcrypt::HashParts>()
+            .map(|_| ())
+            .map_err(|e| format!("not a bcrypt hash ({e})")),
+        Some(Scheme::Sha512Crypt) => {
+            // $6$[rounds=N$]salt$86 characters of crypt base64
+            let fields: Vec<&str> = hash.split('$').collect();
+            let digest = fields.last().copied().unwrap_or("");
+            let ok = (fields.len() == 4 || (fields.len() == 5 && fields[2].starts_with("rounds=")))
+                && digest.len() == 86
+                && digest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
+            if ok { Ok(()) } else { Err("not a SHA-512-crypt ($6$) hash".into()) }
+        }
+        None => Err(
+            "unsupported hash format; use argon2id (`rustmail hash-password`), bcrypt ($2b$) or SHA-512-crypt ($6$, `mkpasswd -m sha-512`)"
+                .into(),
+        ),
     }
-    if parsed.hash.is_none() || parsed.salt.is_none() {
-        return Err("the hash has no salt or no output".into());
-    }
-    // Checks the parameters without the cost of a verification (which would slow down every reload).
-    argon2::Params::try_from(&parsed)
-        .map(|_| ())
-        .map_err(|e| format!("unusable argon2 parameters ({e})"))
 }
 
 fn verify_password(hash: &str, password: &[u8]) -> bool {
-    PasswordHash::new(hash)
-        .and_then(|parsed| Argon2::default().verify_password(password, &parsed))
-        .is_ok()
+    match scheme_of(hash) {
+        Some(Scheme::Argon2) => PasswordHash::new(hash)
+            .and_then(|parsed| Argon2::default().verify_password(password, &parsed))
+            .is_ok(),
+        Some(Scheme::Bcrypt) => bcrypt::verify(password, hash).unwrap_or(false),
+        Some(Scheme::Sha512Crypt) => {
+            std::str::from_utf8(password).is_ok_and(|p| sha_crypt::sha512_check(p, hash).is_ok())
+        }
+        None => false,
+    }
 }
 
 /// A hash with our default parameters, verified against for unknown users so that they cost the same.
@@ -403,8 +504,8 @@ mod tests {
     fn account(hash: &str, aliases: &[&str]) -> AccountConfig {
         AccountConfig {
             password_hash: Some(hash.into()),
-            password_hash_file: None,
             aliases: aliases.iter().map(|s| s.to_string()).collect(),
+            ..AccountConfig::default()
         }
     }
 
@@ -543,6 +644,50 @@ mod tests {
         assert!(d.verify("ALICE@example.org", b"secret").is_some());
         assert!(d.verify("alice@example.org", b"wrong").is_none());
         assert!(d.verify("nobody@example.org", b"secret").is_none());
+    }
+
+    #[test]
+    fn bcrypt_and_sha512_crypt_hashes_from_other_servers_work() {
+        let bcrypt_hash = bcrypt::hash("secret", 4).unwrap();
+        let sha512 =
+            sha_crypt::sha512_simple("secret", &sha_crypt::Sha512Params::new(5000).unwrap())
+                .unwrap();
+        for hash in [bcrypt_hash, sha512] {
+            check_hash(&hash).unwrap();
+            assert!(verify_password(&hash, b"secret"), "{hash}");
+            assert!(!verify_password(&hash, b"wrong"), "{hash}");
+        }
+        assert!(check_hash("$6$salt$short").is_err());
+        assert!(check_hash("$1$md5$isnotaccepted").is_err());
+    }
+
+    #[test]
+    fn apop_digest_checks_against_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "tanstaaf\n").unwrap();
+        let mut with_apop = account(&hash(), &[]);
+        with_apop.apop_secret_file = Some(secret);
+        let accounts = BTreeMap::from([
+            ("mrose@example.org".to_string(), with_apop),
+            ("plain@example.org".to_string(), account(&hash(), &[])),
+        ]);
+        let d = build(accounts, SecretFiles::Read, |_| {}).unwrap();
+        assert!(d.offers_apop());
+        // The example of RFC 1939 §7.
+        let banner = "<1896.697170952@dbc.mtview.ca.us>";
+        let digest = "c4c9334bac560ecc979e58001b3e22fb";
+        assert!(d.verify_apop("mrose@example.org", banner, digest).is_some());
+        assert!(
+            d.verify_apop("mrose@example.org", "<other@x>", digest)
+                .is_none()
+        );
+        assert!(d.verify_apop("plain@example.org", banner, digest).is_none());
+        assert!(
+            d.verify_apop("nobody@example.org", banner, digest)
+                .is_none()
+        );
+        assert!(!directory().offers_apop());
     }
 
     #[test]

@@ -267,6 +267,66 @@ pub fn scan(maildir: &Path) -> io::Result<Vec<StoredMessage>> {
     Ok(out)
 }
 
+/// Moves the messages of `new/` to `cur/` with an empty info part (`:2,`), as a Maildir reader does once
+/// it has seen them: Dovecot and mutt then show them as old rather than new. UIDs do not change.
+pub fn take_new(maildir: &Path, messages: Vec<StoredMessage>) -> io::Result<Vec<StoredMessage>> {
+    let new_dir = maildir.join("new");
+    let mut moved = false;
+    let mut vanished = false;
+    let mut out = Vec::with_capacity(messages.len());
+    for mut m in messages {
+        if m.path.parent() == Some(new_dir.as_path()) {
+            let mut name = m.path.file_name().unwrap_or_default().to_os_string();
+            name.push(":2,");
+            let target = maildir.join("cur").join(name);
+            match fs::rename(&m.path, &target) {
+                Ok(()) => {
+                    m.path = target;
+                    moved = true;
+                }
+                // Another reader moved it meanwhile: a fresh scan finds it where it is now.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => vanished = true,
+                Err(e) => return Err(e),
+            }
+        }
+        out.push(m);
+    }
+    if moved {
+        fsync_dir(&new_dir)?;
+        fsync_dir(&maildir.join("cur"))?;
+    }
+    if vanished {
+        return scan(maildir);
+    }
+    Ok(out)
+}
+
+/// Adds the Seen flag (`S`) to a message in `cur/`, keeping the flags in ASCII order as the Maildir
+/// convention asks; returns its new path.
+pub fn mark_seen(path: &Path) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let (base, flags) = match name.split_once(":2,") {
+        Some((base, flags)) => (base.to_string(), flags.to_string()),
+        None => (
+            name.split(':').next().unwrap_or(&name).to_string(),
+            String::new(),
+        ),
+    };
+    if flags.contains('S') {
+        return Ok(path.to_path_buf());
+    }
+    let mut flags: Vec<char> = flags.chars().chain(['S']).collect();
+    flags.sort_unstable();
+    let flags: String = flags.into_iter().collect();
+    let target = path.with_file_name(format!("{base}:2,{flags}"));
+    fs::rename(path, &target)?;
+    Ok(target)
+}
+
 /// The base name (before `:2,flags` and `,S=…`), which stays the same when a reader moves the file
 /// from `new/` to `cur/`; hashed if it is not a valid UIDL.
 fn uid_for(name: &str) -> String {
@@ -466,6 +526,43 @@ mod tests {
         assert_eq!(msgs[0].size, 9, "a\\r\\nb\\r\\nc\\r\\n as POP3 sends it");
         assert_eq!(msgs[1].size, 3);
         assert!(msgs[1].uid.ends_with(".mx.example.org"));
+    }
+
+    #[test]
+    fn take_new_moves_to_cur_and_keeps_uids_and_sizes() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        let mut spool = store.spool().unwrap();
+        spool.append(b"x\n").unwrap();
+        spool.deliver(std::slice::from_ref(&dir)).unwrap();
+        let before = scan(&dir).unwrap();
+        let after = take_new(&dir, before.clone()).unwrap();
+        assert!(files(&dir.join("new")).is_empty());
+        assert!(after[0].path.starts_with(dir.join("cur")));
+        assert!(after[0].path.to_string_lossy().ends_with(":2,"));
+        assert_eq!(
+            (after[0].uid.as_str(), after[0].size),
+            (before[0].uid.as_str(), before[0].size)
+        );
+        assert_eq!(scan(&dir).unwrap(), after, "a later scan sees the same");
+    }
+
+    #[test]
+    fn mark_seen_adds_s_in_order() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        for (name, expect) in [
+            ("1.a:2,", "1.a:2,S"),
+            ("2.b:2,FT", "2.b:2,FST"),
+            ("3.c:2,S", "3.c:2,S"),
+            ("4.d", "4.d:2,S"),
+        ] {
+            let path = dir.join("cur").join(name);
+            fs::write(&path, b"x\n").unwrap();
+            let seen = mark_seen(&path).unwrap();
+            assert_eq!(seen.file_name().unwrap().to_string_lossy(), expect);
+            assert!(seen.exists());
+        }
     }
 
     #[test]

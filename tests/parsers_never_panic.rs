@@ -35,6 +35,9 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         ),
         Just(b"USER demo@localhost\r\nPASS x\r\n".to_vec()),
         Just(b"RETR 1\r\nDELE 1\r\nLIST\r\n".to_vec()),
+        Just(b"AUTH PLAIN\r\n".to_vec()),
+        Just(b"AUTH PLAIN AGEAYg==\r\n".to_vec()),
+        Just(b"APOP a 0123\r\n".to_vec()),
         Just(vec![b'x'; 700]),
         Just(vec![b'y'; 1200]),
         proptest::collection::vec(any::<u8>(), 0..40),
@@ -108,7 +111,7 @@ proptest! {
 
     #[test]
     fn pop3_session_never_panics_and_buffers_at_most_a_line((input, chunk) in stream()) {
-        let mut session = pop3::Session::new(settings(), true);
+        let mut session = pop3::Session::new(settings(), true, Some("<1@x>".into()));
         let mut buf = Vec::new();
         let mut fed = 0;
         loop {

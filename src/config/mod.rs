@@ -158,6 +158,11 @@ pub struct Auth {
     pub failure_delay_ms: u64,
     /// Failed logins in one session before it is closed.
     pub max_failures: u32,
+    /// Failed logins from one address within 15 minutes after which every login from it is refused
+    /// until the 15 minutes have passed. Each failure from an address also doubles its delay.
+    pub max_failures_per_ip: u32,
+    /// RFC 2449 LOGIN-DELAY: seconds an account must wait between two POP3 logins (0: no limit).
+    pub pop3_login_delay_secs: u64,
 }
 
 impl Default for Auth {
@@ -166,6 +171,8 @@ impl Default for Auth {
             allow_unencrypted_remote: false,
             failure_delay_ms: 1000,
             max_failures: 3,
+            max_failures_per_ip: 10,
+            pop3_login_delay_secs: 0,
         }
     }
 }
@@ -179,6 +186,9 @@ pub struct AccountConfig {
     pub password_hash_file: Option<PathBuf>,
     /// Further addresses delivered to this account.
     pub aliases: Vec<String>,
+    /// A file holding a shared secret in clear, for POP3 APOP (RFC 1939 §7). Off by default: APOP
+    /// keeps the secret out of the connection but needs it stored reversibly, and MD5 is weak.
+    pub apop_secret_file: Option<PathBuf>,
 }
 
 /// Reads the configuration: defaults, then `path` (which must exist when given), then the environment.

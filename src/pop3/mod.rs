@@ -4,4 +4,4 @@
 pub mod session;
 pub mod wire;
 
-pub use session::{Event, Listing, LoginFailure, Secret, Session};
+pub use session::{Credential, Event, Listing, LoginFailure, Secret, Session};

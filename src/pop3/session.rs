@@ -25,7 +25,10 @@ pub enum Event {
     /// Flush the outbox and read more input.
     NeedInput,
     /// Verify these credentials, lock and list the mailbox, then call [`Session::login_result`].
-    Login { user: String, password: Secret },
+    Login {
+        user: String,
+        credential: Credential,
+    },
     /// Open message `index` (0-based), call [`Session::retrieve_started`], then stream it through a
     /// [`super::wire::Encoder`] with `top` (None for RETR).
     Retrieve { index: usize, top: Option<u64> },
@@ -33,6 +36,15 @@ pub enum Event {
     Update { delete: Vec<usize> },
     /// Flush the outbox and close.
     Close,
+}
+
+/// How a client proves who it is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// USER/PASS or SASL PLAIN: the password itself.
+    Password(Secret),
+    /// APOP (RFC 1939 §7): the hex MD5 of the greeting's timestamp followed by the shared secret.
+    Apop { digest: String },
 }
 
 /// A message as the session needs it.
@@ -45,6 +57,10 @@ pub struct Listing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginFailure {
     BadCredentials,
+    /// RFC 2449 LOGIN-DELAY: the account logged in too recently.
+    TooSoon,
+    /// Too many failed logins from this address lately.
+    Throttled,
     InUse,
     ServerError,
 }
@@ -54,6 +70,8 @@ enum State {
     Authorization {
         user: Option<String>,
     },
+    /// `AUTH PLAIN` without an initial response: waiting for it after `+ ` (RFC 5034 §4).
+    SaslPlain,
     /// Waiting for the driver's verdict on a login.
     Verifying,
     Transaction,
@@ -66,6 +84,8 @@ pub struct Session {
     settings: Arc<Settings>,
     /// USER/PASS may be used on this connection (TLS, loopback, or allowed by config).
     plaintext_ok: bool,
+    /// The greeting's `<timestamp@host>` when APOP is offered.
+    apop_banner: Option<String>,
     state: State,
     messages: Vec<Listing>,
     deleted: Vec<bool>,
@@ -79,10 +99,16 @@ pub struct Session {
 const MAX_LINE: usize = 512;
 
 impl Session {
-    pub fn new(settings: Arc<Settings>, plaintext_ok: bool) -> Session {
+    /// `apop_banner`: the `<…>` timestamp to put in the greeting when APOP is offered (RFC 1939 §7).
+    pub fn new(
+        settings: Arc<Settings>,
+        plaintext_ok: bool,
+        apop_banner: Option<String>,
+    ) -> Session {
         let mut s = Session {
             settings,
             plaintext_ok,
+            apop_banner,
             state: State::Authorization { user: None },
             messages: Vec::new(),
             deleted: Vec::new(),
@@ -91,7 +117,11 @@ impl Session {
             errors: 0,
             auth_failures: 0,
         };
-        s.ok("rustmail POP3 server ready");
+        let greeting = match &s.apop_banner {
+            Some(banner) => format!("rustmail POP3 server ready {banner}"),
+            None => "rustmail POP3 server ready".to_string(),
+        };
+        s.ok(&greeting);
         s
     }
 
@@ -171,6 +201,12 @@ impl Session {
                             self.line("-ERR [AUTH] invalid user name or password");
                         }
                     }
+                    LoginFailure::TooSoon => {
+                        self.line("-ERR [LOGIN-DELAY] minimum time between logins not yet reached")
+                    }
+                    LoginFailure::Throttled => self.close_with(
+                        "-ERR [AUTH] too many failed logins from your address; try again later",
+                    ),
                     LoginFailure::InUse => {
                         self.line("-ERR [IN-USE] mailbox is in use by another session")
                     }
@@ -210,11 +246,12 @@ impl Session {
         let (verb, args) = line.split_once(' ').unwrap_or((line, ""));
         let verb = verb.to_ascii_uppercase();
         let args: Vec<&str> = args.split(' ').filter(|a| !a.is_empty()).collect();
-        if verb == "CAPA" {
+        if verb == "CAPA" && !matches!(self.state, State::SaslPlain) {
             self.capa();
             return None;
         }
         match self.state {
+            State::SaslPlain => self.sasl_plain_response(line),
             State::Authorization { .. } => self.authorization(&verb, &args, line),
             State::Transaction => self.transaction(&verb, &args),
             _ => None,
@@ -243,18 +280,93 @@ impl Session {
                 let user = std::mem::take(user);
                 // RFC 1939 §7: the password is the rest of the line and may contain spaces.
                 let password = line.get(5..).unwrap_or("").to_string();
-                self.state = State::Verifying;
-                return Some(Event::Login {
-                    user,
-                    password: Secret(password),
-                });
+                return Some(self.login(user, Credential::Password(Secret(password))));
             }
+            "APOP" if self.apop_banner.is_none() => self.error("-ERR APOP is not offered"),
+            "APOP" if args.len() == 2 => {
+                let digest = args[1].to_ascii_lowercase();
+                return Some(self.login(args[0].to_string(), Credential::Apop { digest }));
+            }
+            "APOP" => self.error("-ERR syntax: APOP name digest"),
+            // RFC 5034: AUTH without a mechanism lists them (as RFC 1734 servers did).
+            "AUTH" if args.is_empty() => {
+                self.outbox
+                    .extend_from_slice(b"+OK SASL mechanisms follow\r\n");
+                if self.plaintext_ok {
+                    self.outbox.extend_from_slice(b"PLAIN\r\n");
+                }
+                self.outbox.extend_from_slice(b".\r\n");
+            }
+            "AUTH" if !args[0].eq_ignore_ascii_case("PLAIN") => {
+                self.error("-ERR unsupported SASL mechanism")
+            }
+            "AUTH" if !self.plaintext_ok => {
+                self.error("-ERR [AUTH] plaintext authentication is not allowed on this connection")
+            }
+            "AUTH" if args.len() == 2 => return self.sasl_plain(args[1]),
+            "AUTH" if args.len() == 1 => {
+                self.state = State::SaslPlain;
+                self.outbox.extend_from_slice(b"+ \r\n");
+            }
+            "AUTH" => self.error("-ERR syntax: AUTH mechanism [initial-response]"),
             "QUIT" => self.close_with("+OK rustmail signing off"),
-            "APOP" | "AUTH" | "STLS" => self.error("-ERR not supported; use USER and PASS"),
+            "STLS" => self.error("-ERR TLS is not available yet"),
             "USER" => self.error("-ERR syntax: USER name"),
             _ => self.error("-ERR unknown command or not allowed before login"),
         }
         self.closed_event()
+    }
+
+    fn login(&mut self, user: String, credential: Credential) -> Event {
+        self.state = State::Verifying;
+        Event::Login { user, credential }
+    }
+
+    /// The response line of `AUTH PLAIN` after the `+ ` continuation.
+    fn sasl_plain_response(&mut self, line: &str) -> Option<Event> {
+        self.state = State::Authorization { user: None };
+        if line == "*" {
+            self.error("-ERR authentication cancelled");
+            return self.closed_event();
+        }
+        self.sasl_plain(line)
+    }
+
+    /// RFC 4616 PLAIN: base64 of `authzid NUL authcid NUL password`; `=` is an empty response.
+    fn sasl_plain(&mut self, response: &str) -> Option<Event> {
+        use base64::Engine as _;
+        let decoded = if response == "=" {
+            Some(Vec::new())
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(response)
+                .ok()
+        };
+        let fields = decoded.and_then(|d| {
+            let mut parts = d
+                .split(|&b| b == 0)
+                .map(|p| String::from_utf8(p.to_vec()).ok());
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(Some(authz)), Some(Some(authc)), Some(Some(password)), None) => {
+                    Some((authz, authc, password))
+                }
+                _ => None,
+            }
+        });
+        match fields {
+            // Acting for another identity is not offered: authzid must be empty or the same user.
+            Some((authz, authc, password)) if authz.is_empty() || authz == authc => {
+                Some(self.login(authc, Credential::Password(Secret(password))))
+            }
+            Some(_) => {
+                self.error("-ERR [AUTH] authorization identity not allowed");
+                self.closed_event()
+            }
+            None => {
+                self.error("-ERR malformed SASL PLAIN response");
+                self.closed_event()
+            }
+        }
     }
 
     fn transaction(&mut self, verb: &str, args: &[&str]) -> Option<Event> {
@@ -357,7 +469,13 @@ impl Session {
     fn capa(&mut self) {
         let mut text = String::from("+OK capability list follows\r\nTOP\r\nUIDL\r\n");
         if self.plaintext_ok {
-            text.push_str("USER\r\n");
+            text.push_str("USER\r\nSASL PLAIN\r\n");
+        }
+        // RFC 2449 §6.5/6.7: rustmail never deletes mail by itself; LOGIN-DELAY when configured.
+        text.push_str("EXPIRE NEVER\r\n");
+        let delay = self.settings.auth.pop3_login_delay_secs;
+        if delay > 0 {
+            text.push_str(&format!("LOGIN-DELAY {delay}\r\n"));
         }
         text.push_str(
             "RESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION rustmail\r\n.\r\n",

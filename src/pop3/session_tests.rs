@@ -36,7 +36,7 @@ struct Transcript {
 
 /// Plays the driver: logins succeed for password "right", messages "open" and stream as `<msg N>`.
 fn play(input: &[u8], chunk: usize, plaintext_ok: bool) -> Transcript {
-    let mut s = Session::new(settings(), plaintext_ok);
+    let mut s = Session::new(settings(), plaintext_ok, None);
     let mut buf = Vec::new();
     let mut fed = 0;
     let mut t = Transcript {
@@ -55,11 +55,15 @@ fn play(input: &[u8], chunk: usize, plaintext_ok: bool) -> Transcript {
                 buf.extend_from_slice(&input[fed..end]);
                 fed = end;
             }
-            Event::Login { user, password } => {
+            Event::Login { user, credential } => {
                 t.events.push(format!("login {user}"));
-                if password.0 == "right" {
+                let password = match credential {
+                    Credential::Password(p) => p.0,
+                    Credential::Apop { digest } => format!("apop:{digest}"),
+                };
+                if password == "right" || password == "apop:0123abcd" {
                     s.login_result(Ok(mailbox()));
-                } else if password.0 == "locked" {
+                } else if password == "locked" {
                     s.login_result(Err(LoginFailure::InUse));
                 } else {
                     s.login_result(Err(LoginFailure::BadCredentials));
@@ -151,7 +155,7 @@ fn dele_without_quit_keeps_mail() {
 
 #[test]
 fn abort_applies_no_deletions() {
-    let mut s = Session::new(settings(), true);
+    let mut s = Session::new(settings(), true, None);
     let (_, e) = s.advance(LOGIN.as_bytes());
     assert!(matches!(e, Event::Login { .. }));
     s.login_result(Ok(mailbox()));
@@ -253,4 +257,99 @@ fn too_many_errors_close() {
     let t = dialog(&"BOGUS\r\n".repeat(8));
     assert!(t.replies.ends_with("-ERR too many errors, closing\r\n"));
     assert_eq!(t.events, ["close"]);
+}
+
+#[test]
+fn sasl_plain_with_initial_response_and_continuation() {
+    // base64("\0demo@localhost\0right") and base64("demo@localhost\0demo@localhost\0right")
+    let t = dialog("AUTH PLAIN AGRlbW9AbG9jYWxob3N0AHJpZ2h0\r\nSTAT\r\n");
+    assert_eq!(t.events, ["login demo@localhost"]);
+    assert!(t.replies.ends_with("+OK 3 123\r\n"));
+    let t = dialog("AUTH PLAIN\r\nZGVtb0Bsb2NhbGhvc3QAZGVtb0Bsb2NhbGhvc3QAcmlnaHQ=\r\nSTAT\r\n");
+    assert!(
+        t.replies.contains("+ \r\n+OK maildrop has 3 messages"),
+        "{}",
+        t.replies
+    );
+}
+
+#[test]
+fn sasl_plain_refusals() {
+    let t = dialog("AUTH PLAIN\r\n*\r\nAUTH PLAIN !!!\r\nAUTH CRAM-MD5\r\nAUTH\r\n");
+    assert!(t.replies.contains("-ERR authentication cancelled\r\n"));
+    assert!(t.replies.contains("-ERR malformed SASL PLAIN response\r\n"));
+    assert!(t.replies.contains("-ERR unsupported SASL mechanism\r\n"));
+    assert!(
+        t.replies
+            .ends_with("+OK SASL mechanisms follow\r\nPLAIN\r\n.\r\n")
+    );
+    // base64("other\0demo@localhost\0right"): acting for someone else is refused.
+    let t = dialog("AUTH PLAIN b3RoZXIAZGVtb0Bsb2NhbGhvc3QAcmlnaHQ=\r\n");
+    assert!(
+        t.replies
+            .ends_with("-ERR [AUTH] authorization identity not allowed\r\n")
+    );
+    let t = dialog_with("AUTH PLAIN AGRlbW9AbG9jYWxob3N0AHJpZ2h0\r\n", false);
+    assert!(
+        t.events.is_empty(),
+        "no plaintext login off loopback without TLS"
+    );
+}
+
+#[test]
+fn apop_only_when_offered_and_banner_in_greeting() {
+    let t = dialog("APOP demo@localhost 0123abcd\r\n");
+    assert!(t.replies.ends_with("-ERR APOP is not offered\r\n"));
+    let mut s = Session::new(settings(), false, Some("<1.2@mx>".into()));
+    assert!(
+        String::from_utf8(s.outbox().clone())
+            .unwrap()
+            .starts_with("+OK rustmail POP3 server ready <1.2@mx>\r\n")
+    );
+    let (_, e) = s.advance(b"APOP demo@localhost 0123ABCD\r\n");
+    assert_eq!(
+        e,
+        Event::Login {
+            user: "demo@localhost".into(),
+            credential: Credential::Apop {
+                digest: "0123abcd".into()
+            }
+        },
+        "APOP works without TLS (no password on the wire); the digest is compared in lower case"
+    );
+}
+
+#[test]
+fn capa_lists_sasl_expire_and_login_delay() {
+    let t = dialog("CAPA\r\n");
+    assert!(
+        t.replies.contains("SASL PLAIN\r\nEXPIRE NEVER\r\n"),
+        "{}",
+        t.replies
+    );
+    let mut config = Config::default();
+    config.auth.pop3_login_delay_secs = 300;
+    let mut s = Session::new(Arc::new(Settings::from_config(config).unwrap()), true, None);
+    s.advance(b"CAPA\r\n");
+    assert!(
+        String::from_utf8(s.outbox().clone())
+            .unwrap()
+            .contains("LOGIN-DELAY 300\r\n")
+    );
+}
+
+#[test]
+fn login_delay_and_throttle_replies() {
+    let mut s = Session::new(settings(), true, None);
+    s.advance(LOGIN.as_bytes());
+    s.login_result(Err(LoginFailure::TooSoon));
+    assert!(
+        String::from_utf8(s.outbox().clone())
+            .unwrap()
+            .ends_with("-ERR [LOGIN-DELAY] minimum time between logins not yet reached\r\n")
+    );
+    assert!(!s.is_closed());
+    s.advance(LOGIN.as_bytes());
+    s.login_result(Err(LoginFailure::Throttled));
+    assert!(s.is_closed());
 }

@@ -1,6 +1,7 @@
 //! The async server: listeners, one task per connection (driving a sans-IO session), reload on SIGHUP,
 //! graceful stop on SIGTERM/SIGINT, readiness, status and watchdog notifications.
 
+mod auth;
 pub mod listeners;
 mod pop3;
 mod smtp;
@@ -37,6 +38,7 @@ pub struct Shared {
     /// Password verifications running at once: argon2 takes 19 MiB and a core each, so a flood of
     /// logins must queue here instead of exhausting memory through the blocking pool.
     auth_slots: tokio::sync::Semaphore,
+    logins: auth::LoginThrottle,
     shutdown: CancellationToken,
 }
 
@@ -87,6 +89,7 @@ pub async fn run(
         store,
         stats: Stats::default(),
         per_ip: Mutex::new(HashMap::new()),
+        logins: auth::LoginThrottle::default(),
         auth_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),

@@ -1,18 +1,18 @@
 //! The POP3 driver: moves bytes between a TCP connection and a [`pop3::Session`], verifies logins off
 //! the async workers, holds the mailbox lock for the session, streams messages, applies deletions.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::{ReadError, Shared, blocking, deadline_in, read_some, write_timed};
 use crate::pop3::wire::Encoder;
-use crate::pop3::{Event, Listing, LoginFailure, Secret, Session};
+use crate::pop3::{Credential, Event, Listing, LoginFailure, Session};
 use crate::storage::{self, MailboxLock};
 
 /// The open maildrop: the lock is held, and released, with it.
@@ -27,7 +27,11 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
     let ip = peer.ip().to_canonical();
     // Passwords in clear only where nobody can listen: loopback, or where the admin said so.
     let plaintext_ok = ip.is_loopback() || settings.auth.allow_unencrypted_remote;
-    let mut session = Session::new(settings.clone(), plaintext_ok);
+    let banner = settings
+        .directory
+        .offers_apop()
+        .then(|| apop_banner(&settings.hostname));
+    let mut session = Session::new(settings.clone(), plaintext_ok, banner.clone());
     if busy {
         session.refuse_busy();
     }
@@ -40,8 +44,8 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         buf.drain(..used);
         match event {
             Event::NeedInput => {}
-            Event::Login { user, password } => {
-                let result = login(&shared, &user, password).await;
+            Event::Login { user, credential } => {
+                let result = login(&shared, &user, credential, banner.as_deref(), ip).await;
                 session.login_result(result.map(|(drop, listing)| {
                     maildrop = Some(drop);
                     listing
@@ -49,11 +53,19 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
                 continue;
             }
             Event::Retrieve { index, top } => {
-                let path = maildrop.as_ref().expect("RETR only after login").paths[index].clone();
-                if !retrieve(&mut stream, &mut session, index, path, top, idle).await {
+                let drop = maildrop.as_mut().expect("RETR only after login");
+                let path = drop.paths[index].clone();
+                if !retrieve(&mut stream, &mut session, index, path.clone(), top, idle).await {
                     return;
                 }
-                shared.stats.retrieved.fetch_add(1, Ordering::Relaxed);
+                if top.is_none() {
+                    shared.stats.retrieved.fetch_add(1, Ordering::Relaxed);
+                    // A whole message was read: flag it Seen, as Dovecot does, for Maildir readers.
+                    match blocking(move || storage::mark_seen(&path)).await {
+                        Ok(seen) => drop.paths[index] = seen,
+                        Err(e) => tracing::warn!(error = %e, "cannot flag a message as seen"),
+                    }
+                }
                 continue;
             }
             Event::Update { delete } => {
@@ -107,41 +119,75 @@ async fn flush(stream: &mut TcpStream, session: &mut Session, timeout: Duration)
     ok
 }
 
-/// Checks the password (same cost and same delay whether or not the user exists), then locks and
-/// lists the mailbox.
+/// The APOP timestamp of a greeting (RFC 1939 §7): unique per connection.
+fn apop_banner(hostname: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("<{}.{seq}.{nanos}@{hostname}>", std::process::id())
+}
+
+/// Checks the credentials (same cost and same delay whether or not the user exists), with the
+/// per-address throttle and LOGIN-DELAY, then locks and lists the mailbox.
 async fn login(
     shared: &Arc<Shared>,
     user: &str,
-    password: Secret,
+    credential: Credential,
+    banner: Option<&str>,
+    ip: IpAddr,
 ) -> Result<(Maildrop, Vec<Listing>), LoginFailure> {
     let settings = shared.settings();
+    let shown_user = user.escape_debug().to_string();
+    if shared.logins.failures(ip, Instant::now()) >= settings.auth.max_failures_per_ip {
+        tracing::warn!(user = %shown_user, "login refused: too many failures from {ip}");
+        return Err(LoginFailure::Throttled);
+    }
     let user_owned = user.to_string();
+    let banner = banner.unwrap_or_default().to_string();
     let _slot = shared
         .auth_slots
         .acquire()
         .await
         .map_err(|_| LoginFailure::ServerError)?;
-    let account = tokio::task::spawn_blocking(move || {
-        settings
+    let verifier = settings.clone();
+    let account = tokio::task::spawn_blocking(move || match credential {
+        Credential::Password(password) => verifier
             .directory
-            .verify(&user_owned, password.0.as_bytes())
+            .verify(&user_owned, password.0.as_bytes()),
+        Credential::Apop { digest } => {
+            verifier
+                .directory
+                .verify_apop(&user_owned, &banner, &digest)
+        }
     })
     .await
     .map_err(|_| LoginFailure::ServerError)?;
-    let shown_user = user.escape_debug().to_string();
+    drop(_slot);
     let Some(account) = account else {
+        let base = Duration::from_millis(settings.auth.failure_delay_ms);
+        let delay = shared.logins.failed(ip, Instant::now(), base);
         tracing::warn!(user = %shown_user, "login failed for {shown_user}");
-        let delay = shared.settings().auth.failure_delay_ms;
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        tokio::time::sleep(delay).await;
         return Err(LoginFailure::BadCredentials);
     };
+    let login_delay = Duration::from_secs(settings.auth.pop3_login_delay_secs);
+    if !shared
+        .logins
+        .login_allowed(&account.address, Instant::now(), login_delay)
+    {
+        tracing::info!(user = %shown_user, "login refused: LOGIN-DELAY");
+        return Err(LoginFailure::TooSoon);
+    }
     let shared2 = shared.clone();
     let opened = blocking(move || {
         let dir = shared2.store.ensure_maildir(&account)?;
         let Some(lock) = storage::lock(&dir)? else {
             return Ok(None);
         };
-        let messages = storage::scan(&dir)?;
+        let messages = storage::take_new(&dir, storage::scan(&dir)?)?;
         Ok(Some((dir, lock, messages)))
     })
     .await;

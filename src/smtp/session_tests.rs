@@ -12,8 +12,8 @@ fn settings() -> Arc<Settings> {
         .clone();
     let account = |aliases: &[&str]| AccountConfig {
         password_hash: Some(hash.clone()),
-        password_hash_file: None,
         aliases: aliases.iter().map(|s| s.to_string()).collect(),
+        ..AccountConfig::default()
     };
     let mut config = Config {
         hostname: Some("mx.example.org".into()),
