@@ -8,9 +8,11 @@
 //! | `accounts` | local domains, accounts, aliases, recipient routing, password hashing |
 //! | `smtp` | SMTP receiving as pure code: command parser, DATA reader, replies, session state machine |
 //! | `pop3` | POP3 as pure code: session state machine, multi-line wire encoder |
+//! | `sasl` | SASL PLAIN and LOGIN decoding, shared by SMTP AUTH and POP3 AUTH |
 //! | `storage` | the spool and the Maildirs: durable delivery, listing, deletion, mailbox locks |
 //! | `server` | the async drivers: listeners, one task per connection, reload, stop, watchdog |
 //! | `systemd` | socket activation, sd_notify, watchdog interval |
+//! | `tls` | rustls: certificate and key from PEM files, TLS 1.2/1.3 |
 //! | `logging` | journald or stderr |
 //! | `dev` | the development default: a demo account with a generated password |
 //!
@@ -22,7 +24,9 @@ pub mod config;
 pub mod dev;
 pub mod logging;
 pub mod pop3;
+pub mod sasl;
 pub mod server;
 pub mod smtp;
 pub mod storage;
 pub mod systemd;
+pub mod tls;

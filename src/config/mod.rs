@@ -46,6 +46,7 @@ pub struct Config {
     /// Where mailboxes and the spool live.
     pub storage_root: PathBuf,
     pub listen: Listen,
+    pub tls: TlsConfig,
     pub limits: Limits,
     pub auth: Auth,
     /// address → account.
@@ -66,6 +67,7 @@ impl Default for Config {
             domains: vec!["localhost".into()],
             storage_root: PathBuf::from("rustmail-data"),
             listen: Listen::default(),
+            tls: TlsConfig::default(),
             limits: Limits::default(),
             auth: Auth::default(),
             accounts: BTreeMap::new(),
@@ -98,6 +100,15 @@ impl Default for Listen {
             pop3s: vec![],
         }
     }
+}
+
+/// The certificate chain (leaf first) and private key, PEM. Without them there is no TLS: no STARTTLS,
+/// no STLS, and the `submission`, `submissions` and `pop3s` listeners cannot be used.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub certificate: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

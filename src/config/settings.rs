@@ -7,9 +7,11 @@ use std::path::PathBuf;
 
 use super::{Auth, Config, ConfigError, Limits};
 use crate::accounts::{self, Directory, SecretFiles};
+use crate::tls::Tls;
+use std::sync::Arc;
 
-/// The protocols a listener can speak. `submission`, `submissions` and `pop3s` are reserved names:
-/// they need TLS and authenticated submission, which this release does not have yet.
+/// The protocols a listener can speak. The names follow RFC 8314 so that STARTTLS (`smtp`, `submission`,
+/// `pop3`) and implicit TLS (`submissions`, `pop3s`) cannot be confused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Smtp,
@@ -39,8 +41,26 @@ impl Protocol {
         }
     }
 
-    pub fn is_implemented(self) -> bool {
-        matches!(self, Protocol::Smtp | Protocol::Pop3)
+    /// Listeners that cannot work without a certificate.
+    pub fn needs_tls(self) -> bool {
+        matches!(
+            self,
+            Protocol::Submission | Protocol::Submissions | Protocol::Pop3s
+        )
+    }
+
+    /// TLS from the first byte (RFC 8314), rather than after STARTTLS/STLS.
+    pub fn implicit_tls(self) -> bool {
+        matches!(self, Protocol::Submissions | Protocol::Pop3s)
+    }
+
+    /// Message submission (RFC 6409): authentication required, senders checked.
+    pub fn is_submission(self) -> bool {
+        matches!(self, Protocol::Submission | Protocol::Submissions)
+    }
+
+    pub fn is_pop3(self) -> bool {
+        matches!(self, Protocol::Pop3 | Protocol::Pop3s)
     }
 }
 
@@ -64,6 +84,8 @@ pub struct Settings {
     pub listeners: Vec<ListenerSpec>,
     pub limits: Limits,
     pub auth: Auth,
+    /// Present when `[tls]` names a certificate and key.
+    pub tls: Option<Arc<Tls>>,
     /// Local domains, accounts and aliases.
     pub directory: Directory,
 }
@@ -106,7 +128,23 @@ impl Settings {
             return Err(ConfigError::invalid("storage_root", "must not be empty"));
         }
         validate_limits(&config.limits)?;
-        let listeners = parse_listeners(&config.listen)?;
+        let tls = match (&config.tls.certificate, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "tls.key",
+                    "tls.certificate needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "tls.certificate",
+                    "tls.key needs its certificate",
+                ));
+            }
+        };
+        let listeners = parse_listeners(&config.listen, tls.is_some())?;
         let directory = Directory::from_config(&config, &domains, secrets)?;
         Ok(Settings {
             hostname,
@@ -114,6 +152,7 @@ impl Settings {
             listeners,
             limits: config.limits,
             auth: config.auth,
+            tls,
             directory,
         })
     }
@@ -165,7 +204,10 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn parse_listeners(listen: &super::Listen) -> Result<Vec<ListenerSpec>, ConfigError> {
+fn parse_listeners(
+    listen: &super::Listen,
+    have_tls: bool,
+) -> Result<Vec<ListenerSpec>, ConfigError> {
     let mut out = Vec::new();
     for protocol in Protocol::ALL {
         let raw = match protocol {
@@ -179,10 +221,10 @@ fn parse_listeners(listen: &super::Listen) -> Result<Vec<ListenerSpec>, ConfigEr
             continue;
         }
         let key = format!("listen.{}", protocol.name());
-        if !protocol.is_implemented() {
+        if protocol.needs_tls() && !have_tls {
             return Err(ConfigError::invalid(
                 key,
-                "this listener needs TLS and authenticated submission, which this release does not have yet; leave it empty",
+                "this listener needs TLS: set tls.certificate and tls.key",
             ));
         }
         let mut endpoints = Vec::new();
@@ -290,10 +332,23 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_listener_is_refused() {
+    fn tls_listener_without_certificate_is_refused() {
+        for protocol in ["submission", "submissions", "pop3s"] {
+            let mut c = config();
+            match protocol {
+                "submission" => c.listen.submission = vec!["127.0.0.1:587".into()],
+                "submissions" => c.listen.submissions = vec!["127.0.0.1:465".into()],
+                _ => c.listen.pop3s = vec!["127.0.0.1:995".into()],
+            }
+            assert_eq!(invalid_key(c), format!("listen.{protocol}"));
+        }
+    }
+
+    #[test]
+    fn certificate_without_key_is_refused() {
         let mut c = config();
-        c.listen.submission = vec!["127.0.0.1:587".into()];
-        assert_eq!(invalid_key(c), "listen.submission");
+        c.tls.certificate = Some("/etc/ssl/cert.pem".into());
+        assert_eq!(invalid_key(c), "tls.key");
     }
 
     #[test]

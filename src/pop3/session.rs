@@ -332,37 +332,15 @@ impl Session {
         self.sasl_plain(line)
     }
 
-    /// RFC 4616 PLAIN: base64 of `authzid NUL authcid NUL password`; `=` is an empty response.
+    /// RFC 4616 PLAIN: base64 of `authzid NUL authcid NUL password`.
     fn sasl_plain(&mut self, response: &str) -> Option<Event> {
-        use base64::Engine as _;
-        let decoded = if response == "=" {
-            Some(Vec::new())
-        } else {
-            base64::engine::general_purpose::STANDARD
-                .decode(response)
-                .ok()
-        };
-        let fields = decoded.and_then(|d| {
-            let mut parts = d
-                .split(|&b| b == 0)
-                .map(|p| String::from_utf8(p.to_vec()).ok());
-            match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                (Some(Some(authz)), Some(Some(authc)), Some(Some(password)), None) => {
-                    Some((authz, authc, password))
-                }
-                _ => None,
-            }
-        });
-        match fields {
-            // Acting for another identity is not offered: authzid must be empty or the same user.
-            Some((authz, authc, password)) if authz.is_empty() || authz == authc => {
-                Some(self.login(authc, Credential::Password(Secret(password))))
-            }
-            Some(_) => {
+        match crate::sasl::decode_plain(response) {
+            Ok((user, password)) => Some(self.login(user, Credential::Password(Secret(password)))),
+            Err(crate::sasl::PlainError::OtherIdentity) => {
                 self.error("-ERR [AUTH] authorization identity not allowed");
                 self.closed_event()
             }
-            None => {
+            Err(crate::sasl::PlainError::Malformed) => {
                 self.error("-ERR malformed SASL PLAIN response");
                 self.closed_event()
             }
