@@ -14,6 +14,16 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 
 use crate::config::{AccountConfig, Config, ConfigError};
 
+/// A password on its way to verification; never printed.
+#[derive(PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     /// Canonical (lower-case) address, also the POP3 user name.
@@ -252,6 +262,25 @@ impl Directory {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         account.filter(|_| same && secret.is_some()).cloned()
+    }
+
+    /// RFC 6409 §8.1: an account may send as its own address, its aliases, and their `+tag` forms;
+    /// not as whatever a catch-all or the postmaster fallback would deliver to it.
+    pub fn may_send_as(&self, account: &Account, local: &str, domain: &str) -> bool {
+        let Some(domain) = normalize_domain(domain).filter(|d| self.domains.contains(d)) else {
+            return false;
+        };
+        let local = local.to_lowercase();
+        let owns = |local: &str| {
+            self.routes
+                .get(&format!("{local}@{domain}"))
+                .is_some_and(|accounts| accounts.iter().any(|a| a.address == account.address))
+        };
+        owns(&local)
+            || self
+                .subaddress_separator
+                .and_then(|sep| local.split_once(sep))
+                .is_some_and(|(base, _)| !base.is_empty() && owns(base))
     }
 
     /// Checks a login. Costs one password hash verification whether or not the user exists, so that
@@ -635,6 +664,26 @@ mod tests {
             ["josé@xn--mnchen-3ya.de"]
         );
         assert_eq!(routed(&d, "josé", "MÜNCHEN.de"), ["josé@xn--mnchen-3ya.de"]);
+    }
+
+    #[test]
+    fn may_send_as_own_addresses_aliases_and_tags_only() {
+        let d = directory_with(|c| {
+            c.catch_all = BTreeMap::from([("example.org".into(), "alice@example.org".into())])
+        });
+        let alice = d.accounts().find(|a| a.local == "alice").unwrap().clone();
+        assert!(d.may_send_as(&alice, "Alice", "example.org"));
+        assert!(d.may_send_as(&alice, "team", "EXAMPLE.org"), "alias");
+        assert!(
+            d.may_send_as(&alice, "alice+news", "example.org"),
+            "sub-address"
+        );
+        assert!(!d.may_send_as(&alice, "bob", "example.org"));
+        assert!(
+            !d.may_send_as(&alice, "anything", "example.org"),
+            "catch-all is not ownership"
+        );
+        assert!(!d.may_send_as(&alice, "alice", "elsewhere.org"));
     }
 
     #[test]

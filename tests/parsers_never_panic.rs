@@ -27,6 +27,9 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         Just(b"RCPT TO:<demo@localhost>\r\n".to_vec()),
         Just(b"DATA\r\n".to_vec()),
         Just(b"BDAT 5\r\n".to_vec()),
+        Just(b"STARTTLS\r\n".to_vec()),
+        Just(b"AUTH LOGIN\r\n".to_vec()),
+        Just(b"AUTH PLAIN\r\n".to_vec()),
         Just(b"BDAT 3 LAST\r\n".to_vec()),
         Just(
             "MAIL FROM:<jos\u{e9}@b.example> SMTPUTF8\r\n"
@@ -61,7 +64,9 @@ proptest! {
     fn smtp_session_never_panics_and_buffers_at_most_a_line((input, chunk) in stream()) {
         let s = settings();
         let cap = s.limits.max_line_length.max(s.limits.max_command_length);
-        let mut session = smtp::Session::new(s, "192.0.2.1".parse().unwrap());
+        // A submission channel reaches the AUTH states too.
+        let channel = smtp::Channel { submission: true, tls: false, starttls: true };
+        let mut session = smtp::Session::new(s, "127.0.0.1".parse().unwrap(), channel);
         let mut buf = Vec::new();
         let mut fed = 0;
         loop {
@@ -69,6 +74,12 @@ proptest! {
             prop_assert!(n <= buf.len());
             let end = matches!(event, smtp::Event::Close);
             let need = matches!(event, smtp::Event::NeedInput);
+            if matches!(event, smtp::Event::StartTls) {
+                session.tls_started();
+            }
+            if matches!(event, smtp::Event::Authenticate { .. }) {
+                session.auth_result(smtp::AuthOutcome::Rejected);
+            }
             if matches!(event, smtp::Event::MessageBytes) {
                 let _ = session.take_message_bytes();
             }
@@ -111,7 +122,7 @@ proptest! {
 
     #[test]
     fn pop3_session_never_panics_and_buffers_at_most_a_line((input, chunk) in stream()) {
-        let mut session = pop3::Session::new(settings(), true, Some("<1@x>".into()));
+        let mut session = pop3::Session::new(settings(), true, true, Some("<1@x>".into()));
         let mut buf = Vec::new();
         let mut fed = 0;
         loop {
@@ -123,6 +134,7 @@ proptest! {
                 pop3::Event::Login { .. } => session.login_result(Ok(vec![pop3::Listing { uid: "u".into(), size: 1 }])),
                 pop3::Event::Retrieve { index, .. } => session.retrieve_started(index, true),
                 pop3::Event::Update { .. } => session.update_result(true),
+                pop3::Event::StartTls => session.tls_started(),
                 pop3::Event::NeedInput => {
                     prop_assert!(buf.len() < 512);
                     if fed >= input.len() { break; }

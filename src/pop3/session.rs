@@ -5,20 +5,11 @@
 //! Deletions are only ever applied on QUIT from the TRANSACTION state (RFC 1939 §6): a dropped
 //! connection, a timeout or a server stop leaves the mailbox as it was.
 
-use std::fmt;
 use std::sync::Arc;
 
 use crate::config::Settings;
 
-/// A password on its way to verification; never printed.
-#[derive(PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::accounts::Secret;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -34,6 +25,9 @@ pub enum Event {
     Retrieve { index: usize, top: Option<u64> },
     /// Apply these deletions (0-based indexes), then call [`Session::update_result`].
     Update { delete: Vec<usize> },
+    /// STLS (RFC 2595): flush the outbox, discard any input read after the command, switch to TLS,
+    /// then call [`Session::tls_started`].
+    StartTls,
     /// Flush the outbox and close.
     Close,
 }
@@ -86,6 +80,8 @@ pub struct Session {
     plaintext_ok: bool,
     /// The greeting's `<timestamp@host>` when APOP is offered.
     apop_banner: Option<String>,
+    /// STLS can be offered (a certificate exists and the connection is not TLS yet).
+    stls: bool,
     state: State,
     messages: Vec<Listing>,
     deleted: Vec<bool>,
@@ -103,12 +99,14 @@ impl Session {
     pub fn new(
         settings: Arc<Settings>,
         plaintext_ok: bool,
+        stls: bool,
         apop_banner: Option<String>,
     ) -> Session {
         let mut s = Session {
             settings,
             plaintext_ok,
             apop_banner,
+            stls,
             state: State::Authorization { user: None },
             messages: Vec::new(),
             deleted: Vec::new(),
@@ -310,11 +308,22 @@ impl Session {
             }
             "AUTH" => self.error("-ERR syntax: AUTH mechanism [initial-response]"),
             "QUIT" => self.close_with("+OK rustmail signing off"),
-            "STLS" => self.error("-ERR TLS is not available yet"),
+            "STLS" if self.stls && args.is_empty() => {
+                self.ok("Begin TLS negotiation");
+                return Some(Event::StartTls);
+            }
+            "STLS" => self.error("-ERR TLS is not available on this connection"),
             "USER" => self.error("-ERR syntax: USER name"),
             _ => self.error("-ERR unknown command or not allowed before login"),
         }
         self.closed_event()
+    }
+
+    /// After the STLS handshake: passwords may now be sent, and the USER state starts over.
+    pub fn tls_started(&mut self) {
+        self.stls = false;
+        self.plaintext_ok = true;
+        self.state = State::Authorization { user: None };
     }
 
     fn login(&mut self, user: String, credential: Credential) -> Event {
@@ -446,6 +455,9 @@ impl Session {
 
     fn capa(&mut self) {
         let mut text = String::from("+OK capability list follows\r\nTOP\r\nUIDL\r\n");
+        if self.stls && matches!(self.state, State::Authorization { .. }) {
+            text.push_str("STLS\r\n");
+        }
         if self.plaintext_ok {
             text.push_str("USER\r\nSASL PLAIN\r\n");
         }

@@ -36,7 +36,7 @@ struct Transcript {
 
 /// Plays the driver: logins succeed for password "right", messages "open" and stream as `<msg N>`.
 fn play(input: &[u8], chunk: usize, plaintext_ok: bool) -> Transcript {
-    let mut s = Session::new(settings(), plaintext_ok, None);
+    let mut s = Session::new(settings(), plaintext_ok, false, None);
     let mut buf = Vec::new();
     let mut fed = 0;
     let mut t = Transcript {
@@ -74,6 +74,10 @@ fn play(input: &[u8], chunk: usize, plaintext_ok: bool) -> Transcript {
                 s.retrieve_started(index, true);
                 s.outbox()
                     .extend_from_slice(format!("<msg {index}>\r\n.\r\n").as_bytes());
+            }
+            Event::StartTls => {
+                t.events.push("starttls".into());
+                s.tls_started();
             }
             Event::Update { delete } => {
                 t.events.push(format!("update {delete:?}"));
@@ -155,7 +159,7 @@ fn dele_without_quit_keeps_mail() {
 
 #[test]
 fn abort_applies_no_deletions() {
-    let mut s = Session::new(settings(), true, None);
+    let mut s = Session::new(settings(), true, false, None);
     let (_, e) = s.advance(LOGIN.as_bytes());
     assert!(matches!(e, Event::Login { .. }));
     s.login_result(Ok(mailbox()));
@@ -300,7 +304,7 @@ fn sasl_plain_refusals() {
 fn apop_only_when_offered_and_banner_in_greeting() {
     let t = dialog("APOP demo@localhost 0123abcd\r\n");
     assert!(t.replies.ends_with("-ERR APOP is not offered\r\n"));
-    let mut s = Session::new(settings(), false, Some("<1.2@mx>".into()));
+    let mut s = Session::new(settings(), false, false, Some("<1.2@mx>".into()));
     assert!(
         String::from_utf8(s.outbox().clone())
             .unwrap()
@@ -329,7 +333,12 @@ fn capa_lists_sasl_expire_and_login_delay() {
     );
     let mut config = Config::default();
     config.auth.pop3_login_delay_secs = 300;
-    let mut s = Session::new(Arc::new(Settings::from_config(config).unwrap()), true, None);
+    let mut s = Session::new(
+        Arc::new(Settings::from_config(config).unwrap()),
+        true,
+        false,
+        None,
+    );
     s.advance(b"CAPA\r\n");
     assert!(
         String::from_utf8(s.outbox().clone())
@@ -340,7 +349,7 @@ fn capa_lists_sasl_expire_and_login_delay() {
 
 #[test]
 fn login_delay_and_throttle_replies() {
-    let mut s = Session::new(settings(), true, None);
+    let mut s = Session::new(settings(), true, false, None);
     s.advance(LOGIN.as_bytes());
     s.login_result(Err(LoginFailure::TooSoon));
     assert!(
@@ -352,4 +361,27 @@ fn login_delay_and_throttle_replies() {
     s.advance(LOGIN.as_bytes());
     s.login_result(Err(LoginFailure::Throttled));
     assert!(s.is_closed());
+}
+
+#[test]
+fn stls_before_login_only_then_passwords_allowed() {
+    let mut s = Session::new(settings(), false, true, None);
+    let (_, e) = s.advance(b"CAPA\r\nUSER a@localhost\r\nSTLS\r\nUSER ignored\r\n");
+    assert_eq!(e, Event::StartTls);
+    let out = String::from_utf8(std::mem::take(s.outbox())).unwrap();
+    assert!(
+        out.contains("\r\nSTLS\r\n") && !out.contains("\r\nUSER\r\n"),
+        "{out}"
+    );
+    assert!(out.contains("-ERR [AUTH] plaintext authentication is not allowed"));
+    assert!(out.ends_with("+OK Begin TLS negotiation\r\n"));
+    s.tls_started();
+    let (_, e) = s.advance(b"CAPA\r\nSTLS\r\nUSER demo@localhost\r\nPASS right\r\n");
+    assert!(matches!(e, Event::Login { .. }));
+    let out = String::from_utf8(std::mem::take(s.outbox())).unwrap();
+    assert!(
+        out.contains("\r\nUSER\r\n") && !out.contains("\r\nSTLS\r\n"),
+        "{out}"
+    );
+    assert!(out.contains("-ERR TLS is not available on this connection"));
 }

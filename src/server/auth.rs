@@ -5,8 +5,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::Shared;
+use crate::accounts::{Account, Directory, Secret};
 
 /// How long failures are remembered.
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -59,6 +62,63 @@ impl LoginThrottle {
         map.insert(account.to_string(), now);
         true
     }
+}
+
+/// The outcome of a login attempt, for any protocol.
+pub enum Login {
+    Accepted(Arc<Account>),
+    Rejected,
+    Throttled,
+}
+
+/// Checks credentials with everything around it: the per-address lock-out, at most one verification
+/// per core, the same cost for unknown users (the verifier's job), the doubling delay after a failure,
+/// and a log line that names the user and never the secret.
+pub async fn check(
+    shared: &Arc<Shared>,
+    ip: IpAddr,
+    user: &str,
+    verify: impl FnOnce(&Directory) -> Option<Arc<Account>> + Send + 'static,
+) -> Login {
+    let settings = shared.settings();
+    let shown_user = user.escape_debug().to_string();
+    if shared.logins.failures(ip, Instant::now()) >= settings.auth.max_failures_per_ip {
+        tracing::warn!(user = %shown_user, "login refused: too many failures from {ip}");
+        return Login::Throttled;
+    }
+    let Ok(slot) = shared.auth_slots.acquire().await else {
+        return Login::Rejected;
+    };
+    let verifier = settings.clone();
+    let account = tokio::task::spawn_blocking(move || verify(&verifier.directory))
+        .await
+        .ok()
+        .flatten();
+    drop(slot);
+    match account {
+        Some(account) => Login::Accepted(account),
+        None => {
+            let base = Duration::from_millis(settings.auth.failure_delay_ms);
+            let delay = shared.logins.failed(ip, Instant::now(), base);
+            tracing::warn!(user = %shown_user, "login failed for {shown_user}");
+            tokio::time::sleep(delay).await;
+            Login::Rejected
+        }
+    }
+}
+
+/// [`check`] with a password.
+pub async fn check_password(
+    shared: &Arc<Shared>,
+    ip: IpAddr,
+    user: &str,
+    password: Secret,
+) -> Login {
+    let owned = user.to_string();
+    check(shared, ip, user, move |d| {
+        d.verify(&owned, password.0.as_bytes())
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -24,6 +24,9 @@ use crate::config::{ConfigError, Protocol, Settings};
 use crate::storage::Store;
 use crate::systemd::{self, InheritedSocket, NotifyState};
 
+/// A client connection: plain TCP, or TLS (implicit, or after STARTTLS/STLS).
+pub type Conn = tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+
 /// Re-reads the configuration for a reload (the same sources as at start).
 pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
 
@@ -235,10 +238,20 @@ async fn connection(stream: TcpStream, peer: SocketAddr, protocol: Protocol, sha
         if busy {
             tracing::warn!(active, from_ip, "connection limit reached, refusing {peer}");
         }
-        match protocol {
-            Protocol::Smtp => smtp::serve(stream, peer, shared, busy).await,
-            Protocol::Pop3 => pop3::serve(stream, peer, shared, busy).await,
-            other => unreachable!("listener {} is refused by config validation", other.name()),
+        let conn = if protocol.implicit_tls() {
+            // RFC 8314: TLS from the first byte.
+            let timeout = Duration::from_secs(limits.command_timeout_secs);
+            match start_tls(Conn::Left(stream), &shared.settings(), timeout).await {
+                Some(conn) => conn,
+                None => return,
+            }
+        } else {
+            Conn::Left(stream)
+        };
+        if protocol.is_pop3() {
+            pop3::serve(conn, peer, protocol, shared, busy).await
+        } else {
+            smtp::serve(conn, peer, protocol, shared, busy).await
         }
         tracing::debug!("disconnected");
     }
@@ -338,6 +351,35 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(std::io::Error::other(format!("blocking task failed: {e}"))))
 }
 
+/// The TLS handshake on a plain connection (implicit TLS, or after STARTTLS/STLS), within `timeout`.
+/// `None` when there is no certificate, the client fails the handshake, or it is already TLS.
+async fn start_tls(conn: Conn, settings: &Settings, timeout: Duration) -> Option<Conn> {
+    let Conn::Left(tcp) = conn else {
+        return None;
+    };
+    let Some(tls) = &settings.tls else {
+        tracing::error!(
+            "TLS requested, but no certificate is configured (tls.certificate, tls.key)"
+        );
+        return None;
+    };
+    match tokio::time::timeout(timeout, tls.acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let (_, state) = stream.get_ref();
+            tracing::debug!(version = ?state.protocol_version(), cipher = ?state.negotiated_cipher_suite().map(|c| c.suite()), "TLS established");
+            Some(Conn::Right(stream))
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// `now + secs`, or a year from now when that does not fit (a huge configured timeout must not panic).
 fn deadline_in(secs: u64) -> Instant {
     let now = Instant::now();
@@ -348,9 +390,14 @@ fn deadline_in(secs: u64) -> Instant {
 
 /// Writes all of `bytes` within `timeout`; false if the peer is gone or stopped reading. Without the
 /// limit, a client that never reads would hold its session (and a POP3 mailbox lock) forever.
-async fn write_timed(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) -> bool {
+async fn write_timed(stream: &mut Conn, bytes: &[u8], timeout: Duration) -> bool {
     use tokio::io::AsyncWriteExt;
-    match tokio::time::timeout(timeout, stream.write_all(bytes)).await {
+    let write = async {
+        stream.write_all(bytes).await?;
+        // TLS buffers records: push them out now.
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "write failed");
@@ -365,7 +412,7 @@ async fn write_timed(stream: &mut TcpStream, bytes: &[u8], timeout: Duration) ->
 
 /// Reads into `buf` with a deadline, stopping early when `stop` resolves. `Ok(None)` means "stopped".
 async fn read_some(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     buf: &mut Vec<u8>,
     timeout: Duration,
     stop: impl Future<Output = ()>,

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 
-use super::{ReadError, Shared, blocking, deadline_in, read_some, write_timed};
+use super::auth::{self, Login};
+use super::{Conn, ReadError, Shared, blocking, deadline_in, read_some, start_tls, write_timed};
+use crate::config::Protocol;
 use crate::pop3::wire::Encoder;
 use crate::pop3::{Credential, Event, Listing, LoginFailure, Session};
 use crate::storage::{self, MailboxLock};
@@ -22,16 +23,25 @@ struct Maildrop {
     _lock: MailboxLock,
 }
 
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, busy: bool) {
+pub async fn serve(
+    mut stream: Conn,
+    peer: SocketAddr,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    busy: bool,
+) {
     let settings = shared.settings();
     let ip = peer.ip().to_canonical();
-    // Passwords in clear only where nobody can listen: loopback, or where the admin said so.
-    let plaintext_ok = ip.is_loopback() || settings.auth.allow_unencrypted_remote;
+    let tls = matches!(stream, Conn::Right(_));
+    debug_assert_eq!(tls, protocol == Protocol::Pop3s);
+    // Passwords in clear only where nobody can listen: TLS, loopback, or where the admin said so.
+    let plaintext_ok = tls || ip.is_loopback() || settings.auth.allow_unencrypted_remote;
     let banner = settings
         .directory
         .offers_apop()
         .then(|| apop_banner(&settings.hostname));
-    let mut session = Session::new(settings.clone(), plaintext_ok, banner.clone());
+    let stls = !tls && settings.tls.is_some();
+    let mut session = Session::new(settings.clone(), plaintext_ok, stls, banner.clone());
     if busy {
         session.refuse_busy();
     }
@@ -66,6 +76,22 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
                         Err(e) => tracing::warn!(error = %e, "cannot flag a message as seen"),
                     }
                 }
+                continue;
+            }
+            Event::StartTls => {
+                if !buf.is_empty() {
+                    // The POP3 cousin of CVE-2011-0411: nothing sent in clear after STLS is executed.
+                    tracing::info!(octets = buf.len(), "discarding plaintext sent after STLS");
+                    buf.clear();
+                }
+                if !flush(&mut stream, &mut session, idle).await {
+                    return;
+                }
+                match start_tls(stream, &settings, idle).await {
+                    Some(tls) => stream = tls,
+                    None => return,
+                }
+                session.tls_started();
                 continue;
             }
             Event::Update { delete } => {
@@ -110,7 +136,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
     }
 }
 
-async fn flush(stream: &mut TcpStream, session: &mut Session, timeout: Duration) -> bool {
+async fn flush(stream: &mut Conn, session: &mut Session, timeout: Duration) -> bool {
     if session.outbox().is_empty() {
         return true;
     }
@@ -141,37 +167,17 @@ async fn login(
 ) -> Result<(Maildrop, Vec<Listing>), LoginFailure> {
     let settings = shared.settings();
     let shown_user = user.escape_debug().to_string();
-    if shared.logins.failures(ip, Instant::now()) >= settings.auth.max_failures_per_ip {
-        tracing::warn!(user = %shown_user, "login refused: too many failures from {ip}");
-        return Err(LoginFailure::Throttled);
-    }
-    let user_owned = user.to_string();
+    let owned = user.to_string();
     let banner = banner.unwrap_or_default().to_string();
-    let _slot = shared
-        .auth_slots
-        .acquire()
-        .await
-        .map_err(|_| LoginFailure::ServerError)?;
-    let verifier = settings.clone();
-    let account = tokio::task::spawn_blocking(move || match credential {
-        Credential::Password(password) => verifier
-            .directory
-            .verify(&user_owned, password.0.as_bytes()),
-        Credential::Apop { digest } => {
-            verifier
-                .directory
-                .verify_apop(&user_owned, &banner, &digest)
-        }
+    let verdict = auth::check(shared, ip, user, move |directory| match credential {
+        Credential::Password(password) => directory.verify(&owned, password.0.as_bytes()),
+        Credential::Apop { digest } => directory.verify_apop(&owned, &banner, &digest),
     })
-    .await
-    .map_err(|_| LoginFailure::ServerError)?;
-    drop(_slot);
-    let Some(account) = account else {
-        let base = Duration::from_millis(settings.auth.failure_delay_ms);
-        let delay = shared.logins.failed(ip, Instant::now(), base);
-        tracing::warn!(user = %shown_user, "login failed for {shown_user}");
-        tokio::time::sleep(delay).await;
-        return Err(LoginFailure::BadCredentials);
+    .await;
+    let account = match verdict {
+        Login::Accepted(account) => account,
+        Login::Rejected => return Err(LoginFailure::BadCredentials),
+        Login::Throttled => return Err(LoginFailure::Throttled),
     };
     let login_delay = Duration::from_secs(settings.auth.pop3_login_delay_secs);
     if !shared
@@ -224,7 +230,7 @@ async fn login(
 
 /// Streams one message; false if the connection must end (write failure or a file that broke midway).
 async fn retrieve(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     session: &mut Session,
     index: usize,
     path: PathBuf,

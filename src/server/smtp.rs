@@ -7,19 +7,32 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::TcpStream;
 
-use super::{ReadError, Shared, blocking, deadline_in, read_some, write_timed};
-use crate::smtp::{Event, Session};
+use super::auth::{Login, check_password};
+use super::{Conn, ReadError, Shared, blocking, deadline_in, read_some, start_tls, write_timed};
+use crate::config::Protocol;
+use crate::smtp::headers::MissingHeaders;
+use crate::smtp::{AuthOutcome, Channel, Event, Session};
 use crate::storage::Spool;
 
 /// Message bytes are collected up to this size before a write to the spool file.
 const SPOOL_WRITE_CHUNK: usize = 256 * 1024;
 
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, busy: bool) {
+pub async fn serve(
+    mut stream: Conn,
+    peer: SocketAddr,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    busy: bool,
+) {
     let settings = shared.settings();
     let limits = &settings.limits;
-    let mut session = Session::new(settings.clone(), peer.ip());
+    let channel = Channel {
+        submission: protocol.is_submission(),
+        tls: matches!(stream, Conn::Right(_)),
+        starttls: settings.tls.is_some(),
+    };
+    let mut session = Session::new(settings.clone(), peer.ip(), channel);
     if busy {
         session.refuse_busy();
     }
@@ -38,8 +51,8 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
         let (used, event) = session.advance(&buf);
         match event {
             Event::MessageLine(line) => {
-                message.pending.extend_from_slice(line);
-                message.pending.push(b'\n');
+                message.append(line);
+                message.append(b"\n");
                 buf.drain(..used);
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
                     message.write_pending().await;
@@ -54,9 +67,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
             }
             Event::MessageBytes => {
                 buf.drain(..used);
-                message
-                    .pending
-                    .extend_from_slice(&session.take_message_bytes());
+                message.append(&session.take_message_bytes());
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
                     message.write_pending().await;
                 }
@@ -70,11 +81,41 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>,
             Event::MessageEnd => {
                 buf.drain(..used);
                 // The tail of a last BDAT chunk (nothing for DATA).
-                message
-                    .pending
-                    .extend_from_slice(&session.take_message_bytes());
+                message.append(&session.take_message_bytes());
                 let result = message.finish(&shared, &session).await;
                 session.message_stored(result.as_deref().map_err(|_| ()));
+                continue;
+            }
+            Event::StartTls => {
+                buf.drain(..used);
+                if !buf.is_empty() {
+                    // CVE-2011-0411: whatever came in clear after STARTTLS is never executed.
+                    tracing::info!(
+                        octets = buf.len(),
+                        "discarding plaintext sent after STARTTLS"
+                    );
+                    buf.clear();
+                }
+                if !write_timed(&mut stream, session.outbox(), write_timeout).await {
+                    return;
+                }
+                session.outbox().clear();
+                match start_tls(stream, &settings, write_timeout).await {
+                    Some(tls) => stream = tls,
+                    None => return,
+                }
+                session.tls_started();
+                continue;
+            }
+            Event::Authenticate { user, password } => {
+                buf.drain(..used);
+                let ip = peer.ip().to_canonical();
+                let outcome = match check_password(&shared, ip, &user, password).await {
+                    Login::Accepted(account) => AuthOutcome::Accepted(account),
+                    Login::Rejected => AuthOutcome::Rejected,
+                    Login::Throttled => AuthOutcome::Throttled,
+                };
+                session.auth_result(outcome);
                 continue;
             }
             Event::Close => {
@@ -139,6 +180,8 @@ struct Message {
     spool: Option<Spool>,
     failed: bool,
     pending: Vec<u8>,
+    /// Submission: adds Message-ID and Date when the message has none.
+    fixer: Option<MissingHeaders>,
 }
 
 impl Message {
@@ -148,8 +191,12 @@ impl Message {
         match blocking(move || shared2.store.spool()).await {
             Ok(spool) => {
                 let date = chrono::Local::now().to_rfc2822();
-                self.pending
-                    .extend_from_slice(session.trace_headers(spool.id(), &date).as_bytes());
+                if session.envelope().is_some_and(|e| e.submitter.is_some()) {
+                    let id = format!("<{}@{}>", spool.id(), shared.settings().hostname);
+                    self.fixer = Some(MissingHeaders::new(id, date.clone()));
+                }
+                let trace = session.trace_headers(spool.id(), &date);
+                self.append(trace.as_bytes());
                 self.spool = Some(spool);
             }
             Err(e) => {
@@ -181,8 +228,17 @@ impl Message {
         }
     }
 
+    /// Adds message bytes (stored form), through the submission header check when there is one.
+    fn append(&mut self, bytes: &[u8]) {
+        match &mut self.fixer {
+            Some(fixer) => fixer.push(bytes, &mut self.pending),
+            None => self.pending.extend_from_slice(bytes),
+        }
+    }
+
     fn discard(&mut self) {
         self.pending.clear();
+        self.fixer = None;
         self.failed = false;
         if let Some(spool) = self.spool.take() {
             drop_in_background(spool);
@@ -191,6 +247,9 @@ impl Message {
 
     /// Makes the message durable; returns its queue id.
     async fn finish(&mut self, shared: &Arc<Shared>, session: &Session) -> Result<String, ()> {
+        if let Some(mut fixer) = self.fixer.take() {
+            fixer.finish(&mut self.pending);
+        }
         self.write_pending().await;
         let spool = match (self.spool.take(), self.failed) {
             (Some(spool), false) => spool,

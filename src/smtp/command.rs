@@ -54,6 +54,13 @@ pub enum Command {
     Vrfy,
     Expn,
     Help,
+    /// RFC 3207.
+    StartTls,
+    /// RFC 4954: `AUTH mechanism [initial-response]`.
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,9 +119,9 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
         "EXPN" => Ok(Command::Expn),
         "HELP" => Ok(Command::Help),
         "BDAT" => parse_bdat(args),
-        "STARTTLS" | "AUTH" | "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" => {
-            Err(ParseError::NotImplemented)
-        }
+        "STARTTLS" => no_args(Command::StartTls),
+        "AUTH" => parse_auth(args),
+        "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" => Err(ParseError::NotImplemented),
         "GET" | "POST" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "CONNECT" | "PATCH" | "TRACE"
             if !args.is_empty() =>
         {
@@ -183,6 +190,16 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
         body,
         smtputf8,
     })
+}
+
+fn parse_auth(args: &str) -> Result<Command, ParseError> {
+    let mut words = args.split(' ').filter(|w| !w.is_empty());
+    let mechanism = words.next().ok_or(ParseError::Syntax)?.to_ascii_uppercase();
+    let initial = words.next().map(str::to_string);
+    if words.next().is_some() {
+        return Err(ParseError::Syntax);
+    }
+    Ok(Command::Auth { mechanism, initial })
 }
 
 /// RFC 3030 §2: `BDAT chunk-size [LAST]`.
@@ -572,8 +589,16 @@ mod tests {
 
     #[test]
     fn not_offered_extensions() {
-        assert_eq!(parse(b"STARTTLS"), Err(ParseError::NotImplemented));
-        assert_eq!(parse(b"AUTH PLAIN"), Err(ParseError::NotImplemented));
+        assert_eq!(parse(b"STARTTLS"), Ok(Command::StartTls));
+        assert_eq!(parse(b"STARTTLS now"), Err(ParseError::Syntax));
+        assert_eq!(
+            parse(b"auth plain AGEAYg=="),
+            Ok(Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial: Some("AGEAYg==".into())
+            })
+        );
+        assert_eq!(parse(b"AUTH"), Err(ParseError::Syntax));
         assert_eq!(parse(b"ETRN example.org"), Err(ParseError::NotImplemented));
     }
 

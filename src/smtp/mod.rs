@@ -4,7 +4,8 @@
 
 pub mod command;
 pub mod data;
+pub mod headers;
 pub mod reply;
 pub mod session;
 
-pub use session::{Envelope, Event, Session};
+pub use session::{AuthOutcome, Channel, Envelope, Event, Session};

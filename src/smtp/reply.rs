@@ -66,6 +66,9 @@ pub const HELP: Reply = Reply::new(
 );
 pub const START_DATA: Reply = Reply::new(354, "", "End data with <CR><LF>.<CR><LF>");
 
+pub const AUTH_OK: Reply = Reply::new(235, "2.7.0", "Authentication successful");
+pub const READY_FOR_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
+
 // Transient failures.
 pub const SHUTTING_DOWN: Reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
@@ -75,6 +78,18 @@ pub const TOO_MANY_CONNECTIONS: Reply =
 pub const STORAGE_FAILED: Reply =
     Reply::new(451, "4.3.0", "Could not store the message, try again later");
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recipients");
+/// Until outbound delivery exists: temporary, so that the client keeps the message and retries.
+pub const OUTBOUND_UNAVAILABLE: Reply = Reply::new(
+    451,
+    "4.3.2",
+    "Delivery to other domains is not available yet on this server; local recipients only",
+);
+pub const AUTH_THROTTLED: Reply = Reply::new(
+    454,
+    "4.7.0",
+    "Too many failed logins from your address, try again later",
+);
+pub const TLS_UNAVAILABLE: Reply = Reply::new(454, "4.7.0", "TLS not available");
 
 // Permanent failures.
 pub const LINE_TOO_LONG: Reply = Reply::new(500, "5.5.2", "Line too long");
@@ -102,6 +117,22 @@ pub const NEEDS_SMTPUTF8: Reply = Reply::new(
     553,
     "5.6.7",
     "Non-ASCII address requires the SMTPUTF8 parameter",
+);
+pub const AUTH_REQUIRED: Reply = Reply::new(530, "5.7.0", "Authentication required");
+pub const AUTH_FAILED: Reply = Reply::new(535, "5.7.8", "Authentication credentials invalid");
+/// RFC 4954 §6: no password in clear outside TLS.
+pub const ENCRYPTION_REQUIRED: Reply = Reply::new(
+    538,
+    "5.7.11",
+    "Encryption required for requested authentication mechanism",
+);
+pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
+pub const AUTH_MALFORMED: Reply = Reply::new(501, "5.5.2", "Cannot decode the response");
+pub const AUTH_MECHANISM: Reply = Reply::new(504, "5.5.4", "Unrecognised authentication mechanism");
+pub const SENDER_NOT_OWNED: Reply = Reply::new(
+    553,
+    "5.7.1",
+    "Sender address not owned by the authenticated account",
 );
 pub const PARAMETER_UNKNOWN: Reply = Reply::new(
     555,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::command::{self, Body, Command, Mailbox, ParseError};
 use super::data::{ChunkReader, DataError, DataReader, DataStep};
 use super::reply::{self, Reply};
-use crate::accounts::{Account, Route};
+use crate::accounts::{Account, Route, Secret};
 use crate::config::Settings;
 
 /// What the driver must do next.
@@ -27,8 +27,33 @@ pub enum Event<'a> {
     MessageAbort,
     /// The message is complete: make it durable, then report with [`Session::message_stored`].
     MessageEnd,
+    /// Flush the outbox, then switch the connection to TLS and call [`Session::tls_started`]. Any
+    /// input already read after the STARTTLS line must be discarded (CVE-2011-0411).
+    StartTls,
+    /// Verify these credentials (AUTH), then call [`Session::auth_result`].
+    Authenticate { user: String, password: Secret },
     /// Flush the outbox and close the connection.
     Close,
+}
+
+/// The listener a session runs on, and what its connection already has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Channel {
+    /// Message submission (RFC 6409): AUTH offered and required before MAIL; senders checked.
+    pub submission: bool,
+    /// The connection is encrypted (implicit TLS, or after STARTTLS).
+    pub tls: bool,
+    /// A certificate is configured, so STARTTLS can be offered.
+    pub starttls: bool,
+}
+
+/// The driver's verdict on an AUTH exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Accepted(Arc<Account>),
+    Rejected,
+    /// Too many failures from this address lately.
+    Throttled,
 }
 
 /// The envelope of the transaction in progress.
@@ -39,6 +64,8 @@ pub struct Envelope {
     pub body: Body,
     /// SMTPUTF8 was declared: UTF-8 addresses are allowed (RFC 6531).
     pub smtputf8: bool,
+    /// The authenticated account that submits this message (submission only).
+    pub submitter: Option<String>,
     /// Accepted recipients as given.
     pub recipients: Vec<Mailbox>,
     /// Where they deliver, each account once.
@@ -58,12 +85,18 @@ enum Mode {
     },
     /// The message is being stored; no input is processed until the driver reports.
     Storing,
+    /// Inside an AUTH exchange: the next line is a SASL response, not a command.
+    Auth(auth::Step),
     Closed,
 }
 
 pub struct Session {
     settings: Arc<Settings>,
     peer: IpAddr,
+    channel: Channel,
+    /// The account that authenticated (AUTH), for the rest of the session or until STARTTLS.
+    account: Option<Arc<Account>>,
+    auth_failures: u32,
     /// The EHLO/HELO argument and whether it was EHLO.
     helo: Option<(String, bool)>,
     envelope: Option<Envelope>,
@@ -81,10 +114,13 @@ pub struct Session {
 
 impl Session {
     /// A new session; its greeting is already in the outbox.
-    pub fn new(settings: Arc<Settings>, peer: IpAddr) -> Session {
+    pub fn new(settings: Arc<Settings>, peer: IpAddr, channel: Channel) -> Session {
         let mut session = Session {
             settings,
             peer,
+            channel,
+            account: None,
+            auth_failures: 0,
             helo: None,
             envelope: None,
             mode: Mode::Command,
@@ -190,7 +226,7 @@ impl Session {
                     }
                     None => return (input.len(), Event::NeedInput),
                 },
-                Mode::Command => {
+                Mode::Command | Mode::Auth(_) => {
                     let max = self.settings.limits.max_command_length;
                     let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
                         if rest.len() >= max {
@@ -207,7 +243,14 @@ impl Session {
                         continue;
                     }
                     let line = rest[..lf].strip_suffix(b"\r").unwrap_or(&rest[..lf]);
-                    if let Some(event) = self.command(line) {
+                    let event = match std::mem::replace(&mut self.mode, Mode::Command) {
+                        Mode::Auth(step) => self.auth_response(step, line),
+                        mode => {
+                            self.mode = mode;
+                            self.command(line)
+                        }
+                    };
+                    if let Some(event) = event {
                         return (used, event);
                     }
                 }
@@ -233,12 +276,21 @@ impl Session {
             .and_then(|e| e.from.as_ref())
             .map_or("", |m| m.raw.as_str());
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
-        // RFC 3848 / RFC 6531 §4.3 protocol names.
-        let with = match (esmtp, envelope.is_some_and(|e| e.smtputf8)) {
+        // RFC 3848 / RFC 6531 §4.3 protocol names: S for TLS, A for an authenticated submitter.
+        let base = match (esmtp, envelope.is_some_and(|e| e.smtputf8)) {
             (_, true) => "UTF8SMTP",
             (true, false) => "ESMTP",
             (false, false) => "SMTP",
         };
+        let with = format!(
+            "{base}{}{}",
+            if self.channel.tls { "S" } else { "" },
+            if envelope.is_some_and(|e| e.submitter.is_some()) {
+                "A"
+            } else {
+                ""
+            }
+        );
         let peer = match self.peer {
             IpAddr::V4(ip) => format!("[{ip}]"),
             IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
@@ -303,6 +355,10 @@ impl Session {
             Command::Vrfy => self.reply(reply::CANNOT_VRFY),
             Command::Expn => self.error(reply::NOT_IMPLEMENTED),
             Command::Help => self.reply(reply::HELP),
+            Command::StartTls => return self.starttls(),
+            Command::Auth { mechanism, initial } => {
+                return self.auth(&mechanism, initial.as_deref());
+            }
             Command::Quit => {
                 self.close_with(reply::BYE);
             }
@@ -319,10 +375,17 @@ impl Session {
         self.envelope = None;
         let host = &self.settings.hostname;
         let text = if esmtp {
-            format!(
+            let mut text = format!(
                 "{host}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nCHUNKING\nENHANCEDSTATUSCODES",
                 self.settings.limits.max_message_size
-            )
+            );
+            if self.channel.starttls && !self.channel.tls {
+                text.push_str("\nSTARTTLS");
+            }
+            if self.channel.submission && self.plaintext_ok() {
+                text.push_str("\nAUTH PLAIN LOGIN");
+            }
+            text
         } else {
             host.clone()
         };
@@ -344,10 +407,26 @@ impl Session {
         if from.as_ref().is_some_and(Mailbox::is_utf8) && !smtputf8 {
             return self.error(reply::NEEDS_SMTPUTF8);
         }
+        // RFC 6409 §4.3, §8.1: submission needs a login, and the sender must be the account's own.
+        if self.channel.submission {
+            let Some(account) = &self.account else {
+                return self.error(reply::AUTH_REQUIRED);
+            };
+            let owned = from.as_ref().is_some_and(|f| {
+                self.settings
+                    .directory
+                    .may_send_as(account, &f.local, &f.domain)
+            });
+            if !owned {
+                tracing::info!(account = %account.address, from = ?from.as_ref().map(|f| &f.raw), "sender not owned");
+                return self.error(reply::SENDER_NOT_OWNED);
+            }
+        }
         self.envelope = Some(Envelope {
             from,
             body,
             smtputf8,
+            submitter: self.account.as_ref().map(|a| a.address.clone()),
             ..Envelope::default()
         });
         self.reply(reply::SENDER_OK);
@@ -374,6 +453,9 @@ impl Session {
             directory.route(&to.local, &to.domain)
         };
         let accounts = match route {
+            Route::NotLocal if self.account.is_some() => {
+                return self.reply(reply::OUTBOUND_UNAVAILABLE);
+            }
             Route::NotLocal => {
                 tracing::info!(rcpt = %to.raw, reply = 550, "relay denied for <{}>", to.raw);
                 return self.error(reply::RELAY_DENIED);
@@ -529,6 +611,9 @@ impl Session {
         }
     }
 }
+
+#[path = "session_auth.rs"]
+mod auth;
 
 #[cfg(test)]
 #[path = "session_tests.rs"]
