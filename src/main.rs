@@ -111,6 +111,13 @@ fn check_config(path: &Path, skip_secret_files: bool) -> anyhow::Result<()> {
         config::SecretFiles::Read
     };
     let settings = config::load_settings(Some(path), secrets)?;
+    if let Some(warning) = settings
+        .tls
+        .as_ref()
+        .and_then(|t| t.expiry_warning(rustmail::tls::now_unix()))
+    {
+        eprintln!("warning: {warning}");
+    }
     let accounts = settings.directory.accounts().count();
     let domains: Vec<&str> = settings.directory.domains().collect();
     println!(

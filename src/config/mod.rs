@@ -165,6 +165,9 @@ pub struct Auth {
     /// Allow passwords over unencrypted connections from non-loopback peers. Off: until TLS exists,
     /// remote POP3 logins are refused unless this is set explicitly.
     pub allow_unencrypted_remote: bool,
+    /// Allow passwords over unencrypted connections from loopback (the development default needs it;
+    /// turn it off where local users should not be able to watch the loopback interface).
+    pub allow_plaintext_loopback: bool,
     /// Delay before answering a failed login, the same for unknown users and wrong passwords.
     pub failure_delay_ms: u64,
     /// Failed logins in one session before it is closed.
@@ -180,6 +183,7 @@ impl Default for Auth {
     fn default() -> Self {
         Auth {
             allow_unencrypted_remote: false,
+            allow_plaintext_loopback: true,
             failure_delay_ms: 1000,
             max_failures: 3,
             max_failures_per_ip: 10,

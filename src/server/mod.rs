@@ -120,6 +120,7 @@ pub async fn run(
         });
     }
     let accounts = shared.settings().directory.accounts().count();
+    warn_expiring_certificate(&shared.settings());
     tracing::info!(accounts, listeners = expected_listeners, "rustmail ready");
     systemd::notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
 
@@ -279,6 +280,7 @@ async fn reload(shared: &Arc<Shared>, reloader: &Reloader) {
                 Ok(()) => {
                     *shared.settings.write().unwrap_or_else(|e| e.into_inner()) = new;
                     let accounts = shared.settings().directory.accounts().count();
+                    warn_expiring_certificate(&shared.settings());
                     tracing::info!(accounts, "configuration reloaded");
                 }
                 Err(e) => {
@@ -291,6 +293,16 @@ async fn reload(shared: &Arc<Shared>, reloader: &Reloader) {
         }
     }
     systemd::notify(&[NotifyState::Ready, NotifyState::Status(&shared.status())]);
+}
+
+fn warn_expiring_certificate(settings: &Settings) {
+    if let Some(warning) = settings
+        .tls
+        .as_ref()
+        .and_then(|t| t.expiry_warning(crate::tls::now_unix()))
+    {
+        tracing::warn!("{warning}");
+    }
 }
 
 fn ensure_maildirs(store: &Store, settings: &Settings) -> std::io::Result<()> {

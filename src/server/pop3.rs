@@ -35,7 +35,9 @@ pub async fn serve(
     let tls = matches!(stream, Conn::Right(_));
     debug_assert_eq!(tls, protocol == Protocol::Pop3s);
     // Passwords in clear only where nobody can listen: TLS, loopback, or where the admin said so.
-    let plaintext_ok = tls || ip.is_loopback() || settings.auth.allow_unencrypted_remote;
+    let auth = &settings.auth;
+    let plaintext_ok =
+        tls || (ip.is_loopback() && auth.allow_plaintext_loopback) || auth.allow_unencrypted_remote;
     let banner = settings
         .directory
         .offers_apop()

@@ -18,9 +18,10 @@ pub(super) enum Step {
 impl Session {
     /// Passwords may be sent on this connection.
     pub(super) fn plaintext_ok(&self) -> bool {
+        let auth = &self.settings.auth;
         self.channel.tls
-            || self.peer.to_canonical().is_loopback()
-            || self.settings.auth.allow_unencrypted_remote
+            || (self.peer.to_canonical().is_loopback() && auth.allow_plaintext_loopback)
+            || auth.allow_unencrypted_remote
     }
 
     pub(super) fn starttls(&mut self) -> Option<Event<'static>> {

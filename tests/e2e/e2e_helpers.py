@@ -170,6 +170,8 @@ def render_config(
     limits: dict | None = None,
     auth: dict | None = None,
     extra_top: dict | None = None,
+    extra_listen: dict | None = None,
+    tls: dict | None = None,
 ) -> str:
     """Render a rustmail TOML config.
 
@@ -190,6 +192,9 @@ def render_config(
         f"smtp = {toml_value(list(smtp_listen))}",
         f"pop3 = {toml_value(list(pop3_listen))}",
     ]
+    lines += [f"{k} = {toml_value(list(v))}" for k, v in (extra_listen or {}).items()]
+    if tls:
+        lines += ["", "[tls]"] + [f"{k} = {toml_value(str(v))}" for k, v in tls.items()]
     if limits:
         lines += ["", "[limits]"] + [f"{k} = {toml_value(v)}" for k, v in limits.items()]
     if auth:
@@ -222,6 +227,8 @@ class RustmailServer:
         accounts: dict[str, dict],
         limits: dict | None = None,
         auth: dict | None = None,
+        tls: dict | None = None,
+        extra_listeners: Iterable[str] = (),
     ) -> None:
         self.binary = binary
         self.workdir = workdir
@@ -236,6 +243,9 @@ class RustmailServer:
             self.pop3_port = free_port()
         self.limits = {"shutdown_timeout_secs": SHUTDOWN_TIMEOUT_SECS, **(limits or {})}
         self.auth = {"failure_delay_ms": 50, **(auth or {})}
+        self.tls = tls
+        # Further listeners (submission, submissions, pop3s), each on a free port.
+        self.ports = {name: free_port() for name in extra_listeners}
         self.proc: subprocess.Popen | None = None
         self.start_failed = False  # start() already reported the problem
         self.exit_codes: list[int] = []
@@ -252,6 +262,8 @@ class RustmailServer:
             accounts=accounts,
             limits=self.limits,
             auth=self.auth,
+            tls=self.tls,
+            extra_listen={name: [f"127.0.0.1:{port}"] for name, port in self.ports.items()},
         )
         kwargs.update(overrides)
         return render_config(**kwargs)

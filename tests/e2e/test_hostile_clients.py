@@ -71,10 +71,18 @@ def test_stop_during_data_answers_421_to_commands_pipelined_after_the_dot(server
 def test_connections_per_ip_are_capped(server_factory):
     srv = server_factory(limits={"max_connections_per_ip": 3})
     srv.start()
-    held = [socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10) for _ in range(3)]
+
+    def three_served():
+        # The start-up probes may still count for a moment: retry until three are served.
+        conns = [socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10) for _ in range(3)]
+        if all(c.makefile("rb").readline().startswith(b"220") for c in conns):
+            return conns
+        for c in conns:
+            c.close()
+        return None
+
+    held = wait_until(three_served, timeout=10, message="three connections to be served")
     try:
-        for c in held:
-            assert c.makefile("rb").readline().startswith(b"220")
         extra = socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10)
         assert extra.makefile("rb").readline().startswith(b"421 4.7.0")
         extra.close()

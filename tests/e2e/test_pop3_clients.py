@@ -145,8 +145,12 @@ def test_new_mail_moves_to_cur_and_retr_sets_seen(server):
         assert all(f.name.endswith(":2,") for f in server.maildir_files(ALICE, "cur"))
         uids = p.uidl()[1]
         p.retr(1)
-        flags = sorted(f.name.split(":2,")[1] for f in server.maildir_files(ALICE, "cur"))
-        assert flags == ["", "S"]
+
+        def flags():
+            return sorted(f.name.split(":2,")[1] for f in server.maildir_files(ALICE, "cur"))
+
+        # The flag is set once the message has been sent, so the client may see it a moment later.
+        wait_until(lambda: flags() == ["", "S"], timeout=5, message=f"one message flagged S, got {flags()}")
         assert p.uidl()[1] == uids, "UIDs do not change with flags"
         p.quit()
     finally:

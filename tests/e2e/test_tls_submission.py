@@ -1,0 +1,229 @@
+"""TLS and authenticated submission with real clients: smtplib STARTTLS/SMTP_SSL, poplib STLS/POP3_SSL,
+openssl s_client, swaks; injection across the TLS boundary; sending rights; certificate reload."""
+
+from __future__ import annotations
+
+import poplib
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ALICE, ALICE_ALIAS, BOB, PASSWORDS
+from e2e_helpers import make_message, wait_until
+
+TLS_LISTENERS = ("submission", "submissions", "pop3s")
+
+
+def make_cert(directory: Path, name: str, days: int = 30) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and mx.example.test, made by openssl for this test."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:mx.example.test",
+         "-days", str(days), "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return make_cert(tmp_path, "first")
+
+
+@pytest.fixture
+def tls_server(server_factory, certs):
+    cert, key = certs
+    srv = server_factory(tls={"certificate": cert, "key": key}, extra_listeners=TLS_LISTENERS,
+                         auth={"allow_plaintext_loopback": False})
+    srv.start()
+    return srv
+
+
+def context(cert: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cert))
+    return ctx
+
+
+def stored_text(server, address) -> str:
+    (path,) = server.stored_messages(address)
+    return path.read_text()
+
+
+def test_submission_starttls_login_and_send_adds_message_id_and_date(tls_server, certs):
+    msg = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: submitted\r\n\r\nhello bob\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", tls_server.ports["submission"], timeout=10) as s:
+        s.ehlo()
+        assert s.has_extn("starttls") and not s.has_extn("auth"), "no AUTH offered before TLS"
+        s.starttls(context=context(certs[0]))
+        s.ehlo()
+        assert "PLAIN" in s.esmtp_features["auth"] and not s.has_extn("starttls")
+        s.login(ALICE, PASSWORDS[ALICE])
+        assert s.sendmail(ALICE, [BOB], msg) == {}
+    text = stored_text(tls_server, BOB)
+    assert "with ESMTPSA" in text
+    assert "\nMessage-ID: <" in text and "\nDate: " in text
+    assert text.endswith("Subject: submitted\n" + text.split("Subject: submitted\n")[1])
+
+
+def test_implicit_tls_submission_on_465(tls_server, certs):
+    with smtplib.SMTP_SSL("127.0.0.1", tls_server.ports["submissions"], context=context(certs[0]), timeout=10) as s:
+        s.login(ALICE, PASSWORDS[ALICE])
+        _, msg = make_message(BOB)
+        assert s.sendmail(ALICE_ALIAS, [BOB], msg) == {}, "an alias is the account's own address"
+    assert len(tls_server.stored_messages(BOB)) == 1
+
+
+def test_auth_refused_without_tls_and_mail_needs_auth(tls_server):
+    with smtplib.SMTP("127.0.0.1", tls_server.ports["submission"], timeout=10) as s:
+        s.ehlo()
+        code, text = s.docmd("AUTH", "PLAIN AGFsaWNlAHB3")
+        assert code == 538, text
+        code, text = s.docmd("MAIL", f"FROM:<{ALICE}>")
+        assert code == 530, text
+
+
+def test_sending_as_someone_else_and_relaying_are_refused(tls_server, certs):
+    with smtplib.SMTP_SSL("127.0.0.1", tls_server.ports["submissions"], context=context(certs[0]), timeout=10) as s:
+        s.login(ALICE, PASSWORDS[ALICE])
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:
+            s.sendmail(BOB, [BOB], b"Subject: forged\r\n\r\nx\r\n")
+        assert e.value.smtp_code == 553
+        s.rset()
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
+            s.sendmail(ALICE, ["friend@remote.test"], b"Subject: out\r\n\r\nx\r\n")
+        ((code, text),) = e.value.recipients.values()
+        assert code == 451 and b"not available yet" in text
+
+
+def test_wrong_password_is_535(tls_server, certs):
+    with smtplib.SMTP_SSL("127.0.0.1", tls_server.ports["submissions"], context=context(certs[0]), timeout=10) as s:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login(ALICE, "Guessed-Pa55word")
+        assert e.value.smtp_code == 535
+    assert "Guessed-Pa55word" not in tls_server.log_text(), "AUTH data is never logged"
+
+
+def test_plaintext_sent_after_starttls_is_never_executed(tls_server, certs):
+    raw = socket.create_connection(("127.0.0.1", tls_server.ports["submission"]), timeout=10)
+    f = raw.makefile("rb")
+    f.readline()
+    raw.sendall(b"EHLO c.test\r\n")
+    while f.readline()[3:4] == b"-":
+        pass
+    raw.sendall(b"STARTTLS\r\nRSET\r\n")  # one packet: RSET must not run, before or after the handshake
+    assert f.readline().startswith(b"220 2.0.0")
+    tls = context(certs[0]).wrap_socket(raw, server_hostname="127.0.0.1")
+    g = tls.makefile("rb")
+    tls.sendall(b"NOOP\r\n")
+    assert g.readline() == b"250 2.0.0 OK\r\n", "the first reply over TLS answers NOOP, not the injected RSET"
+    tls.close()
+    assert "discarding plaintext sent after STARTTLS" in tls_server.log_text()
+
+
+def test_pop3_stls_and_pop3s(tls_server, certs):
+    _, msg = make_message(ALICE)
+    tls_server.send([ALICE], msg)
+    p = poplib.POP3("127.0.0.1", tls_server.pop3_port, timeout=10)
+    assert "STLS" in p.capa() and "USER" not in p.capa()
+    with pytest.raises(poplib.error_proto, match=r"not allowed"):
+        p.user(ALICE)
+    p.stls(context=context(certs[0]))
+    assert "USER" in p.capa() and "STLS" not in p.capa()
+    p.user(ALICE)
+    p.pass_(PASSWORDS[ALICE])
+    assert p.stat()[0] == 1
+    p.quit()
+    q = poplib.POP3_SSL("127.0.0.1", tls_server.ports["pop3s"], context=context(certs[0]), timeout=10)
+    q.user(ALICE)
+    q.pass_(PASSWORDS[ALICE])
+    assert q.stat()[0] == 1
+    q.quit()
+
+
+def test_pop3_plaintext_after_stls_is_discarded(tls_server, certs):
+    raw = socket.create_connection(("127.0.0.1", tls_server.pop3_port), timeout=10)
+    f = raw.makefile("rb")
+    f.readline()
+    raw.sendall(f"STLS\r\nUSER {ALICE}\r\n".encode())
+    assert f.readline().startswith(b"+OK")
+    tls = context(certs[0]).wrap_socket(raw, server_hostname="127.0.0.1")
+    g = tls.makefile("rb")
+    tls.sendall(f"PASS {PASSWORDS[ALICE]}\r\n".encode())
+    assert g.readline() == b"-ERR USER first\r\n", "the USER sent in clear was not kept"
+    tls.close()
+
+
+@pytest.mark.parametrize("starttls,port_name", [("smtp", "submission"), ("pop3", None)])
+def test_openssl_offers_tls12_and_tls13_only(tls_server, starttls, port_name):
+    port = tls_server.ports[port_name] if port_name else tls_server.pop3_port
+
+    def handshake(version: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["openssl", "s_client", "-brief", "-starttls", starttls, "-connect", f"127.0.0.1:{port}", version],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+    for version, expect in (("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")):
+        out = handshake(version)
+        assert f"Protocol version: {expect}" in out.stdout + out.stderr, out.stdout + out.stderr
+    for old in ("-tls1_1", "-tls1"):
+        out = handshake(old)
+        assert "Protocol version" not in out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_tls_auth(tls_server):
+    done = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{tls_server.ports['submission']}", "--tls", "--auth", "PLAIN",
+         "--auth-user", ALICE, "--auth-password", PASSWORDS[ALICE], "--from", ALICE, "--to", BOB,
+         "--helo", "client.test", "--header", "Subject: via swaks tls"],
+        capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Subject: via swaks tls" in stored_text(tls_server, BOB)
+
+
+def test_certificate_swap_on_sighup(tls_server, certs, tmp_path):
+    def served_cert() -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", tls_server.ports["submissions"]), timeout=10) as raw:
+            with ctx.wrap_socket(raw) as tls:
+                return tls.getpeercert(binary_form=True)
+
+    first = served_cert()
+    held = smtplib.SMTP_SSL("127.0.0.1", tls_server.ports["submissions"], context=context(certs[0]), timeout=10)
+    new_cert, new_key = make_cert(tmp_path, "second")
+    accounts = {ALICE: tls_server.account(ALICE, aliases=[ALICE_ALIAS]), BOB: tls_server.account(BOB)}
+    tls_server.tls = {"certificate": new_cert, "key": new_key}
+    tls_server.reload(accounts)
+    wait_until(lambda: served_cert() != first, timeout=10, message="the new certificate to be served")
+    assert held.noop()[0] == 250, "an existing session keeps its connection"
+    held.quit()
+    # A broken certificate leaves the current one in force.
+    current = served_cert()
+    _, wrong_key = make_cert(tmp_path, "third")
+    tls_server.tls = {"certificate": new_cert, "key": wrong_key}
+    tls_server.reload(accounts)
+    wait_until(lambda: "tls.key" in tls_server.log_text(), timeout=10, message="the reload to be refused")
+    assert served_cert() == current
+
+
+def test_check_config_verifies_the_pair_and_warns_about_expiry(server_factory, tmp_path, rustmail_bin):
+    cert, key = make_cert(tmp_path, "soon", days=5)
+    _, other_key = make_cert(tmp_path, "other")
+    srv = server_factory(tls={"certificate": cert, "key": key})
+    out = subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "expires in" in out.stderr, out.stderr
+    srv.tls = {"certificate": cert, "key": other_key}
+    srv.write_config({ALICE: srv.account(ALICE)})
+    out = subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "tls.key" in out.stderr, out.stderr
