@@ -24,7 +24,7 @@ rustPlatform.buildRustPackage {
   cargoLock.lockFile = ../Cargo.lock;
 
   postInstall = ''
-    install -Dm644 -t $out/lib/systemd/system systemd/rustmail.service systemd/rustmail-smtp.socket systemd/rustmail-pop3.socket
+    install -Dm644 -t $out/lib/systemd/system systemd/rustmail.service systemd/rustmail-*.socket
     install -Dm644 systemd/rustmail.sysusers $out/lib/sysusers.d/rustmail.conf
     install -Dm644 systemd/rustmail.toml $out/share/doc/rustmail/rustmail.toml.example
     substituteInPlace $out/lib/systemd/system/rustmail.service \

@@ -28,19 +28,54 @@ let
   cfg = config.services.rustmail;
   settingsFormat = pkgs.formats.toml { };
 
-  # The listeners of this release. `submission` (587, STARTTLS), `submissions` (465, implicit TLS) and
-  # `pop3s` (995, implicit TLS) join them with TLS, under those names so that STARTTLS and implicit TLS
-  # can never be confused.
+  # Listener names follow RFC 8314, so that STARTTLS (smtp, submission, pop3) and implicit TLS
+  # (submissions, pop3s) cannot be confused.
   listenerInfo = {
     smtp = {
       port = 25;
-      what = "SMTP for incoming mail (port 25)";
+      what = "SMTP for incoming mail (port 25, STARTTLS offered when TLS is configured)";
+      default = true;
+      tls = false;
+    };
+    submission = {
+      port = 587;
+      what = "message submission (port 587, STARTTLS required before AUTH)";
+      default = false;
+      tls = true;
+    };
+    submissions = {
+      port = 465;
+      what = "message submission over implicit TLS (port 465)";
+      default = false;
+      tls = true;
     };
     pop3 = {
       port = 110;
-      what = "POP3 for fetching mail (port 110)";
+      what = "POP3 for fetching mail (port 110, STLS offered when TLS is configured)";
+      default = true;
+      tls = false;
+    };
+    pop3s = {
+      port = 995;
+      what = "POP3 over implicit TLS (port 995)";
+      default = false;
+      tls = true;
     };
   };
+
+  # The packaged service lists only the smtp and pop3 sockets; the others are added when enabled.
+  extraSockets = [ "submission" "submissions" "pop3s" ];
+
+  acme = cfg.tls.acmeHost != null;
+  acmeDirectory = config.security.acme.certs.${cfg.tls.acmeHost}.directory;
+  tlsFiles =
+    if acme then {
+      certificate = "${acmeDirectory}/fullchain.pem";
+      key = "${acmeDirectory}/key.pem";
+    } else if cfg.tls.certificateFile != null then {
+      certificate = cfg.tls.certificateFile;
+      key = cfg.tls.keyFile;
+    } else null;
 
   # Password hashes travel through LoadCredential: never through the Nix store, never on argv.
   credentialsDir = "/run/credentials/rustmail.service";
@@ -50,7 +85,7 @@ let
 
   portOf = listen: lib.toInt (lib.last (lib.splitString ":" listen));
 
-  finalSettings = cfg.settings // {
+  finalSettings = cfg.settings // lib.optionalAttrs (tlsFiles != null) { tls = tlsFiles; } // {
     storage_root = "/var/lib/rustmail";
     listen = mapAttrs (name: listener: optional listener.enable "systemd:${name}") cfg.listeners;
     accounts = mapAttrs
@@ -92,7 +127,7 @@ let
   listenerModule = name: info: {
     enable = mkOption {
       type = types.bool;
-      default = true;
+      default = info.default;
       description = "Whether to serve ${info.what}.";
     };
     listen = mkOption {
@@ -184,6 +219,28 @@ in
 
     listeners = mapAttrs listenerModule listenerInfo;
 
+    tls = {
+      acmeHost = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "mx.example.org";
+        description = ''
+          Use the certificate of `security.acme.certs.<name>`; rustmail reloads (and serves the new
+          certificate to new connections) when it is renewed.
+        '';
+      };
+      certificateFile = mkOption {
+        type = types.nullOr (types.strMatching "/.+");
+        default = null;
+        description = "PEM certificate chain (leaf first), when not using `acmeHost`. Read again on every reload.";
+      };
+      keyFile = mkOption {
+        type = types.nullOr (types.strMatching "/.+");
+        default = null;
+        description = "PEM private key matching `certificateFile`; readable by the `rustmail` group, not in the Nix store.";
+      };
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -209,11 +266,31 @@ in
           message = ''services.rustmail.accounts."${address}".hashedPasswordFile is in the Nix store, which every local user can read; keep password hashes outside it (e.g. with agenix or sops-nix).'';
         })
         cfg.accounts
+      ++ [
+        {
+          assertion = (cfg.tls.certificateFile == null) == (cfg.tls.keyFile == null);
+          message = "services.rustmail.tls.certificateFile and keyFile go together.";
+        }
+        {
+          assertion = !(acme && cfg.tls.certificateFile != null);
+          message = "services.rustmail.tls: set either acmeHost or certificateFile/keyFile, not both.";
+        }
+        {
+          assertion = cfg.tls.keyFile == null || !(hasPrefix builtins.storeDir cfg.tls.keyFile);
+          message = "services.rustmail.tls.keyFile is in the Nix store, which every local user can read.";
+        }
+      ]
+      ++ mapAttrsToList
+        (name: listener: {
+          assertion = !(listener.enable && listenerInfo.${name}.tls && tlsFiles == null);
+          message = "services.rustmail.listeners.${name} needs TLS: set services.rustmail.tls.acmeHost or tls.certificateFile and tls.keyFile.";
+        })
+        cfg.listeners
       ++ map
         (key: {
           assertion = !(cfg.settings ? ${key});
           message = "services.rustmail.settings.${key} is set by the module; use services.rustmail.{accounts,listeners} instead.";
-        }) [ "listen" "accounts" "storage_root" ];
+        }) [ "listen" "accounts" "storage_root" "tls" ];
 
     systemd.packages = [ cfg.package ];
 
@@ -236,7 +313,18 @@ in
         LoadCredential = mapAttrsToList
           (address: account: "${credentialName address}:${account.hashedPasswordFile}")
           cfg.accounts;
+        # Sockets= adds to the packaged list (smtp, pop3).
+        Sockets = map (name: "rustmail-${name}.socket")
+          (lib.filter (name: cfg.listeners.${name}.enable) extraSockets);
+        # The certificate is read in place, so that a reload picks up a renewal: through the ACME
+        # group, which PrivateUsers= would map away.
+        SupplementaryGroups = lib.optional acme config.security.acme.certs.${cfg.tls.acmeHost}.group;
+        PrivateUsers = lib.mkIf acme false;
       };
+    };
+
+    security.acme.certs = lib.mkIf acme {
+      ${cfg.tls.acmeHost}.reloadServices = [ "rustmail.service" ];
     };
 
     # A disabled listener's socket is masked, and its name left out of the configuration.

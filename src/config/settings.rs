@@ -129,6 +129,15 @@ impl Settings {
         }
         validate_limits(&config.limits)?;
         let tls = match (&config.tls.certificate, &config.tls.key) {
+            // Build-time checks have no certificate yet (ACME, credentials): only the paths are checked.
+            (Some(cert), Some(key)) if secrets == SecretFiles::Skip => {
+                for (name, path) in [("tls.certificate", cert), ("tls.key", key)] {
+                    if !path.is_absolute() {
+                        return Err(ConfigError::invalid(name, format!("{} is not an absolute path", path.display())));
+                    }
+                }
+                None
+            }
             (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
             (None, None) => None,
             (Some(_), None) => {
@@ -144,7 +153,8 @@ impl Settings {
                 ));
             }
         };
-        let listeners = parse_listeners(&config.listen, tls.is_some())?;
+        let have_tls = config.tls.certificate.is_some() && config.tls.key.is_some();
+        let listeners = parse_listeners(&config.listen, have_tls)?;
         let directory = Directory::from_config(&config, &domains, secrets)?;
         Ok(Settings {
             hostname,

@@ -21,6 +21,14 @@ let
       users.groups = mkOption { type = unit; default = { }; };
       networking.fqdnOrHostName = mkOption { type = types.str; default = "server"; };
       networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
+      security.acme.certs = mkOption {
+        default = { };
+        type = types.attrsOf (types.submodule ({ name, ... }: {
+          freeformType = anything;
+          options.directory = mkOption { type = types.str; default = "/var/lib/acme/${name}"; };
+          options.group = mkOption { type = types.str; default = "acme"; };
+        }));
+      };
     };
   };
 
@@ -75,6 +83,13 @@ let
 
   smtpOnly = eval (base // { listeners.pop3.enable = false; });
 
+  withAcme = eval (base // {
+    tls.acmeHost = "mx.example.org";
+    listeners.submissions.enable = true;
+    listeners.pop3s.enable = true;
+  });
+  acmeService = withAcme.systemd.services.rustmail.serviceConfig;
+
   checks = {
     "good config has no failed assertion" = failedAssertions good == [ ];
     "units come from the package" = good.systemd.packages == [ fakePackage ];
@@ -95,7 +110,13 @@ let
       goodSettings.accounts."alice@example.org".password_hash_file
       == "/run/credentials/rustmail.service/${lib.head (lib.splitString ":" credential)}";
     "aliases are rendered" = goodSettings.accounts."alice@example.org".aliases == [ "postmaster@example.org" ];
-    "listeners use the systemd sockets" = goodSettings.listen == { smtp = [ "systemd:smtp" ]; pop3 = [ "systemd:pop3" ]; };
+    "listeners use the systemd sockets" = goodSettings.listen == {
+      smtp = [ "systemd:smtp" ];
+      pop3 = [ "systemd:pop3" ];
+      submission = [ ];
+      submissions = [ ];
+      pop3s = [ ];
+    };
     "domains and hostname are rendered" = goodSettings.domains == [ "example.org" ] && goodSettings.hostname == "server";
     "typed limits have their defaults" = goodSettings.limits.max_recipients == 100;
     "state in /var/lib/rustmail" = goodSettings.storage_root == "/var/lib/rustmail";
@@ -109,6 +130,22 @@ let
     "disabled listener: socket masked" = smtpOnly.systemd.sockets.rustmail-pop3.enable == false;
     "disabled listener: left out of the config" = (settingsOf smtpOnly).listen.pop3 == [ ];
 
+    "no TLS listener by default" = service.serviceConfig.Sockets == [ ] && good.systemd.sockets.rustmail-submissions.enable == false;
+    "ACME certificate is used in place" = (settingsOf withAcme).tls == {
+      certificate = "/var/lib/acme/mx.example.org/fullchain.pem";
+      key = "/var/lib/acme/mx.example.org/key.pem";
+    };
+    "ACME renewal reloads rustmail" = withAcme.security.acme.certs."mx.example.org".reloadServices == [ "rustmail.service" ];
+    "ACME group can read the key" = acmeService.SupplementaryGroups == [ "acme" ] && acmeService.PrivateUsers == false;
+    "enabled TLS listeners get their sockets" =
+      acmeService.Sockets == [ "rustmail-submissions.socket" "rustmail-pop3s.socket" ]
+      && (settingsOf withAcme).listen.submissions == [ "systemd:submissions" ]
+      && withAcme.systemd.sockets.rustmail-pop3s.socketConfig.ListenStream == [ "" "995" ];
+    "TLS listener without certificate is refused" = anyMessage "needs TLS" (eval (base // { listeners.submission.enable = true; }));
+    "key in the Nix store is refused" = anyMessage "keyFile is in the Nix store" (eval (base // {
+      tls.certificateFile = "/etc/ssl/mx.pem";
+      tls.keyFile = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-key.pem";
+    }));
     "hash in the Nix store is refused" = anyMessage "is in the Nix store" (eval (base // {
       accounts."alice@example.org".hashedPasswordFile = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-alice.hash";
     }));

@@ -2,7 +2,9 @@
 """A mail client for the system tests (NixOS VM tests and their nspawn twins), standard library only.
 
   mailclient --host H send --sender A --to B [--to C] --subject S --body TEXT [--expect-code N]
-  mailclient --host H fetch --user U --password P          print every message (RETR), one after another
+             [--port 587 --starttls | --port 465 --ssl] [--login USER:PASSWORD] [--cafile CERT]
+  mailclient --host H fetch --user U --password P [--stls | --ssl --pop3-port 995] [--cafile CERT]
+                                                            print every message (RETR), one after another
   mailclient --host H uidl --user U --password P           print "n uid" lines
   mailclient --host H hammer --seconds N --out FILE        connect/QUIT in a loop, write counts as JSON
 
@@ -14,6 +16,7 @@ import json
 import poplib
 import smtplib
 import socket
+import ssl
 import sys
 import time
 from email.message import EmailMessage
@@ -25,7 +28,15 @@ def send(args):
     msg["To"] = ", ".join(args.to)
     msg["Subject"] = args.subject
     msg.set_content(args.body)
-    with smtplib.SMTP(args.host, args.smtp_port, timeout=30) as s:
+    ctx = tls_context(args)
+    port = args.port or args.smtp_port
+    client = smtplib.SMTP_SSL(args.host, port, timeout=30, context=ctx) if args.ssl else smtplib.SMTP(args.host, port, timeout=30)
+    with client as s:
+        if args.starttls:
+            s.starttls(context=ctx)
+        if args.login:
+            user, password = args.login.split(":", 1)
+            s.login(user, password)
         try:
             refused = s.send_message(msg)
         except smtplib.SMTPRecipientsRefused as e:
@@ -39,8 +50,17 @@ def send(args):
     print("refused" if refused else "sent", json.dumps({k: [c, m.decode()] for k, (c, m) in refused.items()}))
 
 
+def tls_context(args):
+    return ssl.create_default_context(cafile=args.cafile) if args.cafile else ssl.create_default_context()
+
+
 def login(args):
-    p = poplib.POP3(args.host, args.pop3_port, timeout=30)
+    if args.ssl:
+        p = poplib.POP3_SSL(args.host, args.pop3_port, timeout=30, context=tls_context(args))
+    else:
+        p = poplib.POP3(args.host, args.pop3_port, timeout=30)
+        if args.stls:
+            p.stls(context=tls_context(args))
     p.user(args.user)
     p.pass_(args.password)
     return p
@@ -94,6 +114,8 @@ def main():
     ap.add_argument("--host", default="localhost")
     ap.add_argument("--smtp-port", type=int, default=25)
     ap.add_argument("--pop3-port", type=int, default=110)
+    ap.add_argument("--cafile", help="CA certificate that signs the server's certificate")
+    ap.add_argument("--ssl", action="store_true", help="implicit TLS (SMTPS 465, POP3S 995)")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("send")
     s.add_argument("--sender", required=True)
@@ -101,11 +123,15 @@ def main():
     s.add_argument("--subject", default="test")
     s.add_argument("--body", default="test body")
     s.add_argument("--expect-code", type=int)
+    s.add_argument("--port", type=int, help="SMTP port (default --smtp-port)")
+    s.add_argument("--starttls", action="store_true")
+    s.add_argument("--login", help="USER:PASSWORD for AUTH")
     s.set_defaults(run=send)
     for name, run in (("fetch", fetch), ("uidl", uidl)):
         p = sub.add_parser(name)
         p.add_argument("--user", required=True)
         p.add_argument("--password", required=True)
+        p.add_argument("--stls", action="store_true")
         p.set_defaults(run=run)
     h = sub.add_parser("hammer")
     h.add_argument("--seconds", type=float, default=5)

@@ -1,5 +1,6 @@
 # The server node of the VM tests. tests/nixos/server.toml is the same configuration for the runs of
 # these tests under systemd-nspawn.
+{ testCert }:
 { config, pkgs, ... }:
 
 let
@@ -10,6 +11,12 @@ let
 in
 {
   environment.etc."rustmail-test/alice.hash".source = aliceHash;
+  environment.etc."rustmail-test/cert.pem".source = "${testCert}/cert.pem";
+  environment.etc."rustmail-test/key.pem" = {
+    source = "${testCert}/key.pem";
+    mode = "0440";
+    group = "rustmail";
+  };
 
   services.rustmail = {
     enable = true;
@@ -20,6 +27,11 @@ in
       # The client node reaches the server over the test network, and there is no TLS yet.
       auth.allow_unencrypted_remote = true;
     };
+    tls.certificateFile = "/etc/rustmail-test/cert.pem";
+    tls.keyFile = "/etc/rustmail-test/key.pem";
+    listeners.submission.enable = true;
+    listeners.submissions.enable = true;
+    listeners.pop3s.enable = true;
     accounts."alice@example.test" = {
       hashedPasswordFile = "/etc/rustmail-test/alice.hash";
       aliases = [ "postmaster@example.test" ];

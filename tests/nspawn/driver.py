@@ -10,7 +10,7 @@ machine without Nix or KVM, against real systemd as PID 1 in a container:
 rustmail binary, the shipped unit files and the test configuration); `client` runs commands on the host
 inside the container's network namespace, so it reaches the server's sockets as a NixOS client node
 would (here over loopback, since the container has a private network with no other interface).
-The script also gets `start_all`, `subtest`, and `SERVER_ADDRESS`.
+The script also gets `start_all`, `subtest`, `SERVER_ADDRESS` and `CA_FILE`.
 """
 
 import argparse
@@ -238,6 +238,8 @@ def main():
         "server": server, "machine": server, "client": client,
         "start_all": lambda: server.start(), "subtest": subtest,
         "SERVER_ADDRESS": "127.0.0.1",
+        # The test certificate lives in the container; the client (the host) reads it from there.
+        "CA_FILE": os.path.join(server.root, "etc/rustmail-test/cert.pem"),
     }
     ok = False
     try:
