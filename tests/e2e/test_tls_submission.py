@@ -227,3 +227,21 @@ def test_check_config_verifies_the_pair_and_warns_about_expiry(server_factory, t
     out = subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "tls.key" in out.stderr, out.stderr
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_submits_over_starttls_and_fetches_over_pop3s(tls_server, certs, tmp_path):
+    cert = str(certs[0])
+    body = tmp_path / "msg.eml"
+    body.write_bytes(f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: via curl tls\r\n\r\nhello\r\n".encode())
+    subprocess.run(
+        ["curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", cert,
+         f"smtp://127.0.0.1:{tls_server.ports['submission']}/client.test",
+         "--user", f"{ALICE}:{PASSWORDS[ALICE]}", "--mail-from", ALICE, "--mail-rcpt", BOB,
+         "--upload-file", str(body)],
+        check=True, capture_output=True, timeout=30)
+    out = subprocess.run(
+        ["curl", "--silent", "--show-error", "--cacert", cert,
+         f"pop3s://127.0.0.1:{tls_server.ports['pop3s']}/1", "--user", f"{BOB}:{PASSWORDS[BOB]}"],
+        check=True, capture_output=True, timeout=30).stdout
+    assert b"Subject: via curl tls" in out and b"with ESMTPSA" in out
