@@ -110,40 +110,46 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// A self-signed EC certificate made by openssl for tests, valid for `days`: (certificate, key).
+#[cfg(test)]
+pub(crate) fn test_certificate(
+    dir: &Path,
+    name: &str,
+    days: u32,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+        ])
+        .arg(format!("/CN={name}"))
+        .args(["-days", &days.to_string(), "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs")
+        .status
+        .success();
+    assert!(ok, "openssl made a certificate");
+    (cert, key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
 
-    /// A self-signed certificate made by openssl, valid for `days`.
-    fn make_cert(dir: &Path, name: &str, days: u32) -> (std::path::PathBuf, std::path::PathBuf) {
-        let (cert, key) = (
-            dir.join(format!("{name}.crt")),
-            dir.join(format!("{name}.key")),
-        );
-        let ok = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-subj",
-            ])
-            .arg(format!("/CN={name}"))
-            .args(["-days", &days.to_string(), "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl runs")
-            .status
-            .success();
-        assert!(ok);
-        (cert, key)
-    }
+    use super::test_certificate as make_cert;
 
     #[test]
     fn loads_a_matching_pair() {

@@ -9,24 +9,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rustmail");
-const PASSWORD: &str = "correct horse battery staple";
+mod common;
+use common::{BIN, hash_password as hash};
 
-fn hash(password: &str) -> String {
-    let mut child = Command::new(BIN)
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
+const PASSWORD: &str = "correct horse battery staple";
 
 fn write_config(dir: &Path, listen: &str) -> PathBuf {
     let path = dir.join("rustmail.toml");

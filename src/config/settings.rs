@@ -133,7 +133,10 @@ impl Settings {
             (Some(cert), Some(key)) if secrets == SecretFiles::Skip => {
                 for (name, path) in [("tls.certificate", cert), ("tls.key", key)] {
                     if !path.is_absolute() {
-                        return Err(ConfigError::invalid(name, format!("{} is not an absolute path", path.display())));
+                        return Err(ConfigError::invalid(
+                            name,
+                            format!("{} is not an absolute path", path.display()),
+                        ));
                     }
                 }
                 None

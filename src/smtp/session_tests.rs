@@ -492,34 +492,13 @@ fn utf8_trace_header_names_the_protocol() {
 
 /// Settings with a certificate (made by openssl once per test run), for STARTTLS.
 fn tls_settings() -> Arc<Settings> {
-    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
+    static FILES: OnceLock<(std::path::PathBuf, std::path::PathBuf)> = OnceLock::new();
+    let (cert, key) = FILES.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ])
-            .args(["-subj", "/CN=mx.example.org", "-days", "30", "-keyout"])
-            .arg(dir.join("key.pem"))
-            .arg("-out")
-            .arg(dir.join("cert.pem"))
-            .output()
-            .unwrap()
-            .status
-            .success();
-        assert!(ok);
-        dir
+        crate::tls::test_certificate(&dir, "mx.example.org", 30)
     });
     let mut s = (*settings()).clone();
-    s.tls = Some(Arc::new(
-        crate::tls::Tls::load(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap(),
-    ));
+    s.tls = Some(Arc::new(crate::tls::Tls::load(cert, key).unwrap()));
     Arc::new(s)
 }
 
