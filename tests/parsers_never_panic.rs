@@ -43,6 +43,7 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         Just(b"APOP a 0123\r\n".to_vec()),
         Just(vec![b'x'; 700]),
         Just(vec![b'y'; 1200]),
+        Just(b"AUTH PLAIN ".iter().copied().chain(std::iter::repeat_n(b'A', 13000)).collect()),
         proptest::collection::vec(any::<u8>(), 0..40),
     ]
 }
@@ -63,7 +64,8 @@ proptest! {
     #[test]
     fn smtp_session_never_panics_and_buffers_at_most_a_line((input, chunk) in stream()) {
         let s = settings();
-        let cap = s.limits.max_line_length.max(s.limits.max_command_length);
+        // The longest line kept: an AUTH line may be 12288 octets (RFC 4954 §4).
+        let cap = s.limits.max_line_length.max(s.limits.max_command_length).max(12288);
         // A submission channel reaches the AUTH states too.
         let channel = smtp::Channel { submission: true, tls: false, starttls: true };
         let mut session = smtp::Session::new(s, "127.0.0.1".parse().unwrap(), channel);

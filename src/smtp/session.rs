@@ -227,7 +227,16 @@ impl Session {
                     None => return (input.len(), Event::NeedInput),
                 },
                 Mode::Command | Mode::Auth(_) => {
-                    let max = self.settings.limits.max_command_length;
+                    // RFC 4954 §4: AUTH lines and SASL responses may be up to 12288 octets.
+                    let auth_line = matches!(self.mode, Mode::Auth(_))
+                        || rest
+                            .get(..5)
+                            .is_some_and(|v| v.eq_ignore_ascii_case(b"AUTH "));
+                    let max = if auth_line {
+                        self.settings.limits.max_command_length.max(12288)
+                    } else {
+                        self.settings.limits.max_command_length
+                    };
                     let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
                         if rest.len() >= max {
                             // An over-long command: discard it to its end before answering, so

@@ -636,3 +636,20 @@ fn submission_trace_says_esmtpsa() {
         Some("alice@example.org")
     );
 }
+
+#[test]
+fn long_auth_responses_are_allowed() {
+    use base64::Engine as _;
+    let password = "p".repeat(2000);
+    let token = base64::engine::general_purpose::STANDARD
+        .encode(format!("\0alice@example.org\0{password}"));
+    let t = submission(&format!(
+        "EHLO c\r\nSTARTTLS\r\nEHLO c\r\nAUTH PLAIN {token}\r\nNOOP {}\r\n",
+        "x".repeat(600)
+    ));
+    assert_eq!(
+        codes(&t),
+        ["220", "250", "220", "250", "535", "500"],
+        "a long AUTH line is read; a long NOOP is not"
+    );
+}
