@@ -271,16 +271,20 @@ impl Directory {
             return false;
         };
         let local = local.to_lowercase();
-        let owns = |local: &str| {
-            self.routes
-                .get(&format!("{local}@{domain}"))
-                .is_some_and(|accounts| accounts.iter().any(|a| a.address == account.address))
-        };
-        owns(&local)
-            || self
+        let targets = |local: &str| self.routes.get(&format!("{local}@{domain}"));
+        let owns =
+            |accounts: &Vec<Arc<Account>>| accounts.iter().any(|a| a.address == account.address);
+        // An address that routes somewhere belongs to whom it routes to; only an address that routes
+        // nowhere is read as `base+tag` (so `alice` cannot send as the account `alice+bob`).
+        match targets(&local) {
+            Some(accounts) => owns(accounts),
+            None => self
                 .subaddress_separator
                 .and_then(|sep| local.split_once(sep))
-                .is_some_and(|(base, _)| !base.is_empty() && owns(base))
+                .filter(|(base, _)| !base.is_empty())
+                .and_then(|(base, _)| targets(base))
+                .is_some_and(owns),
+        }
     }
 
     /// Checks a login. Costs one password hash verification whether or not the user exists, so that
@@ -684,6 +688,19 @@ mod tests {
             "catch-all is not ownership"
         );
         assert!(!d.may_send_as(&alice, "alice", "elsewhere.org"));
+    }
+
+    #[test]
+    fn a_tag_never_reaches_another_account() {
+        let h = hash();
+        let accounts = BTreeMap::from([
+            ("alice@example.org".to_string(), account(&h, &[])),
+            ("alice+bob@example.org".to_string(), account(&h, &[])),
+        ]);
+        let d = build(accounts, SecretFiles::Read, |_| {}).unwrap();
+        let alice = d.accounts().find(|a| a.local == "alice").unwrap().clone();
+        assert!(!d.may_send_as(&alice, "alice+bob", "example.org"));
+        assert!(d.may_send_as(&alice, "alice+other", "example.org"));
     }
 
     #[test]

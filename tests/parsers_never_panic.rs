@@ -43,7 +43,13 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         Just(b"APOP a 0123\r\n".to_vec()),
         Just(vec![b'x'; 700]),
         Just(vec![b'y'; 1200]),
-        Just(b"AUTH PLAIN ".iter().copied().chain(std::iter::repeat_n(b'A', 13000)).collect()),
+        Just(
+            b"AUTH PLAIN "
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(b'A', 13000))
+                .collect()
+        ),
         proptest::collection::vec(any::<u8>(), 0..40),
     ]
 }
@@ -133,6 +139,7 @@ proptest! {
             buf.drain(..n);
             match event {
                 pop3::Event::Close => break,
+                pop3::Event::Flush => session.outbox().clear(),
                 pop3::Event::Login { .. } => session.login_result(Ok(vec![pop3::Listing { uid: "u".into(), size: 1 }])),
                 pop3::Event::Retrieve { index, .. } => session.retrieve_started(index, true),
                 pop3::Event::Update { .. } => session.update_result(true),

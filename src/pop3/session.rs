@@ -15,6 +15,9 @@ pub use crate::accounts::Secret;
 pub enum Event {
     /// Flush the outbox and read more input.
     NeedInput,
+    /// Flush the outbox, then call [`Session::advance`] again on the input that is left: listings are
+    /// large for a short command, so pipelined LIST/UIDL must not pile up in memory.
+    Flush,
     /// Verify these credentials, lock and list the mailbox, then call [`Session::login_result`].
     Login {
         user: String,
@@ -91,6 +94,9 @@ pub struct Session {
     auth_failures: u32,
 }
 
+/// Outbox size past which replies are written out before more pipelined commands are answered.
+const OUTBOX_FLUSH: usize = 256 * 1024;
+
 /// RFC 2449 §4: 255 octets for a command line; we allow more for long passwords.
 const MAX_LINE: usize = 512;
 
@@ -149,6 +155,9 @@ impl Session {
     pub fn advance(&mut self, input: &[u8]) -> (usize, Event) {
         let mut used = 0;
         loop {
+            if self.outbox.len() >= OUTBOX_FLUSH && used < input.len() {
+                return (used, Event::Flush);
+            }
             match self.state {
                 State::Closed => return (used, Event::Close),
                 State::Verifying | State::Update => return (used, Event::NeedInput),

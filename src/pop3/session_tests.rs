@@ -47,6 +47,7 @@ fn play(input: &[u8], chunk: usize, plaintext_ok: bool) -> Transcript {
         let (n, event) = s.advance(&buf);
         buf.drain(..n);
         match event {
+            Event::Flush => t.events.push("flush".into()),
             Event::NeedInput => {
                 if fed >= input.len() {
                     break;
@@ -384,4 +385,36 @@ fn stls_before_login_only_then_passwords_allowed() {
         "{out}"
     );
     assert!(out.contains("-ERR TLS is not available on this connection"));
+}
+
+#[test]
+fn pipelined_listings_are_flushed_as_they_grow() {
+    let big: Vec<Listing> = (0..5000)
+        .map(|i| Listing {
+            uid: format!("uid-{i:040}"),
+            size: 1000,
+        })
+        .collect();
+    let mut s = Session::new(settings(), true, false, None);
+    s.advance(LOGIN.as_bytes());
+    s.login_result(Ok(big));
+    s.outbox().clear();
+    let input = "UIDL\r\n".repeat(20);
+    let mut at = 0;
+    let mut flushes = 0;
+    loop {
+        let (n, e) = s.advance(&input.as_bytes()[at..]);
+        at += n;
+        match e {
+            Event::Flush => {
+                flushes += 1;
+                assert!(s.outbox().len() < 2 * OUTBOX_FLUSH);
+                s.outbox().clear();
+            }
+            Event::NeedInput => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(at, input.len());
+    assert!(flushes >= 5, "{flushes}");
 }

@@ -228,7 +228,8 @@ impl Drop for ActiveGuard {
 
 async fn connection(stream: TcpStream, peer: SocketAddr, protocol: Protocol, shared: Arc<Shared>) {
     let id = shared.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    let ip = peer.ip().to_canonical();
+    // IPv6 clients are counted per /64, which one host commonly holds whole.
+    let ip = auth::address_key(peer.ip());
     let (_guard, active, from_ip) = ActiveGuard::new(shared.clone(), ip);
     let limits = shared.settings().limits.clone();
     let busy = active > limits.max_connections || from_ip > limits.max_connections_per_ip;

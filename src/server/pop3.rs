@@ -56,6 +56,12 @@ pub async fn serve(
         buf.drain(..used);
         match event {
             Event::NeedInput => {}
+            Event::Flush => {
+                if !flush(&mut stream, &mut session, idle).await {
+                    return;
+                }
+                continue;
+            }
             Event::Login { user, credential } => {
                 let result = login(&shared, &user, credential, banner.as_deref(), ip).await;
                 session.login_result(result.map(|(drop, listing)| {

@@ -179,6 +179,8 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
                     _ => return Err(ParseError::Syntax),
                 }
             }
+            // RFC 4954 §5: the submitter identity a client may pass along; informative only.
+            "AUTH" if !value.is_empty() => {}
             // RFC 6531 §3.4: a keyword without value.
             "SMTPUTF8" if value.is_empty() && !param.contains('=') => smtputf8 = true,
             _ => return Err(ParseError::UnknownParameter),

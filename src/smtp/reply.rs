@@ -84,8 +84,9 @@ pub const OUTBOUND_UNAVAILABLE: Reply = Reply::new(
     "4.3.2",
     "Delivery to other domains is not available yet on this server; local recipients only",
 );
+/// Closes the connection, hence 421 (RFC 5321 §3.8).
 pub const AUTH_THROTTLED: Reply = Reply::new(
-    454,
+    421,
     "4.7.0",
     "Too many failed logins from your address, try again later",
 );

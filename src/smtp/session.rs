@@ -248,6 +248,8 @@ impl Session {
                     };
                     used += lf + 1;
                     if lf + 1 > max {
+                        // An over-long SASL response also ends the AUTH exchange.
+                        self.mode = Mode::Command;
                         self.error(reply::LINE_TOO_LONG);
                         continue;
                     }

@@ -57,7 +57,8 @@ impl Session {
         let refusal = if !self.channel.submission {
             // Port 25 takes mail for local users only; logins belong to the submission ports.
             Some(reply::NOT_IMPLEMENTED)
-        } else if self.helo.is_none() {
+        } else if !self.helo.as_ref().is_some_and(|(_, esmtp)| *esmtp) {
+            // RFC 4954 §4: AUTH is an ESMTP extension.
             Some(reply::BAD_SEQUENCE.with_text("Send EHLO first"))
         } else if self.account.is_some() {
             Some(reply::BAD_SEQUENCE.with_text("Already authenticated"))
