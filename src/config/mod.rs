@@ -177,6 +177,9 @@ pub struct Auth {
     pub max_failures_per_ip: u32,
     /// RFC 2449 LOGIN-DELAY: seconds an account must wait between two POP3 logins (0: no limit).
     pub pop3_login_delay_secs: u64,
+    /// Submission: an account may use only its own addresses (and aliases, and their +tags) as
+    /// envelope sender. Off: any sender, for setups where users legitimately send as shared addresses.
+    pub restrict_senders: bool,
 }
 
 impl Default for Auth {
@@ -188,6 +191,7 @@ impl Default for Auth {
             max_failures: 3,
             max_failures_per_ip: 10,
             pop3_login_delay_secs: 0,
+            restrict_senders: true,
         }
     }
 }

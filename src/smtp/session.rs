@@ -423,11 +423,12 @@ impl Session {
             let Some(account) = &self.account else {
                 return self.error(reply::AUTH_REQUIRED);
             };
-            let owned = from.as_ref().is_some_and(|f| {
-                self.settings
-                    .directory
-                    .may_send_as(account, &f.local, &f.domain)
-            });
+            let owned = !self.settings.auth.restrict_senders
+                || from.as_ref().is_some_and(|f| {
+                    self.settings
+                        .directory
+                        .may_send_as(account, &f.local, &f.domain)
+                });
             if !owned {
                 tracing::info!(account = %account.address, from = ?from.as_ref().map(|f| &f.raw), "sender not owned");
                 return self.error(reply::SENDER_NOT_OWNED);

@@ -653,3 +653,14 @@ fn long_auth_responses_are_allowed() {
         "a long AUTH line is read; a long NOOP is not"
     );
 }
+
+#[test]
+fn sender_restriction_can_be_turned_off() {
+    let mut open = (*tls_settings()).clone();
+    open.auth.restrict_senders = false;
+    let input = format!(
+        "EHLO c\r\nSTARTTLS\r\nEHLO c\r\nAUTH PLAIN {ALICE_PLAIN}\r\nMAIL FROM:<bob@example.org>\r\n"
+    );
+    let t = play_on(Arc::new(open), SUBMISSION, input.as_bytes(), 7);
+    assert_eq!(codes(&t), ["220", "250", "220", "250", "235", "250"]);
+}
