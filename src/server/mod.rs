@@ -48,6 +48,9 @@ pub struct Shared {
 #[derive(Default)]
 struct Stats {
     active: AtomicUsize,
+    /// Deliveries between their first link and their last fsync: a stop waits for them, so that no
+    /// message is left in some recipients' Maildirs and not others.
+    delivering: AtomicUsize,
     connections: AtomicU64,
     delivered: AtomicU64,
     retrieved: AtomicU64,
@@ -161,6 +164,14 @@ pub async fn run(
             sessions = shared.stats.active.load(Ordering::Relaxed),
             "sessions still running at the stop deadline; closing them (nothing they carried was acknowledged)"
         );
+    }
+    // Deliveries run on the blocking pool and outlive their sessions: let them end (they are bounded
+    // by a few fsyncs) rather than exit between two recipients' links.
+    let started = std::time::Instant::now();
+    while shared.stats.delivering.load(Ordering::SeqCst) > 0
+        && started.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tracing::info!("stopped");
     Ok(())

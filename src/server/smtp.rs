@@ -269,11 +269,14 @@ impl Message {
         let size = spool.size();
         let shared2 = shared.clone();
         let result = blocking(move || {
-            let maildirs = accounts
+            shared2.stats.delivering.fetch_add(1, Ordering::SeqCst);
+            let delivered = accounts
                 .iter()
                 .map(|a| shared2.store.ensure_maildir(a))
-                .collect::<std::io::Result<Vec<_>>>()?;
-            spool.deliver(&maildirs)
+                .collect::<std::io::Result<Vec<_>>>()
+                .and_then(|maildirs| spool.deliver(&maildirs));
+            shared2.stats.delivering.fetch_sub(1, Ordering::SeqCst);
+            delivered
         })
         .await;
         match result {
