@@ -207,6 +207,11 @@ impl Directory {
         self.domains.iter().map(String::as_str)
     }
 
+    /// The account with this (canonical) address.
+    pub fn account(&self, address: &str) -> Option<&Arc<Account>> {
+        self.accounts.get(address)
+    }
+
     pub fn accounts(&self) -> impl Iterator<Item = &Arc<Account>> {
         self.accounts.values()
     }

@@ -12,7 +12,8 @@ use super::auth::{Login, check_password};
 use super::{Conn, ReadError, Shared, blocking, deadline_in, read_some, start_tls, write_timed};
 use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
-use crate::smtp::{AuthOutcome, Channel, Event, Session};
+use crate::smtp::reply::{self, Reply};
+use crate::smtp::{AuthOutcome, Channel, Envelope, Event, Session};
 use crate::storage::Spool;
 
 /// Message bytes are collected up to this size before a write to the spool file.
@@ -82,8 +83,11 @@ pub async fn serve(
                 buf.drain(..used);
                 // The tail of a last BDAT chunk (nothing for DATA).
                 message.append(&session.take_message_bytes());
-                let result = message.finish(&shared, &session).await;
-                session.message_stored(result.as_deref().map_err(|_| ()));
+                match message.finish(&shared, &session).await {
+                    Ok(id) => session.message_stored(Ok(&id)),
+                    Err(Refusal::Temporary) => session.message_stored(Err(())),
+                    Err(Refusal::Permanent(reply)) => session.message_refused(reply),
+                }
                 continue;
             }
             Event::StartTls => {
@@ -246,19 +250,23 @@ impl Message {
     }
 
     /// Makes the message durable; returns its queue id.
-    async fn finish(&mut self, shared: &Arc<Shared>, session: &Session) -> Result<String, ()> {
+    async fn finish(&mut self, shared: &Arc<Shared>, session: &Session) -> Result<String, Refusal> {
+        let envelope = session.envelope().expect("a message has an envelope");
         if let Some(mut fixer) = self.fixer.take() {
             fixer.finish(&mut self.pending);
+            if let Err(reply) = check_sender_headers(shared, envelope, &fixer) {
+                self.discard();
+                return Err(Refusal::Permanent(reply));
+            }
         }
         self.write_pending().await;
         let spool = match (self.spool.take(), self.failed) {
             (Some(spool), false) => spool,
             _ => {
                 self.discard();
-                return Err(());
+                return Err(Refusal::Temporary);
             }
         };
-        let envelope = session.envelope().expect("a message has an envelope");
         let from = envelope
             .from
             .as_ref()
@@ -287,9 +295,49 @@ impl Message {
             }
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "delivery failed, answered 451: {id}: {e}");
-                Err(())
+                Err(Refusal::Temporary)
             }
         }
+    }
+}
+
+/// Why a complete message was not stored.
+enum Refusal {
+    /// Storage failed: 451, the client retries.
+    Temporary,
+    /// The message broke a rule: this reply, final.
+    Permanent(Reply),
+}
+
+/// Submission: From: and Sender: must name the account's own addresses too, not only MAIL FROM.
+fn check_sender_headers(
+    shared: &Shared,
+    envelope: &Envelope,
+    headers: &MissingHeaders,
+) -> Result<(), Reply> {
+    let settings = shared.settings();
+    let Some(account) = envelope
+        .submitter
+        .as_deref()
+        .and_then(|a| settings.directory.account(a))
+    else {
+        return Ok(());
+    };
+    if !settings.auth.restrict_senders {
+        return Ok(());
+    }
+    let owned = headers.sender_addresses().is_some_and(|addresses| {
+        addresses.iter().all(|address| {
+            address.rsplit_once('@').is_some_and(|(local, domain)| {
+                settings.directory.may_send_as(account, local, domain)
+            })
+        })
+    });
+    if owned {
+        Ok(())
+    } else {
+        tracing::info!(account = %account.address, "From:/Sender: not owned, refused");
+        Err(reply::FROM_NOT_OWNED)
     }
 }
 

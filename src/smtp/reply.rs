@@ -130,6 +130,11 @@ pub const ENCRYPTION_REQUIRED: Reply = Reply::new(
 pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
 pub const AUTH_MALFORMED: Reply = Reply::new(501, "5.5.2", "Cannot decode the response");
 pub const AUTH_MECHANISM: Reply = Reply::new(504, "5.5.4", "Unrecognised authentication mechanism");
+pub const FROM_NOT_OWNED: Reply = Reply::new(
+    553,
+    "5.7.1",
+    "From: or Sender: names an address not owned by the authenticated account",
+);
 pub const SENDER_NOT_OWNED: Reply = Reply::new(
     553,
     "5.7.1",

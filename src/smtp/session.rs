@@ -280,6 +280,15 @@ impl Session {
         }
     }
 
+    /// The message announced by [`Event::MessageEnd`] was refused after all (its content broke a rule
+    /// only visible at the end, such as a forged From: on submission): nothing was stored.
+    pub fn message_refused(&mut self, refusal: Reply) {
+        self.envelope = None;
+        self.bdat = None;
+        self.mode = Mode::Command;
+        self.error(refusal);
+    }
+
     /// `Return-Path:` and `Received:` (RFC 5321 §4.4) for the current transaction, LF-terminated.
     pub fn trace_headers(&self, id: &str, date: &str) -> String {
         let envelope = self.envelope.as_ref();

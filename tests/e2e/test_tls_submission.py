@@ -75,7 +75,7 @@ def test_submission_starttls_login_and_send_adds_message_id_and_date(tls_server,
 def test_implicit_tls_submission_on_465(tls_server, certs):
     with smtplib.SMTP_SSL("127.0.0.1", tls_server.ports["submissions"], context=context(certs[0]), timeout=10) as s:
         s.login(ALICE, PASSWORDS[ALICE])
-        _, msg = make_message(BOB)
+        msg = f"From: Al <{ALICE_ALIAS}>\r\nTo: {BOB}\r\nSubject: alias\r\n\r\nhi\r\n".encode()
         assert s.sendmail(ALICE_ALIAS, [BOB], msg) == {}, "an alias is the account's own address"
     assert len(tls_server.stored_messages(BOB)) == 1
 
@@ -245,3 +245,15 @@ def test_curl_submits_over_starttls_and_fetches_over_pop3s(tls_server, certs, tm
          f"pop3s://127.0.0.1:{tls_server.ports['pop3s']}/1", "--user", f"{BOB}:{PASSWORDS[BOB]}"],
         check=True, capture_output=True, timeout=30).stdout
     assert b"Subject: via curl tls" in out and b"with ESMTPSA" in out
+
+
+def test_forged_from_header_is_refused_after_data(tls_server, certs):
+    with smtplib.SMTP_SSL("127.0.0.1", tls_server.ports["submissions"], context=context(certs[0]), timeout=10) as s:
+        s.login(ALICE, PASSWORDS[ALICE])
+        forged = f"From: The Boss <{BOB}>\r\nTo: {BOB}\r\nSubject: forged\r\n\r\npay now\r\n".encode()
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail(ALICE, [BOB], forged)
+        assert e.value.smtp_code == 553 and b"From:" in e.value.smtp_error
+        honest = f"From: \"Alice, Tagged\" <{ALICE.replace('@', '+news@')}>\r\nSubject: ok\r\n\r\nhi\r\n".encode()
+        assert s.sendmail(ALICE, [BOB], honest) == {}
+    assert [m.read_text().count("Subject: ok") for m in tls_server.stored_messages(BOB)] == [1]
