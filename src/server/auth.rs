@@ -103,8 +103,8 @@ pub enum Login {
 }
 
 /// Checks credentials with everything around it: the per-address lock-out, at most one verification
-/// per core, the same cost for unknown users (the verifier's job), the doubling delay after a failure,
-/// and a log line that names the user and never the secret.
+/// per core, the doubling delay after a failure (counted from the start of the verification, so that a
+/// failure takes the same time whoever the user is), and a log line that names the user, never the secret.
 pub async fn check(
     shared: &Arc<Shared>,
     ip: IpAddr,
@@ -127,6 +127,10 @@ pub async fn check(
         return Login::Rejected;
     };
     let verifier = settings.clone();
+    // The delay of a failure runs from here, so the answer comes after the same time whatever the
+    // verification cost: unknown users, argon2 accounts with other parameters, bcrypt and SHA-512-crypt
+    // accounts all look alike as long as verifying takes less than the delay.
+    let started = tokio::time::Instant::now();
     let account = tokio::task::spawn_blocking(move || verify(&verifier.directory))
         .await
         .ok()
@@ -140,7 +144,7 @@ pub async fn check(
         Some(account) => Login::Accepted(account),
         None => {
             tracing::warn!(user = %shown_user, "login failed for {shown_user}");
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep_until(started + delay).await;
             Login::Rejected
         }
     }
