@@ -412,15 +412,13 @@ impl Session {
             }
             ("NOOP", 0) => self.ok(""),
             ("QUIT", 0) => {
+                // Always through UPDATE, even with nothing to delete: the driver also settles the
+                // Seen flags there, before the answer and before the mailbox is unlocked.
                 let delete: Vec<usize> = (0..self.deleted.len())
                     .filter(|&i| self.deleted[i])
                     .collect();
-                if delete.is_empty() {
-                    self.close_with("+OK rustmail signing off (0 messages deleted)");
-                } else {
-                    self.state = State::Update;
-                    return Some(Event::Update { delete });
-                }
+                self.state = State::Update;
+                return Some(Event::Update { delete });
             }
             ("STAT" | "LIST" | "UIDL" | "RETR" | "TOP" | "DELE" | "RSET" | "NOOP" | "QUIT", _) => {
                 self.error("-ERR wrong number of arguments")

@@ -155,7 +155,7 @@ fn dele_without_quit_keeps_mail() {
     let t = dialog(&format!("{LOGIN}DELE 1\r\n"));
     assert!(!t.events.iter().any(|e| e.starts_with("update")));
     let t = dialog(&format!("{LOGIN}DELE 1\r\nRSET\r\nQUIT\r\n"));
-    assert_eq!(t.events, ["login demo@localhost", "close"]);
+    assert_eq!(t.events, ["login demo@localhost", "update []", "close"]);
 }
 
 #[test]

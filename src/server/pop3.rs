@@ -20,7 +20,48 @@ use crate::storage::{self, MailboxLock};
 struct Maildrop {
     dir: PathBuf,
     paths: Vec<PathBuf>,
-    _lock: MailboxLock,
+    /// Messages read whole (RETR), by index: flagged Seen when the session ends, in one batch.
+    seen: Vec<bool>,
+    /// Held until the Seen flags are set, so that the next session sees the files where they stay.
+    lock: Option<MailboxLock>,
+}
+
+impl Drop for Maildrop {
+    /// A session that ends without QUIT (dropped, timed out, stopped) still flags what it retrieved as
+    /// Seen, off the async workers; QUIT does it in UPDATE, before its answer. The lock is released after.
+    fn drop(&mut self) {
+        let lock = self.lock.take();
+        let paths = self.take_seen(&[]);
+        if paths.is_empty() {
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            mark_all_seen(paths);
+            drop(lock);
+        });
+    }
+}
+
+impl Maildrop {
+    /// The paths of the messages retrieved whole and not in `deleted`; forgets them.
+    fn take_seen(&mut self, deleted: &[usize]) -> Vec<PathBuf> {
+        let mut seen = std::mem::take(&mut self.seen);
+        for &i in deleted {
+            seen[i] = false;
+        }
+        (0..seen.len())
+            .filter(|&i| seen[i])
+            .map(|i| self.paths[i].clone())
+            .collect()
+    }
+}
+
+fn mark_all_seen(paths: Vec<PathBuf>) {
+    for path in paths {
+        if let Err(e) = storage::mark_seen(&path) {
+            tracing::warn!(error = %e, "cannot flag a message as seen");
+        }
+    }
 }
 
 pub async fn serve(
@@ -73,16 +114,12 @@ pub async fn serve(
             Event::Retrieve { index, top } => {
                 let drop = maildrop.as_mut().expect("RETR only after login");
                 let path = drop.paths[index].clone();
-                if !retrieve(&mut stream, &mut session, index, path.clone(), top, idle).await {
+                if !retrieve(&mut stream, &mut session, index, path, top, idle).await {
                     return;
                 }
                 if top.is_none() {
                     shared.stats.retrieved.fetch_add(1, Ordering::Relaxed);
-                    // A whole message was read: flag it Seen, as Dovecot does, for Maildir readers.
-                    match blocking(move || storage::mark_seen(&path)).await {
-                        Ok(seen) => drop.paths[index] = seen,
-                        Err(e) => tracing::warn!(error = %e, "cannot flag a message as seen"),
-                    }
+                    drop.seen[index] = true;
                 }
                 continue;
             }
@@ -103,11 +140,20 @@ pub async fn serve(
                 continue;
             }
             Event::Update { delete } => {
-                let drop = maildrop.as_ref().expect("UPDATE only after login");
+                let drop = maildrop.as_mut().expect("UPDATE only after login");
                 let dir = drop.dir.clone();
                 let paths: Vec<PathBuf> = delete.iter().map(|&i| drop.paths[i].clone()).collect();
+                let seen = drop.take_seen(&delete);
                 let count = paths.len();
-                let result = blocking(move || storage::expunge(&dir, &paths)).await;
+                let result = blocking(move || {
+                    mark_all_seen(seen);
+                    if paths.is_empty() {
+                        Ok(())
+                    } else {
+                        storage::expunge(&dir, &paths)
+                    }
+                })
+                .await;
                 match &result {
                     Ok(()) => tracing::info!(deleted = count, "mailbox updated"),
                     Err(e) => tracing::error!(error = %e, "deleting messages failed"),
@@ -215,12 +261,14 @@ async fn login(
                     size: m.size,
                 })
                 .collect();
-            let paths = messages.into_iter().map(|m| m.path).collect();
+            let paths: Vec<PathBuf> = messages.into_iter().map(|m| m.path).collect();
+            let count = paths.len();
             Ok((
                 Maildrop {
                     dir,
                     paths,
-                    _lock: lock,
+                    seen: vec![false; count],
+                    lock: Some(lock),
                 },
                 listing,
             ))
@@ -245,19 +293,39 @@ async fn retrieve(
     top: Option<u64>,
     timeout: Duration,
 ) -> bool {
-    let file = tokio::fs::File::open(&path).await;
-    session.retrieve_started(index, file.is_ok());
-    if !flush(stream, session, timeout).await {
-        return false;
-    }
-    let Ok(mut file) = file else {
-        tracing::warn!(path = %path.display(), "message vanished");
-        return true;
+    // Open and read the head in one trip to the blocking pool; most messages fit in it whole, and then
+    // the +OK, the message and the terminating dot leave in one write.
+    const HEAD: usize = 64 * 1024;
+    let opened = blocking(move || {
+        let mut file = std::fs::File::open(&path)?;
+        let mut head = Vec::with_capacity(HEAD);
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, HEAD as u64), &mut head)?;
+        Ok((file, head, path))
+    })
+    .await;
+    session.retrieve_started(index, opened.is_ok());
+    let Ok((file, head, path)) = opened else {
+        tracing::warn!("message vanished before RETR");
+        return flush(stream, session, timeout).await;
     };
     let mut encoder = Encoder::new(top);
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut out = Vec::with_capacity(70 * 1024);
-    while !encoder.is_done() {
+    let mut out = std::mem::take(session.outbox());
+    encoder.encode(&head, &mut out);
+    if head.len() < HEAD || encoder.is_done() {
+        encoder.finish(&mut out);
+        return write_timed(stream, &out, timeout).await;
+    }
+    // A large message: stream the rest with bounded memory.
+    let mut file = tokio::fs::File::from_std(file);
+    let mut chunk = vec![0u8; HEAD];
+    loop {
+        if !write_timed(stream, &out, timeout).await {
+            return false;
+        }
+        out.clear();
+        if encoder.is_done() {
+            break;
+        }
         let n = match file.read(&mut chunk).await {
             Ok(0) => break,
             Ok(n) => n,
@@ -268,10 +336,6 @@ async fn retrieve(
             }
         };
         encoder.encode(&chunk[..n], &mut out);
-        if !write_timed(stream, &out, timeout).await {
-            return false;
-        }
-        out.clear();
     }
     encoder.finish(&mut out);
     write_timed(stream, &out, timeout).await

@@ -140,26 +140,34 @@ def test_kill_9_during_a_session_with_deletions_keeps_every_message_and_no_stale
 def test_new_mail_moves_to_cur_and_retr_sets_seen(server):
     deliver(server, 2)
     p = server.pop3(ALICE)
+
+    def flags():
+        return sorted(f.name.split(":2,")[1] for f in server.maildir_files(ALICE, "cur"))
+
     try:
         assert server.maildir_files(ALICE, "new") == []
-        assert all(f.name.endswith(":2,") for f in server.maildir_files(ALICE, "cur"))
+        assert flags() == ["", ""]
         uids = p.uidl()[1]
         p.retr(1)
-
-        def flags():
-            return sorted(f.name.split(":2,")[1] for f in server.maildir_files(ALICE, "cur"))
-
-        # The flag is set once the message has been sent, so the client may see it a moment later.
-        wait_until(lambda: flags() == ["", "S"], timeout=5, message=f"one message flagged S, got {flags()}")
-        assert p.uidl()[1] == uids, "UIDs do not change with flags"
-        p.quit()
+        p.quit()  # the Seen flags are set in UPDATE, before the answer to QUIT
     finally:
         p.close()
+    assert flags() == ["", "S"]
     q = server.pop3(ALICE)
     try:
-        assert q.uidl()[1] == uids
+        assert q.uidl()[1] == uids, "UIDs do not change with flags"
     finally:
         q.quit()
+
+
+def test_seen_flags_also_set_when_the_client_drops(server):
+    deliver(server, 1)
+    p = server.pop3(ALICE)
+    p.retr(1)
+    p.close()  # no QUIT
+    wait_until(lambda: [f.name.endswith(":2,S") for f in server.maildir_files(ALICE, "cur")] == [True],
+               timeout=5, message="the S flag after a dropped session")
+    server.pop3(ALICE).quit()  # and the mailbox is free again
 
 
 def test_repeated_failures_slow_down_and_then_lock_out_the_address(server_factory):
