@@ -245,7 +245,13 @@ class RustmailServer:
         self.auth = {"failure_delay_ms": 50, **(auth or {})}
         self.tls = tls
         # Further listeners (submission, submissions, pop3s), each on a free port.
-        self.ports = {name: free_port() for name in extra_listeners}
+        self.ports = {}
+        for name in extra_listeners:
+            port = free_port()
+            # The kernel may hand out a free port twice: every listener needs its own.
+            while port in (self.smtp_port, self.pop3_port, *self.ports.values()):
+                port = free_port()
+            self.ports[name] = port
         self.proc: subprocess.Popen | None = None
         self.start_failed = False  # start() already reported the problem
         self.exit_codes: list[int] = []
