@@ -64,6 +64,10 @@ pub struct Directory {
     catch_all: HashMap<String, Arc<Account>>,
     /// `user+tag@domain` is delivered to `user@domain` (RFC 5233 sub-addressing).
     subaddress_separator: Option<char>,
+    /// The first configured domain: `<postmaster>` and local address literals mean it.
+    primary_domain: String,
+    /// This server's addresses: `user@[address]` is local.
+    address_literals: Vec<std::net::IpAddr>,
 }
 
 impl Directory {
@@ -76,6 +80,12 @@ impl Directory {
     ) -> Result<Directory, ConfigError> {
         let mut dir = Directory {
             domains: domains.clone(),
+            primary_domain: config
+                .domains
+                .first()
+                .and_then(|d| normalize_domain(d))
+                .unwrap_or_default(),
+            address_literals: config.address_literals.clone(),
             ..Directory::default()
         };
         let mut canonical_of = HashMap::new();
@@ -205,6 +215,27 @@ impl Directory {
 
     pub fn domains(&self) -> impl Iterator<Item = &str> {
         self.domains.iter().map(String::as_str)
+    }
+
+    /// The first configured domain.
+    pub fn primary_domain(&self) -> &str {
+        &self.primary_domain
+    }
+
+    /// Routes `local@[literal]` (RFC 5321 §4.1.3, `literal` with its brackets): local, for the primary
+    /// domain, only when the address is one of `address_literals`.
+    pub fn route_literal(&self, local: &str, literal: &str) -> Route {
+        let inner = literal.trim_start_matches('[').trim_end_matches(']');
+        let inner = inner
+            .get(..5)
+            .filter(|p| p.eq_ignore_ascii_case("IPv6:"))
+            .map_or(inner, |_| &inner[5..]);
+        match inner.parse::<std::net::IpAddr>() {
+            Ok(ip) if self.address_literals.contains(&ip) => {
+                self.route(local, &self.primary_domain)
+            }
+            _ => Route::NotLocal,
+        }
     }
 
     /// The account with this (canonical) address.
@@ -693,6 +724,31 @@ mod tests {
             "catch-all is not ownership"
         );
         assert!(!d.may_send_as(&alice, "alice", "elsewhere.org"));
+    }
+
+    #[test]
+    fn address_literals_are_local_only_when_configured() {
+        let d = directory();
+        assert_eq!(d.route_literal("alice", "[192.0.2.10]"), Route::NotLocal);
+        let d = directory_with(|c| {
+            c.domains = vec!["example.org".into(), "xn--mnchen-3ya.de".into()];
+            c.address_literals = vec![
+                "192.0.2.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ];
+        });
+        assert_eq!(routed(&d, "alice", "example.org"), ["alice@example.org"]);
+        assert!(matches!(
+            d.route_literal("alice", "[192.0.2.10]"),
+            Route::Local(_)
+        ));
+        assert!(matches!(
+            d.route_literal("bob", "[IPv6:2001:db8::10]"),
+            Route::Local(_)
+        ));
+        assert_eq!(d.route_literal("alice", "[192.0.2.11]"), Route::NotLocal);
+        assert_eq!(d.route_literal("nobody", "[192.0.2.10]"), Route::Unknown);
+        assert_eq!(d.primary_domain(), "example.org");
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Config {
     pub catch_all: BTreeMap<String, String>,
     /// `user+tag@domain` is delivered to `user@domain`; `""` turns sub-addressing off.
     pub subaddress_separator: String,
+    /// IP addresses of this server: `user@[address]` is then local, for the first of `domains`.
+    /// Empty (the default): every address literal is foreign, so refused.
+    pub address_literals: Vec<std::net::IpAddr>,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             postmaster: None,
             catch_all: BTreeMap::new(),
             subaddress_separator: "+".into(),
+            address_literals: Vec::new(),
         }
     }
 }

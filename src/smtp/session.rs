@@ -465,11 +465,10 @@ impl Session {
         }
         let directory = &self.settings.directory;
         let route = if to.is_address_literal() {
-            Route::NotLocal
+            directory.route_literal(&to.local, &to.domain)
         } else if to.domain.is_empty() {
             // `<Postmaster>` (RFC 5321 §4.1.1.3) means the postmaster of our primary domain.
-            let primary = directory.domains().next().unwrap_or_default().to_string();
-            directory.route(&to.local, &primary)
+            directory.route(&to.local, directory.primary_domain())
         } else {
             directory.route(&to.local, &to.domain)
         };
