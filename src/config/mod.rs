@@ -186,6 +186,15 @@ pub struct Auth {
     pub restrict_senders: bool,
 }
 
+impl Auth {
+    /// Whether a password may be sent in clear on a connection: over TLS, from loopback when allowed,
+    /// or anywhere when the administrator said so. The one rule for SMTP AUTH and POP3 alike.
+    pub fn password_allowed(&self, tls: bool, peer: std::net::IpAddr) -> bool {
+        tls || (peer.to_canonical().is_loopback() && self.allow_plaintext_loopback)
+            || self.allow_unencrypted_remote
+    }
+}
+
 impl Default for Auth {
     fn default() -> Self {
         Auth {

@@ -142,11 +142,6 @@ impl Session {
         matches!(self.state, State::Closed)
     }
 
-    /// True while deletions are being applied: let that finish before stopping.
-    pub fn in_update(&self) -> bool {
-        matches!(self.state, State::Update)
-    }
-
     /// Server stop or timeout: close without applying deletions.
     pub fn abort(&mut self, why: &str) {
         self.close_with(&format!("-ERR [SYS/TEMP] {why}; no messages deleted"));

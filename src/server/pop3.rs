@@ -75,10 +75,7 @@ pub async fn serve(
     let ip = peer.ip().to_canonical();
     let tls = matches!(stream, Conn::Right(_));
     debug_assert_eq!(tls, protocol == Protocol::Pop3s);
-    // Passwords in clear only where nobody can listen: TLS, loopback, or where the admin said so.
-    let auth = &settings.auth;
-    let plaintext_ok =
-        tls || (ip.is_loopback() && auth.allow_plaintext_loopback) || auth.allow_unencrypted_remote;
+    let plaintext_ok = settings.auth.password_allowed(tls, ip);
     let banner = settings
         .directory
         .offers_apop()

@@ -41,10 +41,6 @@ impl Reply {
             out.extend_from_slice(b"\r\n");
         }
     }
-
-    pub fn is_permanent_error(&self) -> bool {
-        self.code >= 500
-    }
 }
 
 // Positive completions.

@@ -18,10 +18,9 @@ pub(super) enum Step {
 impl Session {
     /// Passwords may be sent on this connection.
     pub(super) fn plaintext_ok(&self) -> bool {
-        let auth = &self.settings.auth;
-        self.channel.tls
-            || (self.peer.to_canonical().is_loopback() && auth.allow_plaintext_loopback)
-            || auth.allow_unencrypted_remote
+        self.settings
+            .auth
+            .password_allowed(self.channel.tls, self.peer)
     }
 
     pub(super) fn starttls(&mut self) -> Option<Event<'static>> {
