@@ -1,7 +1,7 @@
 {
   description = "rustmail: a small, hard-to-break mail server (SMTP in, Maildir, POP3 out), native to systemd";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs = { self, nixpkgs }:
     let

@@ -1,9 +1,16 @@
 # The rustmail package: the daemon built from Cargo.lock with its Rust tests run in the build, plus the
 # systemd units and sysusers.d entry from systemd/ (the same files every distribution ships).
+# `cargo test` runs in the build sandbox: no network but loopback, no HOME, no program outside the Rust
+# toolchain and stdenv (test certificates are made in Rust). tests/nix/sandbox-build imitates it in CI.
 { lib, rustPlatform }:
 
 let
   cargoToml = lib.importTOML ../Cargo.toml;
+  # One list of the files the build needs, shared with tests/nix/sandbox-build (which imitates this
+  # build's sandbox with exactly these files): lines of paths, `#` starts a comment.
+  sourceFiles = lib.filter (line: line != "")
+    (map (line: lib.trim (lib.head (lib.splitString "#" line)))
+      (lib.splitString "\n" (builtins.readFile ./source-files)));
 in
 rustPlatform.buildRustPackage {
   pname = cargoToml.package.name;
@@ -11,14 +18,7 @@ rustPlatform.buildRustPackage {
 
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [
-      ../Cargo.toml
-      ../Cargo.lock
-      ../src
-      ../tests/socket_activation.rs
-      ../tests/parsers_never_panic.rs
-      ../systemd
-    ];
+    fileset = lib.fileset.unions (map (path: ../. + "/${path}") sourceFiles);
   };
 
   cargoLock.lockFile = ../Cargo.lock;

@@ -110,39 +110,31 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// A self-signed EC certificate made by openssl for tests, valid for `days`: (certificate, key).
+/// A self-signed ECDSA P-256 certificate for `name` (subject and DNS name), valid from an hour ago for
+/// `days`: (certificate, key) as PEM files in `dir`. Made in Rust (rcgen) rather than by the `openssl`
+/// program, which the Nix build sandbox, where `cargo test` runs, does not have.
 #[cfg(test)]
 pub(crate) fn test_certificate(
     dir: &Path,
     name: &str,
     days: u32,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (
+    let key = rcgen::KeyPair::generate().expect("a P-256 key");
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("a DNS name");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days.into());
+    let cert = params.self_signed(&key).expect("a self-signed certificate");
+    let (cert_path, key_path) = (
         dir.join(format!("{name}.crt")),
         dir.join(format!("{name}.key")),
     );
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-        ])
-        .arg(format!("/CN={name}"))
-        .args(["-days", &days.to_string(), "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs")
-        .status
-        .success();
-    assert!(ok, "openssl made a certificate");
-    (cert, key)
+    std::fs::write(&cert_path, cert.pem()).expect("certificate written");
+    std::fs::write(&key_path, key.serialize_pem()).expect("key written");
+    (cert_path, key_path)
 }
 
 #[cfg(test)]

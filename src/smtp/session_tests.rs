@@ -490,7 +490,7 @@ fn utf8_trace_header_names_the_protocol() {
     );
 }
 
-/// Settings with a certificate (made by openssl once per test run), for STARTTLS.
+/// Settings with a certificate (made once per test run), for STARTTLS.
 fn tls_settings() -> Arc<Settings> {
     static FILES: OnceLock<(std::path::PathBuf, std::path::PathBuf)> = OnceLock::new();
     let (cert, key) = FILES.get_or_init(|| {
