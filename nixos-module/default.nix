@@ -3,7 +3,17 @@
 # The unit files come from the package (systemd.packages), the same files Debian or Arch users get; this
 # module layers the NixOS specifics on top as drop-ins: the generated configuration (checked at build
 # time), secrets through LoadCredential, the listen addresses of each socket, and Type=notify-reload.
-{ config, lib, pkgs, ... }:
+#
+# What `nixos-rebuild switch` does (switch-to-configuration touches only the units whose files changed):
+#  - a changed configuration (settings, TLS files) reloads the service: it lives at the stable path
+#    /etc/rustmail/rustmail.toml and is a reload trigger, and rustmail applies it on SIGHUP;
+#  - a changed unit (new package, accounts added or removed) restarts the service (stopIfChanged = false),
+#    while systemd keeps the sockets open: connections wait in the backlog, none is refused;
+#  - switch-to-configuration never restarts socket units, so a listener enabled, disabled or moved to
+#    other addresses is applied by rustmail-listeners.service, whose restart trigger is the set of
+#    listeners: it stops rustmail, restarts exactly the sockets whose addresses changed (stops disabled
+#    ones) and lets the next connection start rustmail with the new sockets.
+{ config, lib, options, pkgs, ... }:
 
 let
   inherit (lib)
@@ -22,6 +32,7 @@ let
     mkPackageOption
     nameValuePair
     optional
+    optionalAttrs
     types
     ;
 
@@ -67,7 +78,13 @@ let
   extraSockets = [ "submission" "submissions" "pop3s" ];
 
   acme = cfg.tls.acmeHost != null;
-  acmeDirectory = config.security.acme.certs.${cfg.tls.acmeHost}.directory;
+  acmeCert = config.security.acme.certs.${cfg.tls.acmeHost};
+  acmeDirectory = acmeCert.directory;
+  # This module adds reloadServices to the certificate, which alone would create it with default
+  # settings: require that some other module declares it.
+  moduleFile = "rustmail/nixos-module/default.nix";
+  acmeDeclared = lib.any (def: def.file != moduleFile && def.value ? ${cfg.tls.acmeHost})
+    options.security.acme.certs.definitionsWithLocations;
   tlsFiles =
     if acme then {
       certificate = "${acmeDirectory}/fullchain.pem";
@@ -80,18 +97,66 @@ let
   # Password hashes travel through LoadCredential: never through the Nix store, never on argv.
   credentialsDir = "/run/credentials/rustmail.service";
   credentialName = address: "account-" + builtins.substring 0 16 (builtins.hashString "sha256" address);
+  apopCredentialName = address: "apop-" + builtins.substring 0 16 (builtins.hashString "sha256" address);
 
   enabledListeners = filterAttrs (_: listener: listener.enable) cfg.listeners;
 
+  # ListenStream= values: a port, an address:port, or a Unix socket path (no firewall port).
   portOf = listen: lib.toInt (lib.last (lib.splitString ":" listen));
+  isPath = listen: hasPrefix "/" listen || hasPrefix "@" listen;
 
-  finalSettings = cfg.settings // lib.optionalAttrs (tlsFiles != null) { tls = tlsFiles; } // {
-    storage_root = "/var/lib/rustmail";
+  # What the sockets are: when it changes, rustmail-listeners.service applies it (see the top).
+  listenAddresses = name: lib.concatStringsSep " " (cfg.listeners.${name}.listen);
+  stateDir = "/run/rustmail-listeners";
+  applyListeners = pkgs.writeShellScript "rustmail-apply-listeners" (''
+    set -euo pipefail
+    # ${stateDir}/NAME holds the addresses each socket was last started with. On the first start
+    # since boot there is none: the sockets were started from these very units.
+    if [ -d ${stateDir} ]; then
+      changed=()
+      stopped=()
+  '' + lib.concatMapStrings
+    (name: ''
+      if [ "$(cat ${stateDir}/${name} 2>/dev/null || true)" != ${lib.escapeShellArg (if cfg.listeners.${name}.enable then listenAddresses name else "")} ]; then
+        ${if cfg.listeners.${name}.enable then "changed+=(rustmail-${name}.socket)" else "stopped+=(rustmail-${name}.socket)"}
+      fi
+    '')
+    (lib.attrNames listenerInfo) + ''
+      if [ $(( ''${#changed[@]} + ''${#stopped[@]} )) -gt 0 ]; then
+        # rustmail holds the old listening sockets, and systemd refuses to start a socket whose service
+        # runs: rustmail must stop first. Not with `systemctl stop`: when the same switch restarts
+        # rustmail.service, that job is queued (ordered after this unit) and a stop job would cancel it
+        # and fail the switch. A SIGTERM is rustmail's graceful stop; the queued restart (or the next
+        # connection) then starts it with the new sockets.
+        systemctl kill --kill-whom=main --signal=SIGTERM rustmail.service || true
+        for _ in $(seq ${toString ((cfg.settings.limits.shutdown_timeout_secs + 15) * 10)}); do
+          case "$(systemctl show -P ActiveState rustmail.service)" in inactive | failed) break ;; esac
+          sleep 0.1
+        done
+        [ ''${#stopped[@]} -eq 0 ] || systemctl stop "''${stopped[@]}"
+        [ ''${#changed[@]} -eq 0 ] || systemctl restart "''${changed[@]}"
+      fi
+    fi
+    mkdir -p ${stateDir}
+  '' + lib.concatMapStrings
+    (name: "printf '%s' ${lib.escapeShellArg (if cfg.listeners.${name}.enable then listenAddresses name else "")} > ${stateDir}/${name}\n")
+    (lib.attrNames listenerInfo));
+
+  stateDirectory = hasPrefix "/var/lib/" cfg.dataDir;
+
+  hashFiles = filterAttrs (_: account: account.hashedPasswordFile != null) cfg.accounts;
+  apopFiles = filterAttrs (_: account: account.apopSecretFile != null) cfg.accounts;
+
+  finalSettings = cfg.settings // optionalAttrs (tlsFiles != null) { tls = tlsFiles; } // {
+    storage_root = cfg.dataDir;
     listen = mapAttrs (name: listener: optional listener.enable "systemd:${name}") cfg.listeners;
     accounts = mapAttrs
-      (address: account: {
-        password_hash_file = "${credentialsDir}/${credentialName address}";
-        inherit (account) aliases;
+      (address: account: { inherit (account) aliases; }
+        // (if account.hashedPasswordFile != null
+      then { password_hash_file = "${credentialsDir}/${credentialName address}"; }
+      else { password_hash = account.hashedPassword; })
+        // optionalAttrs (account.apopSecretFile != null) {
+        apop_secret_file = "${credentialsDir}/${apopCredentialName address}";
       })
       cfg.accounts;
   };
@@ -107,12 +172,34 @@ let
   accountModule = {
     options = {
       hashedPasswordFile = mkOption {
-        type = types.strMatching "/.+";
+        type = types.nullOr (types.strMatching "/.+");
+        default = null;
         example = "/run/secrets/rustmail/alice";
         description = ''
           Absolute path of a file holding the account's password hash, as printed by
-          `rustmail hash-password` (argon2id). It is read by systemd (LoadCredential) when the service
-          starts, so it may be readable by root only. It must not be in the Nix store.
+          `rustmail hash-password` (argon2id; bcrypt and SHA-512-crypt work too). It is read by systemd
+          (LoadCredential) when the service starts, so it may be readable by root only. It must not be in
+          the Nix store. Exactly one of this and `hashedPassword`.
+        '';
+      };
+      hashedPassword = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "$argon2id$v=19$m=19456,t=2,p=1$…";
+        description = ''
+          The password hash inline, as printed by `rustmail hash-password`. It ends up in the Nix store,
+          which every local user can read (as with `users.users.<name>.hashedPassword`): prefer
+          `hashedPasswordFile`.
+        '';
+      };
+      apopSecretFile = mkOption {
+        type = types.nullOr (types.strMatching "/.+");
+        default = null;
+        example = "/run/secrets/rustmail/alice-apop";
+        description = ''
+          A file holding a shared secret in clear, which enables POP3 APOP for this account (off by
+          default and weaker: APOP uses MD5 and the secret is stored reversibly). Read through
+          LoadCredential like the password hash; must not be in the Nix store.
         '';
       };
       aliases = mkOption {
@@ -136,17 +223,40 @@ let
       example = [ "192.0.2.10:${toString info.port}" "[2001:db8::10]:${toString info.port}" ];
       description = ''
         `ListenStream=` values of the `rustmail-${name}.socket` unit: a port (every address, IPv4 and
-        IPv6) or `address:port`. systemd owns these sockets, so the service needs no capability to use
-        port ${toString info.port}, and restarts refuse no connection.
+        IPv6), `address:port`, or the path of a Unix socket (for a proxy in front; no firewall port).
+        systemd owns these sockets, so the service needs no capability to use port ${toString info.port},
+        and restarts refuse no connection. A change takes effect on `nixos-rebuild switch`.
       '';
     };
   };
 in
 {
+  # Names this module's definitions, so that the ACME check above can tell them from the user's.
+  _file = moduleFile;
+
   options.services.rustmail = {
     enable = mkEnableOption "rustmail, a small SMTP and POP3 mail server";
 
     package = mkPackageOption pkgs "rustmail" { };
+
+    user = mkOption {
+      type = types.str;
+      default = "rustmail";
+      description = "The user the service runs as; created when it is the default.";
+    };
+    group = mkOption {
+      type = types.str;
+      default = "rustmail";
+      description = "The group the service runs as; created when it is the default. TLS keys must be readable by it.";
+    };
+    dataDir = mkOption {
+      type = types.strMatching "/.+";
+      default = "/var/lib/rustmail";
+      description = ''
+        Where the spool and the Maildirs live (`storage_root`). Under /var/lib it is the service's
+        StateDirectory; elsewhere it is created for the service's user and made writable in the sandbox.
+      '';
+    };
 
     settings = mkOption {
       default = { };
@@ -195,6 +305,11 @@ in
                   type = types.ints.positive;
                   default = 256;
                   description = "Concurrent connections over all listeners.";
+                };
+                shutdown_timeout_secs = mkOption {
+                  type = types.ints.positive;
+                  default = 30;
+                  description = "How long a stop waits for sessions to reach a safe point; the unit's TimeoutStopSec is 15 s more.";
                 };
               };
             };
@@ -257,15 +372,25 @@ in
         }
         {
           assertion = enabledListeners != { };
-          message = "services.rustmail: enable at least one of services.rustmail.listeners.{smtp,pop3}.";
+          message = "services.rustmail: enable at least one of services.rustmail.listeners.{${lib.concatStringsSep "," (lib.attrNames listenerInfo)}}.";
         }
       ]
-      ++ mapAttrsToList
-        (address: account: {
-          assertion = !(hasPrefix builtins.storeDir account.hashedPasswordFile);
-          message = ''services.rustmail.accounts."${address}".hashedPasswordFile is in the Nix store, which every local user can read; keep password hashes outside it (e.g. with agenix or sops-nix).'';
-        })
-        cfg.accounts
+      ++ lib.concatLists (mapAttrsToList
+        (address: account: [
+          {
+            assertion = (account.hashedPasswordFile == null) != (account.hashedPassword == null);
+            message = ''services.rustmail.accounts."${address}": set exactly one of hashedPasswordFile and hashedPassword.'';
+          }
+          {
+            assertion = account.hashedPasswordFile == null || !(hasPrefix builtins.storeDir account.hashedPasswordFile);
+            message = ''services.rustmail.accounts."${address}".hashedPasswordFile is in the Nix store, which every local user can read; keep password hashes outside it (e.g. with agenix or sops-nix).'';
+          }
+          {
+            assertion = account.apopSecretFile == null || !(hasPrefix builtins.storeDir account.apopSecretFile);
+            message = ''services.rustmail.accounts."${address}".apopSecretFile is in the Nix store, which every local user can read.'';
+          }
+        ])
+        cfg.accounts)
       ++ [
         {
           assertion = (cfg.tls.certificateFile == null) == (cfg.tls.keyFile == null);
@@ -274,6 +399,10 @@ in
         {
           assertion = !(acme && cfg.tls.certificateFile != null);
           message = "services.rustmail.tls: set either acmeHost or certificateFile/keyFile, not both.";
+        }
+        {
+          assertion = !acme || acmeDeclared;
+          message = ''services.rustmail.tls.acmeHost = "${toString cfg.tls.acmeHost}", but security.acme.certs."${toString cfg.tls.acmeHost}" is not declared; declare the certificate there (domain, DNS or webroot challenge) or set tls.certificateFile and tls.keyFile.'';
         }
         {
           assertion = cfg.tls.keyFile == null || !(hasPrefix builtins.storeDir cfg.tls.keyFile);
@@ -289,42 +418,84 @@ in
       ++ map
         (key: {
           assertion = !(cfg.settings ? ${key});
-          message = "services.rustmail.settings.${key} is set by the module; use services.rustmail.{accounts,listeners} instead.";
+          message = "services.rustmail.settings.${key} is set by the module; use services.rustmail.{accounts,listeners,dataDir,tls} instead.";
         }) [ "listen" "accounts" "storage_root" "tls" ];
 
+    # `rustmail hash-password` and `rustmail check-config` for the administrator.
+    environment.systemPackages = [ cfg.package ];
     systemd.packages = [ cfg.package ];
 
-    users.users.rustmail = {
-      isSystemUser = true;
-      group = "rustmail";
-      home = "/var/lib/rustmail";
-      description = "rustmail mail server";
+    # The configuration at a stable path, so that a change reloads the service instead of restarting it.
+    environment.etc."rustmail/rustmail.toml".source = configFile;
+
+    users.users = optionalAttrs (cfg.user == "rustmail") {
+      rustmail = {
+        isSystemUser = true;
+        inherit (cfg) group;
+        home = cfg.dataDir;
+        description = "rustmail mail server";
+      };
     };
-    users.groups.rustmail = { };
+    users.groups = optionalAttrs (cfg.group == "rustmail") { rustmail = { }; };
+
+    systemd.tmpfiles.rules = lib.optional (!stateDirectory) "d ${cfg.dataDir} 0700 ${cfg.user} ${cfg.group} - -";
 
     systemd.services.rustmail = {
       overrideStrategy = "asDropin";
-      restartTriggers = [ configFile ];
+      # Restart, never stop-then-start: switch-to-configuration would stop the sockets along with a
+      # socket-activated service, refusing connections during the switch.
+      stopIfChanged = false;
+      reloadTriggers = [ configFile ];
+      wants = lib.optional acme "acme-${cfg.tls.acmeHost}.service";
+      # The ACME unit makes a placeholder certificate before the first order: start after it. After
+      # rustmail-listeners too, so that a switch that changes listeners and restarts rustmail applies
+      # the sockets first (see its script).
+      after = lib.optional acme "acme-${cfg.tls.acmeHost}.service" ++ [ "rustmail-listeners.service" ];
       serviceConfig = {
         # systemd >= 253 sends SIGHUP and waits for READY=1 itself.
         Type = "notify-reload";
         ExecReload = [ "" ];
-        ExecStart = [ "" "${getExe cfg.package} serve --config ${configFile}" ];
-        LoadCredential = mapAttrsToList
-          (address: account: "${credentialName address}:${account.hashedPasswordFile}")
-          cfg.accounts;
-        # Sockets= adds to the packaged list (smtp, pop3).
-        Sockets = map (name: "rustmail-${name}.socket")
-          (lib.filter (name: cfg.listeners.${name}.enable) extraSockets);
-        # The certificate is read in place, so that a reload picks up a renewal: through the ACME
-        # group, which PrivateUsers= would map away.
-        SupplementaryGroups = lib.optional acme config.security.acme.certs.${cfg.tls.acmeHost}.group;
-        PrivateUsers = lib.mkIf acme false;
+        ExecStart = [ "" "${getExe cfg.package} serve --config /etc/rustmail/rustmail.toml" ];
+        LoadCredential =
+          mapAttrsToList (address: account: "${credentialName address}:${account.hashedPasswordFile}") hashFiles
+            ++ mapAttrsToList (address: account: "${apopCredentialName address}:${account.apopSecretFile}") apopFiles;
+        User = cfg.user;
+        Group = cfg.group;
+        WorkingDirectory = cfg.dataDir;
+        # rustmail waits limits.shutdown_timeout_secs for sessions, then needs a moment to finish.
+        TimeoutStopSec = "${toString (cfg.settings.limits.shutdown_timeout_secs + 15)}s";
+        # The certificate is read in place, so that a reload picks up a renewal. Its group is the
+        # service's own (set below) unless the certificate is shared under another group.
+        SupplementaryGroups = lib.optional (acme && acmeCert.group != cfg.group) acmeCert.group;
+        PrivateUsers = lib.mkIf (acme && acmeCert.group != cfg.group) false;
+      } // (if stateDirectory then {
+        StateDirectory = [ "" (lib.removePrefix "/var/lib/" cfg.dataDir) ];
+      } else {
+        StateDirectory = [ "" ];
+        ReadWritePaths = [ cfg.dataDir ];
+      });
+    };
+
+    # Applies listener changes on switch (see the top of this file).
+    systemd.services.rustmail-listeners = {
+      description = "Apply rustmail's listener changes to its sockets";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "sockets.target" ];
+      restartTriggers = [ (builtins.toJSON (mapAttrs (_: l: optional l.enable l.listen) cfg.listeners)) ];
+      stopIfChanged = false;
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = applyListeners;
       };
     };
 
     security.acme.certs = lib.mkIf acme {
-      ${cfg.tls.acmeHost}.reloadServices = [ "rustmail.service" ];
+      ${cfg.tls.acmeHost} = {
+        reloadServices = [ "rustmail.service" ];
+        # Readable by rustmail alone, not by every service in the catch-all acme group.
+        group = lib.mkDefault cfg.group;
+      };
     };
 
     # A disabled listener's socket is masked, and its name left out of the configuration.
@@ -341,6 +512,6 @@ in
       cfg.listeners;
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall
-      (concatMap (listener: map portOf listener.listen) (attrValues enabledListeners));
+      (concatMap (listener: map portOf (lib.filter (l: !isPath l) listener.listen)) (attrValues enabledListeners));
   };
 }

@@ -5,64 +5,28 @@
 { lib, module, system ? "x86_64-linux" }:
 
 let
-  inherit (lib) mkOption types;
-  anything = types.attrsOf types.anything;
-  unit = types.attrsOf (types.submodule { freeformType = anything; });
+  stubLib = import ./stubs.nix { inherit lib; };
+  stubs = stubLib.options;
+  inherit (stubLib) pkgs;
+  fakePackage = stubLib.package;
 
-  # The NixOS options the module sets or reads, declared loosely.
-  stubs = {
-    options = {
-      assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
-      warnings = mkOption { type = types.listOf types.str; default = [ ]; };
-      systemd.packages = mkOption { type = types.listOf types.unspecified; default = [ ]; };
-      systemd.services = mkOption { type = unit; default = { }; };
-      systemd.sockets = mkOption { type = unit; default = { }; };
-      users.users = mkOption { type = unit; default = { }; };
-      users.groups = mkOption { type = unit; default = { }; };
-      networking.fqdnOrHostName = mkOption { type = types.str; default = "server"; };
-      networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
-      security.acme.certs = mkOption {
-        default = { };
-        type = types.attrsOf (types.submodule ({ name, ... }: {
-          freeformType = anything;
-          options.directory = mkOption { type = types.str; default = "/var/lib/acme/${name}"; };
-          options.group = mkOption { type = types.str; default = "acme"; };
-        }));
-      };
-    };
-  };
-
-  # Just enough of pkgs. Nothing is written to the store (pure evaluation could not read it back):
-  # the generator keeps the settings and runCommand its script, for the checks below to look at.
-  fakeStorePath = name: "${builtins.storeDir}/00000000000000000000000000000000-${name}";
-  pkgs = {
-    formats.toml = _: {
-      type = anything;
-      generate = name: value: { outPath = fakeStorePath name; inherit value; };
-    };
-    runCommand = name: env: script: { outPath = fakeStorePath name; inherit name script; } // (env.passthru or { });
-  };
-  fakePackage = {
-    type = "derivation";
-    name = "rustmail";
-    outPath = fakeStorePath "rustmail";
-    meta.mainProgram = "rustmail";
-  };
-
-  eval = services: (lib.evalModules {
+  evalWith = extra: services: (lib.evalModules {
     modules = [
       stubs
       module
       { _module.args.pkgs = pkgs; }
       { services.rustmail = { enable = true; package = fakePackage; } // services; }
-    ];
+    ] ++ extra;
   }).config;
+  eval = evalWith [ ];
+  # The user's own declaration of the certificate, as security.acme needs it.
+  declareCert = group: { security.acme.certs."mx.example.org" = { domain = "mx.example.org"; } // lib.optionalAttrs (group != null) { inherit group; }; };
 
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   anyMessage = needle: config: lib.any (lib.hasInfix needle) (failedAssertions config);
 
   # The checked config file (it is also the restart trigger) and the settings it was generated from.
-  configFileOf = config: lib.head config.systemd.services.rustmail.restartTriggers;
+  configFileOf = config: lib.head config.systemd.services.rustmail.reloadTriggers;
   settingsOf = config: (configFileOf config).unchecked.value;
 
   base = {
@@ -83,12 +47,30 @@ let
 
   smtpOnly = eval (base // { listeners.pop3.enable = false; });
 
-  withAcme = eval (base // {
+  acmeServices = base // {
     tls.acmeHost = "mx.example.org";
     listeners.submissions.enable = true;
     listeners.pop3s.enable = true;
-  });
+  };
+  withAcme = evalWith [ (declareCert null) ] acmeServices;
   acmeService = withAcme.systemd.services.rustmail.serviceConfig;
+  sharedCert = (evalWith [ (declareCert "certs") ] acmeServices).systemd.services.rustmail.serviceConfig;
+
+  custom = eval (base // {
+    user = "mail";
+    group = "mail";
+    dataDir = "/srv/mail";
+    openFirewall = true;
+    listeners.smtp.listen = [ "/run/rustmail/smtp.sock" "192.0.2.10:25" ];
+    settings = base.settings // { limits.shutdown_timeout_secs = 60; };
+    accounts."bob@example.org" = {
+      hashedPassword = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA";
+      apopSecretFile = "/run/keys/bob-apop";
+    };
+  });
+  customService = custom.systemd.services.rustmail.serviceConfig;
+  customSettings = settingsOf custom;
+  listenersUnit = good.systemd.services.rustmail-listeners;
 
   checks = {
     "good config has no failed assertion" = failedAssertions good == [ ];
@@ -96,14 +78,46 @@ let
     "service is a drop-in" = service.overrideStrategy == "asDropin";
     "notify-reload replaces ExecReload" =
       service.serviceConfig.Type == "notify-reload" && service.serviceConfig.ExecReload == [ "" ];
-    "ExecStart resets and serves the checked config" =
+    "ExecStart resets and serves the checked config at a stable path" =
       lib.head service.serviceConfig.ExecStart == ""
       && lib.last service.serviceConfig.ExecStart
-      == "${fakeStorePath "rustmail"}/bin/rustmail serve --config ${fakeStorePath "rustmail.toml"}";
+      == "${fakePackage}/bin/rustmail serve --config /etc/rustmail/rustmail.toml"
+      && good.environment.etc."rustmail/rustmail.toml".source == configFileOf good;
     "config is checked at build time" =
-      lib.hasInfix "/bin/rustmail check-config --skip-secret-files --config ${fakeStorePath "rustmail-unchecked.toml"}"
+      lib.hasInfix "/bin/rustmail check-config --skip-secret-files --config ${(configFileOf good).unchecked}"
         (configFileOf good).script;
-    "restart when the config changes" = lib.length service.restartTriggers == 1;
+    "a settings change changes the configuration's store path (the reload trigger)" =
+      (configFileOf good).outPath != (configFileOf smtpOnly).outPath;
+    "a config change reloads, a unit change restarts without stopping the sockets" =
+      lib.length service.reloadTriggers == 1 && !(service ? restartTriggers) && service.stopIfChanged == false;
+    "listener changes restart rustmail-listeners, which re-applies the sockets" =
+      listenersUnit.stopIfChanged == false && listenersUnit.wantedBy == [ "multi-user.target" ]
+      && listenersUnit.restartTriggers != (smtpOnly.systemd.services.rustmail-listeners.restartTriggers)
+      && lib.hasInfix "systemctl restart" listenersUnit.serviceConfig.ExecStart.text
+      && lib.hasInfix "stopped+=(rustmail-pop3.socket)" smtpOnly.systemd.services.rustmail-listeners.serviceConfig.ExecStart.text;
+    "the package is on the system PATH" = good.environment.systemPackages == [ fakePackage ];
+    "TimeoutStopSec follows shutdown_timeout_secs" =
+      service.serviceConfig.TimeoutStopSec == "45s" && customService.TimeoutStopSec == "75s";
+    "state in the StateDirectory by default" =
+      service.serviceConfig.StateDirectory == [ "" "rustmail" ] && good.systemd.tmpfiles.rules == [ ];
+    "custom user, group and data directory" =
+      customService.User == "mail" && customService.Group == "mail" && customSettings.storage_root == "/srv/mail"
+      && customService.ReadWritePaths == [ "/srv/mail" ] && customService.StateDirectory == [ "" ]
+      && custom.systemd.tmpfiles.rules == [ "d /srv/mail 0700 mail mail - -" ]
+      && !(custom.users.users ? rustmail) && !(custom.users.groups ? rustmail);
+    "inline hash and APOP secret" =
+      customSettings.accounts."bob@example.org".password_hash == "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA"
+      && lib.hasPrefix "/run/credentials/rustmail.service/apop-" customSettings.accounts."bob@example.org".apop_secret_file
+      && lib.length customService.LoadCredential == 1
+      && lib.any (lib.hasSuffix ":/run/keys/bob-apop") customService.LoadCredential;
+    "both hash options are refused" = anyMessage "exactly one of hashedPasswordFile and hashedPassword" (eval (base // {
+      accounts."alice@example.org" = { hashedPasswordFile = "/run/keys/alice"; hashedPassword = "$2b$x"; };
+    }));
+    "no hash is refused" = anyMessage "exactly one of hashedPasswordFile and hashedPassword" (eval (base // {
+      accounts."alice@example.org" = { };
+    }));
+    "Unix socket listeners open no firewall port" =
+      lib.sort lib.lessThan custom.networking.firewall.allowedTCPPorts == [ 25 110 ];
     "hash reaches the service through LoadCredential" =
       lib.length service.serviceConfig.LoadCredential == 1 && lib.hasSuffix ":/run/keys/alice" credential;
     "config points at the credential" =
@@ -119,7 +133,7 @@ let
     };
     "domains and hostname are rendered" = goodSettings.domains == [ "example.org" ] && goodSettings.hostname == "server";
     "typed limits have their defaults" = goodSettings.limits.max_recipients == 100;
-    "state in /var/lib/rustmail" = goodSettings.storage_root == "/var/lib/rustmail";
+    "state in /var/lib/rustmail" = goodSettings.storage_root == "/var/lib/rustmail" && service.serviceConfig.User == "rustmail";
     "socket listens where configured" =
       good.systemd.sockets.rustmail-pop3.socketConfig.ListenStream == [ "" "0.0.0.0:110" "[::]:110" ]
       && good.systemd.sockets.rustmail-smtp.socketConfig.ListenStream == [ "" "25" ]
@@ -130,16 +144,23 @@ let
     "disabled listener: socket masked" = smtpOnly.systemd.sockets.rustmail-pop3.enable == false;
     "disabled listener: left out of the config" = (settingsOf smtpOnly).listen.pop3 == [ ];
 
-    "no TLS listener by default" = service.serviceConfig.Sockets == [ ] && good.systemd.sockets.rustmail-submissions.enable == false;
+    "no TLS listener by default" = good.systemd.sockets.rustmail-submissions.enable == false && goodSettings.listen.submissions == [ ];
     "ACME certificate is used in place" = (settingsOf withAcme).tls == {
       certificate = "/var/lib/acme/mx.example.org/fullchain.pem";
       key = "/var/lib/acme/mx.example.org/key.pem";
     };
     "ACME renewal reloads rustmail" = withAcme.security.acme.certs."mx.example.org".reloadServices == [ "rustmail.service" ];
-    "ACME group can read the key" = acmeService.SupplementaryGroups == [ "acme" ] && acmeService.PrivateUsers == false;
+    "ACME certificate belongs to rustmail's own group, not the acme group" =
+      withAcme.security.acme.certs."mx.example.org".group == "rustmail" && acmeService.SupplementaryGroups == [ ]
+      && !(acmeService ? PrivateUsers);
+    "a certificate shared under another group is read through it" =
+      sharedCert.SupplementaryGroups == [ "certs" ] && sharedCert.PrivateUsers == false;
+    "rustmail starts after the ACME unit made the certificate" =
+      withAcme.systemd.services.rustmail.after == [ "acme-mx.example.org.service" "rustmail-listeners.service" ]
+      && withAcme.systemd.services.rustmail.wants == [ "acme-mx.example.org.service" ];
+    "an undeclared ACME certificate is refused" = anyMessage ''security.acme.certs."mx.example.org" is not declared'' (eval acmeServices);
     "enabled TLS listeners get their sockets" =
-      acmeService.Sockets == [ "rustmail-submissions.socket" "rustmail-pop3s.socket" ]
-      && (settingsOf withAcme).listen.submissions == [ "systemd:submissions" ]
+      (settingsOf withAcme).listen.submissions == [ "systemd:submissions" ]
       && withAcme.systemd.sockets.rustmail-pop3s.socketConfig.ListenStream == [ "" "995" ];
     "TLS listener without certificate is refused" = anyMessage "needs TLS" (eval (base // { listeners.submission.enable = true; }));
     "key in the Nix store is refused" = anyMessage "keyFile is in the Nix store" (eval (base // {
@@ -150,7 +171,7 @@ let
       accounts."alice@example.org".hashedPasswordFile = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-alice.hash";
     }));
     "no domain is refused" = anyMessage "at least one local domain" (eval (base // { settings.domains = [ ]; }));
-    "no listener is refused" = anyMessage "enable at least one" (eval (base // {
+    "no listener is refused, naming every listener" = anyMessage "listeners.{pop3,pop3s,smtp,submission,submissions}" (eval (base // {
       listeners.smtp.enable = false;
       listeners.pop3.enable = false;
     }));

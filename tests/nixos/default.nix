@@ -7,12 +7,7 @@ let
     #!${pkgs.python3.interpreter}
     ${builtins.readFile ./mailclient.py}
   '';
-  # A throw-away certificate for the TLS listeners; tests/nspawn/setup-server makes the same.
-  testCert = pkgs.runCommand "rustmail-test-cert" { nativeBuildInputs = [ pkgs.openssl ]; } ''
-    mkdir $out
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 -subj /CN=server \
-      -addext "subjectAltName=DNS:server,IP:127.0.0.1" -keyout $out/key.pem -out $out/cert.pem
-  '';
+  testCert = import ./test-cert.nix { inherit (pkgs) runCommand openssl; };
   vmTest = name: pkgs.testers.runNixOSTest {
     name = "rustmail-${name}";
     nodes.server = {
@@ -25,6 +20,6 @@ let
     };
     testScript = builtins.readFile (./. + "/${name}.py");
   };
-  names = [ "basic" "socket_activation" "persistence" "hardening" "tls" ];
+  names = [ "basic" "socket_activation" "persistence" "hardening" "tls" "switch" ];
 in
 pkgs.lib.listToAttrs (map (name: pkgs.lib.nameValuePair "vm-${name}" (vmTest name)) names)

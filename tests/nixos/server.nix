@@ -37,4 +37,16 @@ in
       aliases = [ "postmaster@example.test" ];
     };
   };
+
+  # The configurations switch.py switches to, one kind of change each.
+  specialisation = {
+    # Settings only: a reload.
+    limits.configuration.services.rustmail.settings.limits.max_recipients = 2;
+    # One account more (a LoadCredential= more): a restart, the sockets staying open.
+    account.configuration.services.rustmail.accounts."bob@example.test".hashedPasswordFile = "/etc/rustmail-test/alice.hash";
+    # POP3 on another port: its socket must move.
+    moved.configuration.services.rustmail.listeners.pop3.listen = [ "1110" ];
+    # POP3 switched off: its socket masked and stopped, the switch still succeeding.
+    nopop3.configuration.services.rustmail.listeners.pop3.enable = false;
+  };
 }

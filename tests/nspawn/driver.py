@@ -29,6 +29,22 @@ def log(msg):
     print(f"[driver] {msg}", flush=True)
 
 
+def strict_shell(command, timeout):
+    """The NixOS test driver's wrapping of every command (nixos/lib/test-driver, Machine.execute)."""
+    argv = ["bash", "-c", f"set -euo pipefail; {command}"]
+    return (["timeout", str(timeout)] if timeout is not None else []) + argv
+
+
+def retry(check, timeout, what):
+    """The NixOS driver's retry(): one attempt a second until `check` returns True or time is up."""
+    for _ in range(max(1, int(timeout))):
+        if check():
+            return
+        time.sleep(1)
+    if not check():
+        raise AssertionError(f"action timed out after {timeout} s: {what}")
+
+
 class Machine:
     """The server: a booted container with systemd as PID 1."""
 
@@ -43,14 +59,17 @@ class Machine:
         self.booted_once = False
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self):
-        if self.proc is not None:
-            return
+    def prepare(self):
         if not self.booted_once:
-            log(f"{self.name}: copying rootfs and installing rustmail")
+            log(f"{self.name}: copying rootfs and installing rustmail ({os.path.basename(self.setup)})")
             subprocess.run(["cp", "-a", "--reflink=auto", self.template, self.root], check=True)
             subprocess.run([self.setup, self.root], check=True)
             self.booted_once = True
+
+    def start(self):
+        if self.proc is not None:
+            return
+        self.prepare()
         log(f"{self.name}: booting")
         console = open(self.console, "ab")
         self.proc = subprocess.Popen(
@@ -104,17 +123,21 @@ class Machine:
         self.leader = None
 
     # -- commands --------------------------------------------------------------------------------
-    def _nsenter(self, argv, timeout=None):
+    def _nsenter(self, argv):
         return subprocess.run(["nsenter", "-t", str(self.leader), "-a", "--"] + argv,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True)
 
-    def execute(self, command, check_return=True, timeout=900):
+    def execute(self, command, check_return=True, check_output=True, timeout=900):
+        """As the NixOS driver runs commands: `timeout T bash -c "set -euo pipefail; CMD"`, returning the
+        exit status and stdout (stderr goes to the log)."""
         self.start()
         env = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-        r = self._nsenter(["/usr/bin/env", "-i", env, "/bin/bash", "-c", command], timeout=timeout)
-        return r.returncode, r.stdout + (r.stderr if r.returncode else "")
+        r = self._nsenter(["/usr/bin/env", "-i", env] + strict_shell(command, timeout))
+        if r.stderr:
+            log(f"{self.name} stderr: {r.stderr.rstrip()}")
+        return r.returncode, r.stdout
 
-    def succeed(self, *commands, timeout=900):
+    def succeed(self, *commands, timeout=None):
         out = ""
         for command in commands:
             log(f"{self.name}: must succeed: {command}")
@@ -124,7 +147,7 @@ class Machine:
             out += output
         return out
 
-    def fail(self, *commands, timeout=900):
+    def fail(self, *commands, timeout=None):
         out = ""
         for command in commands:
             log(f"{self.name}: must fail: {command}")
@@ -135,52 +158,53 @@ class Machine:
         return out
 
     def wait_until_succeeds(self, command, timeout=900):
-        deadline = time.time() + timeout
-        while True:
-            status, output = self.execute(command)
-            if status == 0:
-                return output
-            if time.time() > deadline:
-                raise AssertionError(f"`{command}` did not succeed within {timeout}s:\n{output}")
-            time.sleep(0.5)
+        result = {}
+
+        def check():
+            status, result["output"] = self.execute(command, timeout=timeout)
+            return status == 0
+        retry(check, timeout, f"wait until `{command}` succeeds")
+        return result["output"]
 
     def wait_until_fails(self, command, timeout=900):
-        deadline = time.time() + timeout
-        while True:
-            status, output = self.execute(command)
-            if status != 0:
-                return output
-            if time.time() > deadline:
-                raise AssertionError(f"`{command}` did not fail within {timeout}s")
-            time.sleep(0.5)
+        result = {}
+
+        def check():
+            status, result["output"] = self.execute(command, timeout=timeout)
+            return status != 0
+        retry(check, timeout, f"wait until `{command}` fails")
+        return result["output"]
 
     def systemctl(self, q, user=None):
         return self.execute(f"systemctl {q}")
 
     def get_unit_info(self, unit, user=None):
-        status, out = self.execute(f"systemctl show {shlex.quote(unit)}")
+        status, out = self.execute(f"systemctl --no-pager show {shlex.quote(unit)}")
         if status != 0:
-            raise AssertionError(f"cannot show {unit}: {out}")
+            raise AssertionError(f'retrieving systemctl info for unit "{unit}" failed with exit code {status}')
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def wait_for_unit(self, unit, user=None, timeout=900):
-        deadline = time.time() + timeout
-        while True:
-            info = self.get_unit_info(unit)
-            state = info.get("ActiveState")
-            if state == "active":
-                return
+        """As the NixOS driver: fails at once on "failed", and on "inactive" with no job queued."""
+        def check():
+            state = self.get_unit_info(unit)["ActiveState"]
             if state == "failed":
-                raise AssertionError(f"unit {unit} failed:\n{self.execute(f'journalctl -u {unit} --no-pager')[1]}")
-            if time.time() > deadline:
-                raise AssertionError(f"unit {unit} not active within {timeout}s (state {state})")
-            time.sleep(0.2)
+                journal = self.execute(f"journalctl -u {shlex.quote(unit)} --no-pager")[1]
+                raise AssertionError(f'unit "{unit}" reached state "{state}"\n{journal}')
+            if state == "inactive":
+                _, jobs = self.systemctl("list-jobs --full 2>&1")
+                if "No jobs" in jobs and self.get_unit_info(unit)["ActiveState"] == state:
+                    raise AssertionError(f'unit "{unit}" is inactive and there are no pending jobs')
+            return state == "active"
+        retry(check, timeout, f"wait for unit {unit}")
 
     def wait_for_open_port(self, port, addr="localhost", timeout=900):
-        self.wait_until_succeeds(f"exec 3<>/dev/tcp/{addr}/{port}", timeout)
+        retry(lambda: self.execute(f"exec 3<>/dev/tcp/{addr}/{port}")[0] == 0, timeout,
+              f"wait for port {addr}:{port} to open")
 
     def wait_for_closed_port(self, port, addr="localhost", timeout=900):
-        self.wait_until_fails(f"exec 3<>/dev/tcp/{addr}/{port}", timeout)
+        retry(lambda: self.execute(f"exec 3<>/dev/tcp/{addr}/{port}")[0] != 0, timeout,
+              f"wait for port {addr}:{port} to close")
 
     def copy_from_host(self, source, target):
         self.start()
@@ -199,12 +223,14 @@ class Client:
     def start(self):
         self.server.start()
 
-    def execute(self, command, check_return=True, timeout=900):
+    def execute(self, command, check_return=True, check_output=True, timeout=900):
         self.server.start()
         env = dict(os.environ, PATH=f"{self.tools_dir}:{os.environ['PATH']}")
-        r = subprocess.run(["nsenter", "-t", str(self.server.leader), "-n", "--", "bash", "-c", command],
-                           capture_output=True, text=True, env=env, timeout=timeout)
-        return r.returncode, r.stdout + (r.stderr if r.returncode else "")
+        r = subprocess.run(["nsenter", "-t", str(self.server.leader), "-n", "--"] + strict_shell(command, timeout),
+                           capture_output=True, text=True, env=env)
+        if r.stderr:
+            log(f"client stderr: {r.stderr.rstrip()}")
+        return r.returncode, r.stdout
 
     succeed = Machine.succeed
     fail = Machine.fail
@@ -213,6 +239,16 @@ class Client:
 
     def wait_for_unit(self, unit, user=None, timeout=900):
         pass  # the host is up
+
+
+def resolve_in(root, path, depth=0):
+    """PATH inside the container's root, following symlinks as the container would (NixOS' /etc files
+    are symlinks into the store)."""
+    host = os.path.join(root, path.lstrip("/"))
+    if os.path.islink(host) and depth < 20:
+        target = os.readlink(host)
+        return resolve_in(root, target if target.startswith("/") else os.path.join(os.path.dirname(path), target), depth + 1)
+    return host
 
 
 @contextlib.contextmanager
@@ -234,12 +270,13 @@ def main():
     workdir = tempfile.mkdtemp(prefix="rustmail-nspawn-")
     server = Machine("server", args.rootfs, args.setup, workdir)
     client = Client(server, args.tools)
+    server.prepare()
     scope = {
         "server": server, "machine": server, "client": client,
         "start_all": lambda: server.start(), "subtest": subtest,
         "SERVER_ADDRESS": "127.0.0.1",
         # The test certificate lives in the container; the client (the host) reads it from there.
-        "CA_FILE": os.path.join(server.root, "etc/rustmail-test/cert.pem"),
+        "CA_FILE": resolve_in(server.root, "/etc/rustmail-test/cert.pem"),
     }
     ok = False
     try:
@@ -250,7 +287,7 @@ def main():
     finally:
         if not ok and server.leader:
             log("journal of rustmail on failure:")
-            print(server.execute("journalctl --no-pager -n 80 -u rustmail.service -u rustmail-smtp.socket")[1])
+            print(server.execute("journalctl --no-pager -n 120 -u 'rustmail*'")[1])
         with contextlib.suppress(Exception):
             server.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,78 @@
+# Proves: `nixos-rebuild switch` (switch-to-configuration, here `test` on the node's specialisations)
+# applies each kind of change as README.md says: a settings change reloads rustmail (same process,
+# new settings in force), a changed unit restarts it, and neither refuses a connection; a listener
+# moved to another port is served there and no longer on the old one; a disabled listener is closed and
+# the switch still succeeds; switching back restores everything.
+target = globals().get("SERVER_ADDRESS", "server")
+mc = f"mailclient --host {target}"
+login = "--user alice@example.test --password alice-password"
+
+
+def switch(name=None):
+    path = "/run/booted-system" + (f"/specialisation/{name}" if name else "")
+    # Exit status 4 (a unit failed to start, stop or reload) fails the test.
+    server.succeed(f"{path}/bin/switch-to-configuration test")
+
+
+def main_pid():
+    return server.succeed("systemctl show -p MainPID --value rustmail.service").strip()
+
+
+def without_refusals(action):
+    """Runs action() while the client opens SMTP sessions back to back; none may be refused."""
+    client.succeed(f"rm -f /tmp/hammer.json; {mc} hammer --seconds 6 --out /tmp/hammer.json > /tmp/hammer.log 2>&1 &")
+    import time
+    time.sleep(1)
+    action()
+    client.wait_until_succeeds("test -s /tmp/hammer.json", 60)
+    import json
+    result = json.loads(client.succeed("cat /tmp/hammer.json"))
+    assert result["failed"] == 0 and result["ok"] > 20, result
+
+
+def pop3_works(port):
+    client.succeed(f"{mc} --pop3-port {port} uidl {login}")
+
+
+start_all()
+server.wait_for_unit("rustmail-smtp.socket")
+server.wait_for_unit("rustmail-pop3.socket")
+client.succeed(f"{mc} send --sender a@remote.test --to alice@example.test")
+server.wait_for_unit("rustmail.service")
+
+with subtest("a settings change reloads the running process"):
+    before = main_pid()
+    without_refusals(lambda: switch("limits"))
+    server.wait_for_unit("rustmail.service")
+    assert main_pid() == before, "reloaded, not restarted"
+    client.succeed(f"{mc} send --sender a@remote.test --to alice@example.test --to postmaster@example.test"
+                   " --to alice+x@example.test --expect-code 452")
+
+with subtest("a changed unit restarts the service, the sockets stay open"):
+    before = main_pid()
+    since = "systemctl show -p ActiveEnterTimestampMonotonic --value rustmail-smtp.socket"
+    listening = server.succeed(since)
+    without_refusals(lambda: switch("account"))
+    client.succeed(f"{mc} send --sender a@remote.test --to bob@example.test")
+    assert main_pid() != before, "restarted"
+    # The socket was never stopped: systemd has listened since boot.
+    assert server.succeed(since) == listening, "the SMTP socket was restarted"
+
+with subtest("a listener moved to another port"):
+    switch("moved")
+    pop3_works(1110)
+    client.fail(f"{mc} --pop3-port 110 uidl {login}")
+    client.succeed(f"{mc} send --sender a@remote.test --to alice@example.test")
+
+with subtest("a disabled listener is closed and the switch succeeds"):
+    switch("nopop3")
+    client.fail(f"{mc} --pop3-port 110 uidl {login}")
+    client.fail(f"{mc} --pop3-port 1110 uidl {login}")
+    client.succeed(f"{mc} send --sender a@remote.test --to alice@example.test")
+
+with subtest("switching back restores the first configuration"):
+    switch()
+    pop3_works(110)
+    client.fail(f"{mc} --pop3-port 1110 uidl {login}")
+    client.succeed(f"{mc} send --sender a@remote.test --to alice@example.test --to postmaster@example.test"
+                   " --to alice+x@example.test")
