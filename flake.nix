@@ -18,9 +18,11 @@
         rustmail = final.callPackage ./nix/package.nix { };
       };
 
+      # The package is built with the system's own pkgs (its overlays, config and platform), not with
+      # this flake's package set.
       nixosModules.default = { lib, pkgs, ... }: {
         imports = [ ./nixos-module ];
-        services.rustmail.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        services.rustmail.package = lib.mkDefault (pkgs.callPackage ./nix/package.nix { });
       };
 
       packages = withPkgs (system: pkgs: {
