@@ -233,10 +233,19 @@ impl Session {
                 "expected the connection closed, got {:?}",
                 String::from_utf8_lossy(&rest)
             )),
-            // A reset after the server closed with unread input is a close too.
-            Err(_) => Ok(()),
+            // A reset after the server closed with unread input is a close too; a timeout is not: the
+            // server kept the connection open.
+            Err(e) if is_reset(&e) => Ok(()),
+            Err(e) => Err(format!(
+                "expected the connection closed, but it stayed open ({e})"
+            )),
         }
     }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
 fn run(path: &Path) -> Result<(), String> {
