@@ -74,8 +74,6 @@ let
     };
   };
 
-  # The packaged service lists only the smtp and pop3 sockets; the others are added when enabled.
-  extraSockets = [ "submission" "submissions" "pop3s" ];
 
   acme = cfg.tls.acmeHost != null;
   acmeCert = config.security.acme.certs.${cfg.tls.acmeHost};
@@ -101,45 +99,52 @@ let
 
   enabledListeners = filterAttrs (_: listener: listener.enable) cfg.listeners;
 
-  # ListenStream= values: a port, an address:port, or a Unix socket path (no firewall port).
+  # ListenStream= values: a port or an address:port (rustmail serves TCP sockets only).
   portOf = listen: lib.toInt (lib.last (lib.splitString ":" listen));
   isPath = listen: hasPrefix "/" listen || hasPrefix "@" listen;
 
   # What the sockets are: when it changes, rustmail-listeners.service applies it (see the top).
   listenAddresses = name: lib.concatStringsSep " " (cfg.listeners.${name}.listen);
   stateDir = "/run/rustmail-listeners";
+  # Each socket records the addresses it was started with (ExecStartPost=), so the script below sees
+  # what systemd really listened on when rustmail got its sockets, even on the first switch after an
+  # upgrade that adds this machinery. The record of a disabled listener is removed once rustmail has
+  # been stopped (it held that socket too).
+  recordListener = name: pkgs.writeShellScript "rustmail-record-${name}" ''
+    mkdir -p ${stateDir}
+    printf '%s' ${lib.escapeShellArg (listenAddresses name)} > ${stateDir}/${name}
+  '';
   applyListeners = pkgs.writeShellScript "rustmail-apply-listeners" (''
     set -euo pipefail
-    # ${stateDir}/NAME holds the addresses each socket was last started with. On the first start
-    # since boot there is none: the sockets were started from these very units.
-    if [ -d ${stateDir} ]; then
-      changed=()
-      stopped=()
+    changed=()
+    stopped=()
   '' + lib.concatMapStrings
-    (name: ''
-      if [ "$(cat ${stateDir}/${name} 2>/dev/null || true)" != ${lib.escapeShellArg (if cfg.listeners.${name}.enable then listenAddresses name else "")} ]; then
-        ${if cfg.listeners.${name}.enable then "changed+=(rustmail-${name}.socket)" else "stopped+=(rustmail-${name}.socket)"}
-      fi
-    '')
+    (name:
+      if cfg.listeners.${name}.enable then ''
+        if [ "$(cat ${stateDir}/${name} 2>/dev/null || true)" != ${lib.escapeShellArg (listenAddresses name)} ]; then
+          changed+=(rustmail-${name}.socket)
+        fi
+      '' else ''
+        if [ -e ${stateDir}/${name} ]; then
+          stopped+=(rustmail-${name}.socket)
+        fi
+      '')
     (lib.attrNames listenerInfo) + ''
-      if [ $(( ''${#changed[@]} + ''${#stopped[@]} )) -gt 0 ]; then
-        # rustmail holds the old listening sockets, and systemd refuses to start a socket whose service
-        # runs: rustmail must stop first. Not with `systemctl stop`: when the same switch restarts
-        # rustmail.service, that job is queued (ordered after this unit) and a stop job would cancel it
-        # and fail the switch. A SIGTERM is rustmail's graceful stop; the queued restart (or the next
-        # connection) then starts it with the new sockets.
-        systemctl kill --kill-whom=main --signal=SIGTERM rustmail.service || true
-        for _ in $(seq ${toString ((cfg.settings.limits.shutdown_timeout_secs + 15) * 10)}); do
-          case "$(systemctl show -P ActiveState rustmail.service)" in inactive | failed) break ;; esac
-          sleep 0.1
-        done
-        [ ''${#stopped[@]} -eq 0 ] || systemctl stop "''${stopped[@]}"
-        [ ''${#changed[@]} -eq 0 ] || systemctl restart "''${changed[@]}"
-      fi
+    if [ $(( ''${#changed[@]} + ''${#stopped[@]} )) -gt 0 ]; then
+      # rustmail holds the old listening sockets, and systemd refuses to start a socket whose service
+      # runs: rustmail must stop first. Not with `systemctl stop`: when the same switch restarts
+      # rustmail.service, that job is queued (ordered after this unit) and a stop job would cancel it
+      # and fail the switch. A SIGTERM is rustmail's graceful stop; the queued restart (or the next
+      # connection) then starts it with the new sockets.
+      systemctl kill --kill-whom=main --signal=SIGTERM rustmail.service || true
+      for _ in $(seq ${toString ((cfg.settings.limits.shutdown_timeout_secs + 15) * 10)}); do
+        case "$(systemctl show -P ActiveState rustmail.service)" in inactive | failed) break ;; esac
+        sleep 0.1
+      done
+      [ ''${#stopped[@]} -eq 0 ] || systemctl stop "''${stopped[@]}"
+      [ ''${#changed[@]} -eq 0 ] || systemctl restart "''${changed[@]}"
     fi
-    mkdir -p ${stateDir}
-  '' + lib.concatMapStrings
-    (name: "printf '%s' ${lib.escapeShellArg (if cfg.listeners.${name}.enable then listenAddresses name else "")} > ${stateDir}/${name}\n")
+  '' + lib.concatMapStrings (name: lib.optionalString (!cfg.listeners.${name}.enable) "rm -f ${stateDir}/${name}\n")
     (lib.attrNames listenerInfo));
 
   stateDirectory = hasPrefix "/var/lib/" cfg.dataDir;
@@ -223,7 +228,7 @@ let
       example = [ "192.0.2.10:${toString info.port}" "[2001:db8::10]:${toString info.port}" ];
       description = ''
         `ListenStream=` values of the `rustmail-${name}.socket` unit: a port (every address, IPv4 and
-        IPv6), `address:port`, or the path of a Unix socket (for a proxy in front; no firewall port).
+        IPv6) or `address:port`.
         systemd owns these sockets, so the service needs no capability to use port ${toString info.port},
         and restarts refuse no connection. A change takes effect on `nixos-rebuild switch`.
       '';
@@ -409,6 +414,18 @@ in
           message = "services.rustmail.tls.keyFile is in the Nix store, which every local user can read.";
         }
       ]
+      ++ lib.concatLists (mapAttrsToList
+        (name: listener: [
+          {
+            assertion = !listener.enable || listener.listen != [ ];
+            message = "services.rustmail.listeners.${name}.listen is empty; set addresses or listeners.${name}.enable = false.";
+          }
+          {
+            assertion = !lib.any isPath listener.listen;
+            message = "services.rustmail.listeners.${name}.listen: rustmail serves TCP sockets only, not Unix socket paths.";
+          }
+        ])
+        cfg.listeners)
       ++ mapAttrsToList
         (name: listener: {
           assertion = !(listener.enable && listenerInfo.${name}.tls && tlsFiles == null);
@@ -494,7 +511,9 @@ in
       ${cfg.tls.acmeHost} = {
         reloadServices = [ "rustmail.service" ];
         # Readable by rustmail alone, not by every service in the catch-all acme group.
-        group = lib.mkDefault cfg.group;
+        # Weaker than mkDefault: nginx and httpd give a vhost's certificate their group with mkDefault,
+        # and a certificate shared with them is then read through that group.
+        group = lib.mkOverride 1250 cfg.group;
       };
     };
 
@@ -504,7 +523,10 @@ in
         if listener.enable then {
           overrideStrategy = "asDropin";
           wantedBy = [ "sockets.target" ];
-          socketConfig.ListenStream = [ "" ] ++ listener.listen;
+          socketConfig = {
+            ListenStream = [ "" ] ++ listener.listen;
+            ExecStartPost = recordListener name;
+          };
         } else {
           enable = false;
         }
@@ -512,6 +534,6 @@ in
       cfg.listeners;
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall
-      (concatMap (listener: map portOf (lib.filter (l: !isPath l) listener.listen)) (attrValues enabledListeners));
+      (concatMap (listener: map portOf listener.listen) (attrValues enabledListeners));
   };
 }

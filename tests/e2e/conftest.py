@@ -113,19 +113,15 @@ def server(server_factory) -> RustmailServer:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
+    # Under CI (.ci/run sets REQUIRE_SYSTEM_TESTS=1) a skipped test is a failure: a missing client or a
+    # busy port must not turn a check into one that cannot fail. (An expected failure stays one.)
+    if (os.environ.get("REQUIRE_SYSTEM_TESTS") == "1" and report.skipped
+            and not hasattr(report, "wasxfail")):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under REQUIRE_SYSTEM_TESTS=1: {reason}"
     if report.failed:
         for i, srv in enumerate(item.stash.get(_servers_key, [])):
             report.sections.append((f"rustmail server log #{i} ({srv.log_path})", srv.log_text()))
     return report
 
-
-# Under CI (.ci/run sets REQUIRE_SYSTEM_TESTS=1) a skipped test is a failure: a missing client or a busy
-# port must not turn a check into one that cannot fail.
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if os.environ.get("REQUIRE_SYSTEM_TESTS") == "1" and report.skipped:
-        report.outcome = "failed"
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.longrepr = f"skipped under REQUIRE_SYSTEM_TESTS=1: {reason}"

@@ -55,13 +55,15 @@ let
   withAcme = evalWith [ (declareCert null) ] acmeServices;
   acmeService = withAcme.systemd.services.rustmail.serviceConfig;
   sharedCert = (evalWith [ (declareCert "certs") ] acmeServices).systemd.services.rustmail.serviceConfig;
+  # nginx gives an enableACME vhost's certificate its group with mkDefault.
+  nginxCert = evalWith [ (declareCert (lib.mkDefault "nginx")) ] acmeServices;
 
   custom = eval (base // {
     user = "mail";
     group = "mail";
     dataDir = "/srv/mail";
     openFirewall = true;
-    listeners.smtp.listen = [ "/run/rustmail/smtp.sock" "192.0.2.10:25" ];
+    listeners.smtp.listen = [ "192.0.2.10:25" ];
     settings = base.settings // { limits.shutdown_timeout_secs = 60; };
     accounts."bob@example.org" = {
       hashedPassword = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA";
@@ -116,8 +118,13 @@ let
     "no hash is refused" = anyMessage "exactly one of hashedPasswordFile and hashedPassword" (eval (base // {
       accounts."alice@example.org" = { };
     }));
-    "Unix socket listeners open no firewall port" =
-      lib.sort lib.lessThan custom.networking.firewall.allowedTCPPorts == [ 25 110 ];
+    "firewall opens the configured ports" = lib.sort lib.lessThan custom.networking.firewall.allowedTCPPorts == [ 25 110 ];
+    "a Unix socket path is refused" = anyMessage "TCP sockets only" (eval (base // { listeners.smtp.listen = [ "/run/smtp.sock" ]; }));
+    "an enabled listener without addresses is refused" = anyMessage "listeners.pop3.listen is empty" (eval (base // { listeners.pop3.listen = [ ]; }));
+    "each socket records what it listens on" =
+      lib.hasInfix "printf '%s' '0.0.0.0:110 [::]:110' > /run/rustmail-listeners/pop3"
+        good.systemd.sockets.rustmail-pop3.socketConfig.ExecStartPost.text
+      && lib.hasInfix "rm -f /run/rustmail-listeners/pop3" smtpOnly.systemd.services.rustmail-listeners.serviceConfig.ExecStart.text;
     "hash reaches the service through LoadCredential" =
       lib.length service.serviceConfig.LoadCredential == 1 && lib.hasSuffix ":/run/keys/alice" credential;
     "config points at the credential" =
@@ -155,6 +162,9 @@ let
       && !(acmeService ? PrivateUsers);
     "a certificate shared under another group is read through it" =
       sharedCert.SupplementaryGroups == [ "certs" ] && sharedCert.PrivateUsers == false;
+    "a certificate nginx shares (group set with mkDefault) does not conflict" =
+      nginxCert.security.acme.certs."mx.example.org".group == "nginx"
+      && nginxCert.systemd.services.rustmail.serviceConfig.SupplementaryGroups == [ "nginx" ];
     "rustmail starts after the ACME unit made the certificate" =
       withAcme.systemd.services.rustmail.after == [ "acme-mx.example.org.service" "rustmail-listeners.service" ]
       && withAcme.systemd.services.rustmail.wants == [ "acme-mx.example.org.service" ];

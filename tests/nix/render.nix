@@ -108,13 +108,15 @@ let
   configs = [ base ] ++ lib.attrValues specialised;
 
   # The fake derivations to build: whatever environment.etc, the checked configuration (a reload or
-  # restart trigger) and ExecStart refer to.
+  # restart trigger) and the units' Exec*= refer to.
   isFake = v: lib.isAttrs v && v ? fake;
   derivationsOf = config:
     let
       etc = lib.filter isFake (mapAttrsToList (_: e: e.source or null) config.environment.etc);
       configFiles = lib.concatMap (s: lib.filter (t: isFake t && t ? unchecked) (s.reloadTriggers or [ ] ++ s.restartTriggers or [ ])) (lib.attrValues config.systemd.services);
-      scripts = lib.concatMap (s: lib.filter isFake (lib.toList (s.serviceConfig.ExecStart or [ ]))) (lib.attrValues config.systemd.services);
+      unitValues = lib.concatMap (u: lib.concatMap lib.toList (lib.attrValues (u.serviceConfig or u.socketConfig or { })))
+        (lib.attrValues config.systemd.services ++ lib.attrValues config.systemd.sockets);
+      scripts = lib.filter isFake unitValues;
     in
     lib.concatMap (c: [ c.unchecked c ]) configFiles ++ etc ++ scripts;
   # (`out`, not `outPath`: builtins.toJSON would turn the whole set into its path.)
