@@ -94,8 +94,7 @@ let
 
   # Password hashes travel through LoadCredential: never through the Nix store, never on argv.
   credentialsDir = "/run/credentials/rustmail.service";
-  credentialName = address: "account-" + builtins.substring 0 16 (builtins.hashString "sha256" address);
-  apopCredentialName = address: "apop-" + builtins.substring 0 16 (builtins.hashString "sha256" address);
+  credentialName = kind: address: "${kind}-" + builtins.substring 0 16 (builtins.hashString "sha256" address);
 
   enabledListeners = filterAttrs (_: listener: listener.enable) cfg.listeners;
 
@@ -158,10 +157,10 @@ let
     accounts = mapAttrs
       (address: account: { inherit (account) aliases; }
         // (if account.hashedPasswordFile != null
-      then { password_hash_file = "${credentialsDir}/${credentialName address}"; }
+      then { password_hash_file = "${credentialsDir}/${credentialName "account" address}"; }
       else { password_hash = account.hashedPassword; })
         // optionalAttrs (account.apopSecretFile != null) {
-        apop_secret_file = "${credentialsDir}/${apopCredentialName address}";
+        apop_secret_file = "${credentialsDir}/${credentialName "apop" address}";
       })
       cfg.accounts;
   };
@@ -474,8 +473,8 @@ in
         ExecReload = [ "" ];
         ExecStart = [ "" "${getExe cfg.package} serve --config /etc/rustmail/rustmail.toml" ];
         LoadCredential =
-          mapAttrsToList (address: account: "${credentialName address}:${account.hashedPasswordFile}") hashFiles
-            ++ mapAttrsToList (address: account: "${apopCredentialName address}:${account.apopSecretFile}") apopFiles;
+          mapAttrsToList (address: account: "${credentialName "account" address}:${account.hashedPasswordFile}") hashFiles
+            ++ mapAttrsToList (address: account: "${credentialName "apop" address}:${account.apopSecretFile}") apopFiles;
         User = cfg.user;
         Group = cfg.group;
         WorkingDirectory = cfg.dataDir;

@@ -9,7 +9,8 @@
 #    X-StopIfChanged=false, and every service gets Environment="PATH=…" from its `path`;
 #  - wantedBy becomes a symlink in <target>.wants/;
 #  - environment.etc entries are symlinks to their source, or copies where a mode is set.
-# Output (JSON): { base, specialisations.<name>, derivations }, where base and each specialisation are
+# Output (JSON): { package, base, specialisations.<name>, derivations }, where package is the store path
+# the package's files go to, base and each specialisation are
 # { files, users, groups }, and derivations lists every fake derivation to build, dependencies first.
 { lib, module, serverNode, systemdDir }:
 
@@ -85,7 +86,8 @@ let
       packageLinks = lib.concatMap
         (package: map (name: { path = "${dir}/${name}"; link = "${package}/lib/systemd/system/${name}"; }) packagedUnits)
         config.systemd.packages;
-      maskedOrOwn = map (f: f.path) unitFiles;
+      # A unit masked (or written whole) here replaces the package's file of the same name.
+      ownPaths = map (f: f.path) unitFiles;
       etcFiles = mapAttrsToList
         (name: entry:
           if (entry.mode or "symlink") == "symlink"
@@ -96,7 +98,7 @@ let
         { path = "etc/tmpfiles.d/00-nixos.conf"; text = lib.concatMapStrings (r: r + "\n") config.systemd.tmpfiles.rules; };
     in
     {
-      files = lib.filter (f: !(f ? link && lib.elem f.path maskedOrOwn && f.link != "/dev/null")) packageLinks
+      files = lib.filter (f: !lib.elem f.path ownPaths) packageLinks
         ++ unitFiles ++ etcFiles ++ tmpfiles;
       users = mapAttrsToList (name: u: { inherit name; inherit (u) group; home = u.home or "/var/empty"; }) config.users.users;
       groups = lib.attrNames config.users.groups;
@@ -124,6 +126,7 @@ let
     // lib.optionalAttrs (d ? text) { inherit (d) text; } // lib.optionalAttrs (d ? value) { inherit (d) value; };
 in
 {
+  package = toString stubs.package;
   base = layout base;
   specialisations = lib.mapAttrs (_: layout) specialised;
   derivations = lib.unique (map describe ([ testCert ] ++ lib.concatMap derivationsOf configs));

@@ -157,23 +157,20 @@ class Machine:
             out += output
         return out
 
-    def wait_until_succeeds(self, command, timeout=900):
+    def _wait_until(self, command, timeout, succeeds):
         result = {}
 
         def check():
             status, result["output"] = self.execute(command, timeout=timeout)
-            return status == 0
-        retry(check, timeout, f"wait until `{command}` succeeds")
+            return (status == 0) == succeeds
+        retry(check, timeout, f"wait until `{command}` {'succeeds' if succeeds else 'fails'}")
         return result["output"]
+
+    def wait_until_succeeds(self, command, timeout=900):
+        return self._wait_until(command, timeout, succeeds=True)
 
     def wait_until_fails(self, command, timeout=900):
-        result = {}
-
-        def check():
-            status, result["output"] = self.execute(command, timeout=timeout)
-            return status != 0
-        retry(check, timeout, f"wait until `{command}` fails")
-        return result["output"]
+        return self._wait_until(command, timeout, succeeds=False)
 
     def systemctl(self, q, user=None):
         return self.execute(f"systemctl {q}")
@@ -234,6 +231,7 @@ class Client:
 
     succeed = Machine.succeed
     fail = Machine.fail
+    _wait_until = Machine._wait_until
     wait_until_succeeds = Machine.wait_until_succeeds
     wait_until_fails = Machine.wait_until_fails
 
