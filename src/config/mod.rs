@@ -142,6 +142,11 @@ pub struct Limits {
     pub pop3_idle_timeout_secs: u64,
     /// How long a graceful stop waits for sessions to reach a safe point.
     pub shutdown_timeout_secs: u64,
+    /// A TLS handshake (implicit TLS, STARTTLS, STLS) must complete within this.
+    pub tls_handshake_timeout_secs: u64,
+    /// Octets per second a message upload (DATA, BDAT) or a POP3 download must keep up on average:
+    /// a transfer of N octets may take its timeout plus N / this many seconds, and no longer.
+    pub min_data_rate: u64,
 }
 
 impl Default for Limits {
@@ -159,6 +164,8 @@ impl Default for Limits {
             session_timeout_secs: 3600,
             pop3_idle_timeout_secs: 600,
             shutdown_timeout_secs: 30,
+            tls_handshake_timeout_secs: 10,
+            min_data_rate: 500,
         }
     }
 }

@@ -180,7 +180,7 @@ fn system_hostname() -> String {
 }
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let positive: [(&str, u64); 11] = [
+    let positive: [(&str, u64); 13] = [
         ("limits.max_connections", l.max_connections as u64),
         (
             "limits.max_connections_per_ip",
@@ -195,6 +195,11 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         ("limits.pop3_idle_timeout_secs", l.pop3_idle_timeout_secs),
         ("limits.shutdown_timeout_secs", l.shutdown_timeout_secs),
         ("limits.max_line_length", l.max_line_length as u64),
+        (
+            "limits.tls_handshake_timeout_secs",
+            l.tls_handshake_timeout_secs,
+        ),
+        ("limits.min_data_rate", l.min_data_rate),
     ];
     for (key, value) in positive {
         if value == 0 {

@@ -92,6 +92,8 @@ pub struct Session {
     draining: bool,
     errors: u32,
     auth_failures: u32,
+    /// Command lines read whole; a new one starts a new request deadline in the driver.
+    requests: u64,
 }
 
 /// Outbox size past which replies are written out before more pipelined commands are answered.
@@ -120,6 +122,7 @@ impl Session {
             draining: false,
             errors: 0,
             auth_failures: 0,
+            requests: 0,
         };
         let greeting = match &s.apop_banner {
             Some(banner) => format!("rustmail POP3 server ready {banner}"),
@@ -136,6 +139,11 @@ impl Session {
 
     pub fn outbox(&mut self) -> &mut Vec<u8> {
         &mut self.outbox
+    }
+
+    /// How many command lines have been read whole (see the SMTP session's `requests`).
+    pub fn requests(&self) -> u64 {
+        self.requests
     }
 
     pub fn is_closed(&self) -> bool {
@@ -167,6 +175,7 @@ impl Session {
                 return (used, Event::NeedInput);
             };
             used += lf + 1;
+            self.requests += 1;
             if std::mem::take(&mut self.draining) || lf + 1 > MAX_LINE {
                 self.error("-ERR line too long");
                 continue;

@@ -1,21 +1,24 @@
-//! The async server: listeners, one task per connection (driving a sans-IO session), reload on SIGHUP,
-//! graceful stop on SIGTERM/SIGINT, readiness, status and watchdog notifications.
+//! The async server's lifecycle: listeners and their accept loops (admission happens there, before
+//! any work), reload on SIGHUP, graceful stop on SIGTERM/SIGINT within `limits.shutdown_timeout_secs`,
+//! readiness, status and watchdog notifications. Connection I/O is in [`conn`]; the protocol drivers in
+//! `smtp` and `pop3`.
 
+mod admission;
 mod auth;
+pub mod conn;
 pub mod listeners;
 mod pop3;
 mod smtp;
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -23,12 +26,18 @@ use tracing::Instrument;
 use crate::config::{ConfigError, Protocol, Settings};
 use crate::storage::Store;
 use crate::systemd::{self, InheritedSocket, NotifyState};
-
-/// A client connection: plain TCP, or TLS (implicit, or after STARTTLS/STLS).
-pub type Conn = tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+use admission::{Admission, Verdict};
+use conn::Connection;
 
 /// Re-reads the configuration for a reload (the same sources as at start).
 pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
+
+/// What the server is told from outside: in production by signals, in tests by a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Reload,
+    Stop,
+}
 
 /// State shared by every task. The settings are swapped whole on reload; each connection keeps the
 /// snapshot it started with.
@@ -36,27 +45,38 @@ pub struct Shared {
     settings: RwLock<Arc<Settings>>,
     store: Store,
     stats: Stats,
-    /// Open connections per client address, for `limits.max_connections_per_ip`.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    admission: Arc<Admission>,
     /// Password verifications running at once: argon2 takes 19 MiB and a core each, so a flood of
     /// logins must queue here instead of exhausting memory through the blocking pool.
     auth_slots: tokio::sync::Semaphore,
     logins: auth::LoginThrottle,
+    deliveries: Arc<Deliveries>,
     shutdown: CancellationToken,
 }
 
 #[derive(Default)]
 struct Stats {
-    active: AtomicUsize,
-    /// Deliveries between their first link and their last fsync: a stop waits for them, so that no
-    /// message is left in some recipients' Maildirs and not others.
-    delivering: AtomicUsize,
     connections: AtomicU64,
     delivered: AtomicU64,
     retrieved: AtomicU64,
 }
 
 impl Shared {
+    pub fn new(settings: Settings, store: Store) -> Shared {
+        Shared {
+            settings: RwLock::new(Arc::new(settings)),
+            store,
+            stats: Stats::default(),
+            admission: Arc::default(),
+            logins: auth::LoginThrottle::default(),
+            auth_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
+            deliveries: Arc::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
     fn settings(&self) -> Arc<Settings> {
         self.settings
             .read()
@@ -67,20 +87,98 @@ impl Shared {
     fn status(&self) -> String {
         format!(
             "{} sessions active, {} messages delivered, {} retrieved",
-            self.stats.active.load(Ordering::Relaxed),
+            self.admission.served(),
             self.stats.delivered.load(Ordering::Relaxed),
             self.stats.retrieved.load(Ordering::Relaxed),
         )
     }
 }
 
-/// Runs the server until SIGTERM/SIGINT. `inherited` are the sockets systemd passed; `watchdog` the
-/// interval systemd expects pings at.
+/// Deliveries between their first link and their last fsync. A stop waits for them (so that no
+/// message is left in some recipients' Maildirs and not others) and then closes the gate, so that
+/// none can start after the stop looked.
+#[derive(Default)]
+struct Deliveries {
+    state: Mutex<(usize, bool)>,
+    idle: tokio::sync::Notify,
+}
+
+struct DeliveryGuard(Arc<Deliveries>);
+
+impl Deliveries {
+    /// Counts a delivery in before it starts; `None` once the server is past its stop.
+    fn begin(self: &Arc<Self>) -> Option<DeliveryGuard> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.1 {
+            return None;
+        }
+        s.0 += 1;
+        Some(DeliveryGuard(self.clone()))
+    }
+
+    /// Waits (at most `within`) until no delivery runs, then refuses new ones. Returns how many were
+    /// still running at the deadline.
+    async fn close(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let idle = self.idle.notified();
+            {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if s.0 == 0 || tokio::time::Instant::now() >= deadline {
+                    s.1 = true;
+                    return s.0;
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, idle).await;
+        }
+    }
+}
+
+impl Drop for DeliveryGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 -= 1;
+        if s.0 == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT (SIGHUP reloads). `inherited` are the sockets systemd passed;
+/// `watchdog` the interval systemd expects pings at.
 pub async fn run(
     settings: Settings,
     reloader: Reloader,
     inherited: Vec<InheritedSocket>,
     watchdog: Option<Duration>,
+) -> anyhow::Result<()> {
+    // Signal handlers are installed before READY=1, so that a SIGHUP right after start is not fatal.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let control = tokio::select! {
+                _ = hup.recv() => Control::Reload,
+                _ = term.recv() => Control::Stop,
+                _ = int.recv() => Control::Stop,
+            };
+            if tx.send(control).await.is_err() {
+                return;
+            }
+        }
+    });
+    run_with(settings, reloader, inherited, watchdog, rx).await
+}
+
+/// [`run`] with its signals as an input.
+pub async fn run_with(
+    settings: Settings,
+    reloader: Reloader,
+    inherited: Vec<InheritedSocket>,
+    watchdog: Option<Duration>,
+    mut control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
     let store = Store::open(&settings.storage_root, &settings.hostname).with_context(|| {
         format!(
@@ -90,25 +188,12 @@ pub async fn run(
     })?;
     ensure_maildirs(&store, &settings).context("cannot create the accounts' Maildirs")?;
     let listeners = listeners::open(&settings.listeners, inherited)?;
-    let shared = Arc::new(Shared {
-        settings: RwLock::new(Arc::new(settings)),
-        store,
-        stats: Stats::default(),
-        per_ip: Mutex::new(HashMap::new()),
-        logins: auth::LoginThrottle::default(),
-        auth_slots: tokio::sync::Semaphore::new(
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
-        ),
-        shutdown: CancellationToken::new(),
-    });
-    // Signal handlers are installed before READY=1, so that a SIGHUP right after start is not fatal.
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    raise_fd_limit(admission::socket_cap(&settings.limits));
+    let shared = Arc::new(Shared::new(settings, store));
 
     let tracker = TaskTracker::new();
     let live_listeners = Arc::new(AtomicUsize::new(0));
-    // Failed accepts in a row, per listener: a listener stuck on EMFILE or a broken socket is not healthy.
+    // Failed accepts in a row, per listener: a listener whose socket is broken is not healthy.
     let accept_failures: Arc<Vec<AtomicU32>> =
         Arc::new(listeners.iter().map(|_| AtomicU32::new(0)).collect());
     let expected_listeners = listeners.len();
@@ -139,42 +224,94 @@ pub async fn run(
     }
     tokio::spawn(status_loop(shared.clone()));
 
-    loop {
-        tokio::select! {
-            _ = hup.recv() => reload(&shared, &reloader).await,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
+    while let Some(Control::Reload) = control.recv().await {
+        reload(&shared, &reloader).await;
     }
 
-    let deadline = Duration::from_secs(shared.settings().limits.shutdown_timeout_secs);
-    tracing::info!(
-        sessions = shared.stats.active.load(Ordering::Relaxed),
-        ?deadline,
-        "stopping"
-    );
+    // The stop: sessions get the configured time to reach a safe point; deliveries already running
+    // get what is left of it, plus a few seconds (the units' TimeoutStopSec leaves 15).
+    let timeout = Duration::from_secs(shared.settings().limits.shutdown_timeout_secs);
+    let deadline = conn::after(timeout);
+    tracing::info!(sessions = shared.admission.served(), ?timeout, "stopping");
     systemd::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     shared.shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(deadline, tracker.wait())
+    if tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            sessions = shared.stats.active.load(Ordering::Relaxed),
+            sessions = shared.admission.served(),
             "sessions still running at the stop deadline; closing them (nothing they carried was acknowledged)"
         );
     }
-    // Deliveries run on the blocking pool and outlive their sessions: let them end (they are bounded
-    // by a few fsyncs) rather than exit between two recipients' links.
-    let started = std::time::Instant::now();
-    while shared.stats.delivering.load(Ordering::SeqCst) > 0
-        && started.elapsed() < Duration::from_secs(60)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let running = shared.deliveries.close(left + Duration::from_secs(5)).await;
+    if running > 0 {
+        tracing::error!(running, "deliveries still running at the stop deadline");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit is 1024, the
+/// hard one much higher), and says so when even that is below what admission may hold open.
+fn raise_fd_limit(sockets: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        tracing::warn!(soft, hard, "cannot raise the open-files limit");
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    // Each session may hold a spool file or a mailbox lock besides its socket, plus listeners and logs.
+    let needed = 2 * sockets as u64 + 64;
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-files limit is below what limits.max_connections may need; lower it or raise LimitNOFILE"
+        );
+    }
+}
+
+/// Accept errors that say the process (or system) is out of something, not that the listener broke.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+/// Accept errors about the one connection being accepted (it went away before we took it).
+fn connection_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::Interrupted
+    ) || matches!(
+        e.raw_os_error(),
+        Some(
+            libc_errno::EPROTO
+                | libc_errno::EPERM
+                | libc_errno::ENETDOWN
+                | libc_errno::EHOSTUNREACH
+        )
+    )
+}
+
+mod libc_errno {
+    use nix::errno::Errno;
+    pub const EMFILE: i32 = Errno::EMFILE as i32;
+    pub const ENFILE: i32 = Errno::ENFILE as i32;
+    pub const ENOBUFS: i32 = Errno::ENOBUFS as i32;
+    pub const ENOMEM: i32 = Errno::ENOMEM as i32;
+    pub const EPROTO: i32 = Errno::EPROTO as i32;
+    pub const EPERM: i32 = Errno::EPERM as i32;
+    pub const ENETDOWN: i32 = Errno::ENETDOWN as i32;
+    pub const EHOSTUNREACH: i32 = Errno::EHOSTUNREACH as i32;
 }
 
 async fn accept_loop(
@@ -184,6 +321,7 @@ async fn accept_loop(
     tracker: TaskTracker,
     failures: &AtomicU32,
 ) {
+    let mut closed_quietly = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -192,11 +330,36 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 failures.store(0, Ordering::Relaxed);
-                tracker.spawn(connection(stream, peer, protocol, shared.clone()));
+                // Dual-stack sockets show IPv4 clients as ::ffff:a.b.c.d: use the plain IPv4 form.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                let key = auth::address_key(peer.ip());
+                match shared.admission.admit(key, &shared.settings().limits) {
+                    Verdict::Close => {
+                        closed_quietly += 1;
+                        if closed_quietly.is_power_of_two() {
+                            tracing::warn!(
+                                closed = closed_quietly,
+                                listener = protocol.name(),
+                                "over the connection cap, closing without a reply: {peer}"
+                            );
+                        }
+                    }
+                    verdict => {
+                        tracker.spawn(connection(stream, peer, protocol, shared.clone(), verdict));
+                    }
+                }
+            }
+            Err(e) if out_of_resources(&e) => {
+                // Not the listener's fault: back off without spinning, and without failing the
+                // watchdog's health check (a restart would not help, and an attacker could cause it).
+                tracing::warn!(error = %e, listener = protocol.name(), "accept failed, backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) if connection_gone(&e) => {
+                tracing::debug!(error = %e, listener = protocol.name(), "connection gone before accept");
             }
             Err(e) => {
                 failures.fetch_add(1, Ordering::Relaxed);
-                // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, listener = protocol.name(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -204,72 +367,54 @@ async fn accept_loop(
     }
 }
 
-/// Counts a session, overall and for its client address, for as long as it lives.
-struct ActiveGuard {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
     shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl ActiveGuard {
-    /// Returns the guard, the number of sessions and the number from this address (both with this one).
-    fn new(shared: Arc<Shared>, ip: IpAddr) -> (ActiveGuard, usize, usize) {
-        let active = shared.stats.active.fetch_add(1, Ordering::Relaxed) + 1;
-        let from_ip = {
-            let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let n = per_ip.entry(ip).or_insert(0);
-            *n += 1;
-            *n
-        };
-        (ActiveGuard { shared, ip }, active, from_ip)
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
-        let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-async fn connection(stream: TcpStream, peer: SocketAddr, protocol: Protocol, shared: Arc<Shared>) {
+    verdict: Verdict,
+) {
+    let (_ticket, busy) = match verdict {
+        Verdict::Serve(t) => (t, false),
+        Verdict::Refuse(t) => (t, true),
+        Verdict::Close => return,
+    };
     let id = shared.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    // IPv6 clients are counted per /64, which one host commonly holds whole.
-    let ip = auth::address_key(peer.ip());
-    let (_guard, active, from_ip) = ActiveGuard::new(shared.clone(), ip);
-    let limits = shared.settings().limits.clone();
-    let busy = active > limits.max_connections || from_ip > limits.max_connections_per_ip;
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("conn", id, proto = protocol.name(), peer = %peer);
-    async move {
-        tracing::debug!("connected");
-        if busy {
-            tracing::warn!(active, from_ip, "connection limit reached, refusing {peer}");
-        }
-        let conn = if protocol.implicit_tls() {
-            // RFC 8314: TLS from the first byte.
-            let timeout = Duration::from_secs(limits.command_timeout_secs);
-            match start_tls(Conn::Left(stream), &shared.settings(), timeout).await {
-                Some(conn) => conn,
-                None => return,
-            }
-        } else {
-            Conn::Left(stream)
+    serve(Connection::plain(stream), peer, protocol, shared, busy)
+        .instrument(span)
+        .await
+}
+
+/// Serves one admitted connection (or refuses it, `busy`): implicit TLS first, within the handshake
+/// timeout, then the protocol.
+pub async fn serve<S: conn::Io>(
+    mut conn: Connection<S>,
+    peer: SocketAddr,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    busy: bool,
+) {
+    tracing::debug!("connected");
+    let settings = shared.settings();
+    if protocol.implicit_tls() {
+        // RFC 8314: TLS from the first byte.
+        let Some(tls) = &settings.tls else {
+            tracing::error!("TLS listener without a certificate (tls.certificate, tls.key)");
+            return;
         };
-        if protocol.is_pop3() {
-            pop3::serve(conn, peer, protocol, shared, busy).await
-        } else {
-            smtp::serve(conn, peer, protocol, shared, busy).await
+        let timeout = Duration::from_secs(settings.limits.tls_handshake_timeout_secs);
+        if !conn.upgrade(&tls.acceptor, timeout, "connect").await {
+            return;
         }
-        tracing::debug!("disconnected");
     }
-    .instrument(span)
-    .await
+    if protocol.is_pop3() {
+        pop3::serve(conn, peer, protocol, shared, busy).await
+    } else {
+        smtp::serve(conn, peer, protocol, shared, busy).await
+    }
+    tracing::debug!("disconnected");
 }
 
 async fn reload(shared: &Arc<Shared>, reloader: &Reloader) {
@@ -375,85 +520,5 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(std::io::Error::other(format!("blocking task failed: {e}"))))
 }
 
-/// The TLS handshake on a plain connection (implicit TLS, or after STARTTLS/STLS), within `timeout`.
-/// `None` when there is no certificate, the client fails the handshake, or it is already TLS.
-async fn start_tls(conn: Conn, settings: &Settings, timeout: Duration) -> Option<Conn> {
-    let Conn::Left(tcp) = conn else {
-        return None;
-    };
-    let Some(tls) = &settings.tls else {
-        tracing::error!(
-            "TLS requested, but no certificate is configured (tls.certificate, tls.key)"
-        );
-        return None;
-    };
-    match tokio::time::timeout(timeout, tls.acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => {
-            let (_, state) = stream.get_ref();
-            tracing::debug!(version = ?state.protocol_version(), cipher = ?state.negotiated_cipher_suite().map(|c| c.suite()), "TLS established");
-            Some(Conn::Right(stream))
-        }
-        Ok(Err(e)) => {
-            tracing::info!(error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            tracing::info!("TLS handshake timed out");
-            None
-        }
-    }
-}
-
-/// `now + secs`, or a year from now when that does not fit (a huge configured timeout must not panic).
-fn deadline_in(secs: u64) -> Instant {
-    let now = Instant::now();
-    now.checked_add(Duration::from_secs(secs))
-        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
-        .unwrap_or(now)
-}
-
-/// Writes all of `bytes` within `timeout`; false if the peer is gone or stopped reading. Without the
-/// limit, a client that never reads would hold its session (and a POP3 mailbox lock) forever.
-async fn write_timed(stream: &mut Conn, bytes: &[u8], timeout: Duration) -> bool {
-    use tokio::io::AsyncWriteExt;
-    let write = async {
-        stream.write_all(bytes).await?;
-        // TLS buffers records: push them out now.
-        stream.flush().await
-    };
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "write failed");
-            false
-        }
-        Err(_) => {
-            tracing::info!("peer stopped reading, closing");
-            false
-        }
-    }
-}
-
-/// Reads into `buf` with a deadline, stopping early when `stop` resolves. `Ok(None)` means "stopped".
-async fn read_some(
-    stream: &mut Conn,
-    buf: &mut Vec<u8>,
-    timeout: Duration,
-    stop: impl Future<Output = ()>,
-) -> Result<Option<usize>, ReadError> {
-    use tokio::io::AsyncReadExt;
-    buf.reserve(8192);
-    tokio::select! {
-        r = tokio::time::timeout(timeout, stream.read_buf(buf)) => match r {
-            Ok(Ok(n)) => Ok(Some(n)),
-            Ok(Err(e)) => Err(ReadError::Io(e)),
-            Err(_) => Err(ReadError::Timeout),
-        },
-        () = stop => Ok(None),
-    }
-}
-
-enum ReadError {
-    Io(std::io::Error),
-    Timeout,
-}
+#[cfg(test)]
+mod tests;

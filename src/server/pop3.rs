@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt;
 
 use super::auth::{self, Login};
-use super::{Conn, ReadError, Shared, blocking, deadline_in, read_some, start_tls, write_timed};
+use super::conn::{self, Connection, Deadlines, Input, Io};
+use super::smtp::REFUSAL_TIMEOUT;
+use super::{Shared, blocking};
 use crate::config::Protocol;
 use crate::pop3::wire::Encoder;
 use crate::pop3::{Credential, Event, Listing, LoginFailure, Session};
@@ -64,16 +66,16 @@ fn mark_all_seen(paths: Vec<PathBuf>) {
     }
 }
 
-pub async fn serve(
-    mut stream: Conn,
+pub async fn serve<S: Io>(
+    mut conn: Connection<S>,
     peer: SocketAddr,
     protocol: Protocol,
     shared: Arc<Shared>,
     busy: bool,
 ) {
     let settings = shared.settings();
-    let ip = peer.ip().to_canonical();
-    let tls = matches!(stream, Conn::Right(_));
+    let ip = peer.ip();
+    let tls = conn.is_tls();
     debug_assert_eq!(tls, protocol == Protocol::Pop3s);
     let plaintext_ok = settings.auth.password_allowed(tls, ip);
     let banner = settings
@@ -84,18 +86,27 @@ pub async fn serve(
     let mut session = Session::new(settings.clone(), plaintext_ok, stls, banner.clone());
     if busy {
         session.refuse_busy();
+        conn.close(session.outbox(), conn::after(REFUSAL_TIMEOUT))
+            .await;
+        return;
     }
-    let idle = Duration::from_secs(settings.limits.pop3_idle_timeout_secs);
-    let session_deadline = deadline_in(settings.limits.session_timeout_secs);
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let limits = &settings.limits;
+    let idle = Duration::from_secs(limits.pop3_idle_timeout_secs);
+    let mut deadlines = Deadlines::new(
+        Duration::from_secs(limits.session_timeout_secs),
+        idle,
+        idle,
+        limits.min_data_rate,
+    );
+    let handshake = Duration::from_secs(limits.tls_handshake_timeout_secs);
     let mut maildrop: Option<Maildrop> = None;
     loop {
-        let (used, event) = session.advance(&buf);
-        buf.drain(..used);
+        let (used, event) = session.advance(&conn.input);
+        conn.consume(used);
         match event {
             Event::NeedInput => {}
             Event::Flush => {
-                if !flush(&mut stream, &mut session, idle).await {
+                if !flush(&mut conn, &mut session, deadlines.reply()).await {
                     return;
                 }
                 continue;
@@ -111,7 +122,7 @@ pub async fn serve(
             Event::Retrieve { index, top } => {
                 let drop = maildrop.as_mut().expect("RETR only after login");
                 let path = drop.paths[index].clone();
-                if !retrieve(&mut stream, &mut session, index, path, top, idle).await {
+                if !retrieve(&mut conn, &mut session, index, path, top, &deadlines).await {
                     return;
                 }
                 if top.is_none() {
@@ -121,17 +132,13 @@ pub async fn serve(
                 continue;
             }
             Event::StartTls => {
-                if !buf.is_empty() {
-                    // The POP3 cousin of CVE-2011-0411: nothing sent in clear after STLS is executed.
-                    tracing::info!(octets = buf.len(), "discarding plaintext sent after STLS");
-                    buf.clear();
-                }
-                if !flush(&mut stream, &mut session, idle).await {
+                if !flush(&mut conn, &mut session, deadlines.reply()).await {
                     return;
                 }
-                match start_tls(stream, &settings, idle).await {
-                    Some(tls) => stream = tls,
-                    None => return,
+                let Some(tls) = &settings.tls else { return };
+                // The core discards whatever came in clear after STLS.
+                if !conn.upgrade(&tls.acceptor, handshake, "STLS").await {
+                    return;
                 }
                 session.tls_started();
                 continue;
@@ -159,39 +166,30 @@ pub async fn serve(
                 continue;
             }
             Event::Close => {
-                if write_timed(&mut stream, session.outbox(), idle).await {
-                    let _ = stream.shutdown().await;
-                }
+                conn.close(session.outbox(), deadlines.reply()).await;
                 return;
             }
         }
-        if !flush(&mut stream, &mut session, idle).await {
+        if !flush(&mut conn, &mut session, deadlines.reply()).await {
             return;
         }
-        let left = session_deadline.saturating_duration_since(std::time::Instant::now());
-        match read_some(
-            &mut stream,
-            &mut buf,
-            idle.min(left),
-            shared.shutdown.cancelled(),
-        )
-        .await
-        {
-            Ok(Some(0)) => return, // dropped: nothing is deleted
-            Ok(Some(_)) => {}
-            Ok(None) => session.abort("server shutting down"),
-            Err(ReadError::Timeout) if left <= idle => session.abort("session time limit reached"),
-            Err(ReadError::Timeout) => session.abort("idle timeout"),
-            Err(ReadError::Io(_)) => return,
+        let deadline = deadlines.next_read(session.requests(), false, conn.received);
+        match conn.read(deadline.at, shared.shutdown.cancelled()).await {
+            Input::Data => {}
+            Input::Eof | Input::Failed => return, // dropped: nothing is deleted
+            Input::Stopped => session.abort("server shutting down"),
+            Input::Timeout if deadline.session_limit => session.abort("session time limit reached"),
+            Input::Timeout => session.abort("idle timeout"),
         }
     }
 }
 
-async fn flush(stream: &mut Conn, session: &mut Session, timeout: Duration) -> bool {
-    if session.outbox().is_empty() {
-        return true;
-    }
-    let ok = write_timed(stream, session.outbox(), timeout).await;
+async fn flush<S: Io>(
+    conn: &mut Connection<S>,
+    session: &mut Session,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let ok = conn.write(session.outbox(), deadline).await;
     session.outbox().clear();
     ok
 }
@@ -281,42 +279,48 @@ async fn login(
     }
 }
 
-/// Streams one message; false if the connection must end (write failure or a file that broke midway).
-async fn retrieve(
-    stream: &mut Conn,
+/// Streams one message; false if the connection must end (the reader is too slow, the write failed,
+/// or a file broke midway). The whole response must go out within the idle timeout plus its size at
+/// `limits.min_data_rate`, and no write may stall longer than the idle timeout: a reader that takes
+/// a byte now and then cannot hold the mailbox lock.
+async fn retrieve<S: Io>(
+    conn: &mut Connection<S>,
     session: &mut Session,
     index: usize,
     path: PathBuf,
     top: Option<u64>,
-    timeout: Duration,
+    deadlines: &Deadlines,
 ) -> bool {
     // Open and read the head in one trip to the blocking pool; most messages fit in it whole, and then
     // the +OK, the message and the terminating dot leave in one write.
     const HEAD: usize = 64 * 1024;
     let opened = blocking(move || {
         let mut file = std::fs::File::open(&path)?;
+        let size = file.metadata()?.len();
         let mut head = Vec::with_capacity(HEAD);
         std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, HEAD as u64), &mut head)?;
-        Ok((file, head, path))
+        Ok((file, head, path, size))
     })
     .await;
     session.retrieve_started(index, opened.is_ok());
-    let Ok((file, head, path)) = opened else {
+    let Ok((file, head, path, size)) = opened else {
         tracing::warn!("message vanished before RETR");
-        return flush(stream, session, timeout).await;
+        return flush(conn, session, deadlines.reply()).await;
     };
+    // Dot-stuffing and CRLF at most double the size.
+    let deadline = deadlines.download(size.saturating_mul(2));
     let mut encoder = Encoder::new(top);
     let mut out = std::mem::take(session.outbox());
     encoder.encode(&head, &mut out);
     if head.len() < HEAD || encoder.is_done() {
         encoder.finish(&mut out);
-        return write_timed(stream, &out, timeout).await;
+        return conn.write(&out, deadlines.download_step(deadline)).await;
     }
     // A large message: stream the rest with bounded memory.
     let mut file = tokio::fs::File::from_std(file);
     let mut chunk = vec![0u8; HEAD];
     loop {
-        if !write_timed(stream, &out, timeout).await {
+        if !conn.write(&out, deadlines.download_step(deadline)).await {
             return false;
         }
         out.clear();
@@ -335,5 +339,5 @@ async fn retrieve(
         encoder.encode(&chunk[..n], &mut out);
     }
     encoder.finish(&mut out);
-    write_timed(stream, &out, timeout).await
+    conn.write(&out, deadlines.download_step(deadline)).await
 }

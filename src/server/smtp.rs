@@ -3,13 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-
-use tokio::io::AsyncWriteExt as _;
+use std::time::Duration;
 
 use super::auth::{Login, check_password};
-use super::{Conn, ReadError, Shared, blocking, deadline_in, read_some, start_tls, write_timed};
+use super::conn::{self, Connection, Deadlines, Input, Io};
+use super::{Shared, blocking};
 use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
 use crate::smtp::reply::{self, Reply};
@@ -19,8 +17,11 @@ use crate::storage::Spool;
 /// Message bytes are collected up to this size before a write to the spool file.
 const SPOOL_WRITE_CHUNK: usize = 256 * 1024;
 
-pub async fn serve(
-    mut stream: Conn,
+/// A refused connection gets this long to take its `421`.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn serve<S: Io>(
+    mut conn: Connection<S>,
     peer: SocketAddr,
     protocol: Protocol,
     shared: Arc<Shared>,
@@ -30,16 +31,23 @@ pub async fn serve(
     let limits = &settings.limits;
     let channel = Channel {
         submission: protocol.is_submission(),
-        tls: matches!(stream, Conn::Right(_)),
+        tls: conn.is_tls(),
         starttls: settings.tls.is_some(),
     };
     let mut session = Session::new(settings.clone(), peer.ip(), channel);
     if busy {
         session.refuse_busy();
+        conn.close(session.outbox(), conn::after(REFUSAL_TIMEOUT))
+            .await;
+        return;
     }
-    let session_deadline = deadline_in(limits.session_timeout_secs);
-    let write_timeout = Duration::from_secs(limits.command_timeout_secs);
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut deadlines = Deadlines::new(
+        Duration::from_secs(limits.session_timeout_secs),
+        Duration::from_secs(limits.command_timeout_secs),
+        Duration::from_secs(limits.data_timeout_secs),
+        limits.min_data_rate,
+    );
+    let handshake = Duration::from_secs(limits.tls_handshake_timeout_secs);
     let mut message = Message::default();
     let mut stop_seen = false;
     loop {
@@ -49,12 +57,12 @@ pub async fn serve(
             stop_seen = true;
             session.request_shutdown();
         }
-        let (used, event) = session.advance(&buf);
+        let (used, event) = session.advance(&conn.input);
         match event {
             Event::MessageLine(line) => {
                 message.append(line);
                 message.append(b"\n");
-                buf.drain(..used);
+                conn.consume(used);
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
                     message.write_pending().await;
                 }
@@ -62,12 +70,12 @@ pub async fn serve(
             }
             Event::NeedInput => {}
             Event::MessageStart => {
-                buf.drain(..used);
+                conn.consume(used);
                 message.start(&shared, &session).await;
                 continue;
             }
             Event::MessageBytes => {
-                buf.drain(..used);
+                conn.consume(used);
                 message.append(&session.take_message_bytes());
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
                     message.write_pending().await;
@@ -75,12 +83,12 @@ pub async fn serve(
                 continue;
             }
             Event::MessageAbort => {
-                buf.drain(..used);
+                conn.consume(used);
                 message.discard();
                 continue;
             }
             Event::MessageEnd => {
-                buf.drain(..used);
+                conn.consume(used);
                 // The tail of a last BDAT chunk (nothing for DATA).
                 message.append(&session.take_message_bytes());
                 match message.finish(&shared, &session).await {
@@ -91,30 +99,22 @@ pub async fn serve(
                 continue;
             }
             Event::StartTls => {
-                buf.drain(..used);
-                if !buf.is_empty() {
-                    // CVE-2011-0411: whatever came in clear after STARTTLS is never executed.
-                    tracing::info!(
-                        octets = buf.len(),
-                        "discarding plaintext sent after STARTTLS"
-                    );
-                    buf.clear();
-                }
-                if !write_timed(&mut stream, session.outbox(), write_timeout).await {
+                conn.consume(used);
+                if !conn.write(session.outbox(), deadlines.reply()).await {
                     return;
                 }
                 session.outbox().clear();
-                match start_tls(stream, &settings, write_timeout).await {
-                    Some(tls) => stream = tls,
-                    None => return,
+                let Some(tls) = &settings.tls else { return };
+                // The core discards whatever came in clear after STARTTLS (CVE-2011-0411).
+                if !conn.upgrade(&tls.acceptor, handshake, "STARTTLS").await {
+                    return;
                 }
                 session.tls_started();
                 continue;
             }
             Event::Authenticate { user, password } => {
-                buf.drain(..used);
-                let ip = peer.ip().to_canonical();
-                let outcome = match check_password(&shared, ip, &user, password).await {
+                conn.consume(used);
+                let outcome = match check_password(&shared, peer.ip(), &user, password).await {
                     Login::Accepted(account) => AuthOutcome::Accepted(account),
                     Login::Rejected => AuthOutcome::Rejected,
                     Login::Throttled => AuthOutcome::Throttled,
@@ -123,26 +123,17 @@ pub async fn serve(
                 continue;
             }
             Event::Close => {
-                if write_timed(&mut stream, session.outbox(), write_timeout).await {
-                    let _ = stream.shutdown().await;
-                }
+                conn.close(session.outbox(), deadlines.reply()).await;
                 return;
             }
         }
         // NeedInput: answer everything processed so far in one write, then wait for the client.
-        buf.drain(..used);
-        if !session.outbox().is_empty() {
-            if !write_timed(&mut stream, session.outbox(), write_timeout).await {
-                return;
-            }
-            session.outbox().clear();
+        conn.consume(used);
+        if !conn.write(session.outbox(), deadlines.reply()).await {
+            return;
         }
-        let per_read = Duration::from_secs(if session.in_message() {
-            limits.data_timeout_secs
-        } else {
-            limits.command_timeout_secs
-        });
-        let timeout = per_read.min(session_deadline.saturating_duration_since(Instant::now()));
+        session.outbox().clear();
+        let deadline = deadlines.next_read(session.requests(), session.in_message(), conn.received);
         // A stop waits for the message in progress: the session answers 421 at the next command.
         let stop = shared.shutdown.cancelled();
         let watch_stop = !stop_seen && !session.in_message();
@@ -153,25 +144,25 @@ pub async fn serve(
                 std::future::pending().await
             }
         };
-        match read_some(&mut stream, &mut buf, timeout, stop).await {
-            Ok(Some(0)) => {
+        match conn.read(deadline.at, stop).await {
+            Input::Data => {}
+            Input::Eof | Input::Failed => {
                 if session.in_message() {
-                    tracing::info!("connection closed during DATA; nothing was acknowledged");
+                    tracing::info!("connection lost during DATA; nothing was acknowledged");
                 }
                 return;
             }
-            Ok(Some(_)) => {}
-            Ok(None) => {
+            Input::Stopped => {
                 stop_seen = true;
                 session.request_shutdown();
             }
-            Err(ReadError::Timeout) => {
-                tracing::info!("timeout");
-                session.timed_out();
+            Input::Timeout if deadline.session_limit => {
+                tracing::info!("session time limit reached");
+                session.session_expired();
             }
-            Err(ReadError::Io(e)) => {
-                tracing::debug!(error = %e, "read failed");
-                return;
+            Input::Timeout => {
+                tracing::info!(in_message = session.in_message(), "timeout");
+                session.timed_out();
             }
         }
     }
@@ -275,21 +266,27 @@ impl Message {
         let accounts = envelope.mailboxes.clone();
         let id = spool.id().to_string();
         let size = spool.size();
+        // Counted in before the blocking task starts, so that a stop cannot miss it.
+        let Some(guard) = shared.deliveries.begin() else {
+            tracing::warn!(queue_id = %id, "server stopping, answered 451: {id}");
+            return Err(Refusal::Temporary);
+        };
         let shared2 = shared.clone();
         let result = blocking(move || {
-            shared2.stats.delivering.fetch_add(1, Ordering::SeqCst);
-            let delivered = accounts
+            let _guard = guard;
+            accounts
                 .iter()
                 .map(|a| shared2.store.ensure_maildir(a))
                 .collect::<std::io::Result<Vec<_>>>()
-                .and_then(|maildirs| spool.deliver(&maildirs));
-            shared2.stats.delivering.fetch_sub(1, Ordering::SeqCst);
-            delivered
+                .and_then(|maildirs| spool.deliver(&maildirs))
         })
         .await;
         match result {
             Ok(()) => {
-                shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .delivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(queue_id = %id, from = %from, rcpts = ?rcpts, size, "message accepted: {id} from <{from}> to {} ({size} octets)", rcpts.join(", "));
                 Ok(id)
             }

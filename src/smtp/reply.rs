@@ -68,6 +68,11 @@ pub const READY_FOR_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
 // Transient failures.
 pub const SHUTTING_DOWN: Reply = Reply::new(421, "4.3.2", "Service shutting down, try again later");
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout, closing connection");
+pub const SESSION_EXPIRED: Reply = Reply::new(
+    421,
+    "4.4.2",
+    "Session time limit reached, closing connection",
+);
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, "4.7.0", "Too many errors, closing connection");
 pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::new(421, "4.7.0", "Too many connections, try again later");

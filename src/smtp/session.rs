@@ -109,6 +109,8 @@ pub struct Session {
     chunk_out: Vec<u8>,
     outbox: Vec<u8>,
     errors: u32,
+    /// Command lines (and SASL responses) read so far: a new one starts a new request deadline.
+    requests: u64,
     shutdown_requested: bool,
 }
 
@@ -129,6 +131,7 @@ impl Session {
             chunk_out: Vec::new(),
             outbox: Vec::new(),
             errors: 0,
+            requests: 0,
             shutdown_requested: false,
         };
         let greeting = format!("{} ESMTP rustmail ready", session.settings.hostname);
@@ -159,6 +162,12 @@ impl Session {
         )
     }
 
+    /// How many command lines have been read whole: the driver restarts the command deadline when
+    /// this changes, so a line trickled in byte by byte still has to complete within the timeout.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
     /// The bytes announced by [`Event::MessageBytes`].
     pub fn take_message_bytes(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.chunk_out)
@@ -177,9 +186,14 @@ impl Session {
         }
     }
 
-    /// The peer was silent for too long (RFC 5321 §4.5.3.2).
+    /// The peer was silent for too long (RFC 5321 §4.5.3.2), or too slow with its command or message.
     pub fn timed_out(&mut self) {
         self.close_with(reply::TIMEOUT);
+    }
+
+    /// The session reached `limits.session_timeout_secs`.
+    pub fn session_expired(&mut self) {
+        self.close_with(reply::SESSION_EXPIRED);
     }
 
     /// Processes input up to the next event. Returns the bytes consumed and the event.
@@ -221,6 +235,7 @@ impl Session {
                 Mode::DrainCommand => match rest.iter().position(|&b| b == b'\n') {
                     Some(lf) => {
                         used += lf + 1;
+                        self.requests += 1;
                         self.mode = Mode::Command;
                         self.error(reply::LINE_TOO_LONG);
                     }
@@ -247,6 +262,7 @@ impl Session {
                         return (used, Event::NeedInput);
                     };
                     used += lf + 1;
+                    self.requests += 1;
                     if lf + 1 > max {
                         // An over-long SASL response also ends the AUTH exchange.
                         self.mode = Mode::Command;

@@ -1,0 +1,159 @@
+//! Admission, decided in the accept loop before any work (no TLS handshake, no task): a connection is
+//! served, refused with a short temporary error, or closed at once.
+//!
+//! - Served while fewer than `limits.max_connections` are served in total and fewer than
+//!   `limits.max_connections_per_ip` from its address (IPv6: its /64).
+//! - Refused (`421` / `-ERR [SYS/TEMP]`, written with a short deadline) while fewer than
+//!   [`refusal_allowance`] refusals are under way, so a client over a limit learns why.
+//! - Closed without a word beyond that: the number of open client sockets can never exceed
+//!   `max_connections + refusal_allowance`, so a flood cannot exhaust file descriptors.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::config::Limits;
+
+/// Refusals in progress at most: enough for honest clients over a limit to hear it, small enough
+/// that a flood costs next to nothing.
+pub fn refusal_allowance(limits: &Limits) -> usize {
+    (limits.max_connections / 8).clamp(8, 64)
+}
+
+/// Client sockets open at most, served and refused together.
+pub fn socket_cap(limits: &Limits) -> usize {
+    limits.max_connections + refusal_allowance(limits)
+}
+
+#[derive(Default)]
+pub struct Admission {
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    served: usize,
+    refusing: usize,
+    /// Served connections per address key.
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// What to do with an accepted socket. A ticket keeps its place counted until it is dropped.
+pub enum Verdict {
+    Serve(Ticket),
+    Refuse(Ticket),
+    Close,
+}
+
+pub struct Ticket {
+    admission: Arc<Admission>,
+    /// The address key a served ticket counts against; `None` for a refusal.
+    served_ip: Option<IpAddr>,
+}
+
+impl Admission {
+    /// Decides for a connection from `ip` (already reduced with [`super::auth::address_key`]).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Verdict {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if c.served < limits.max_connections && from_ip < limits.max_connections_per_ip {
+            c.served += 1;
+            *c.per_ip.entry(ip).or_insert(0) += 1;
+            return Verdict::Serve(Ticket {
+                admission: self.clone(),
+                served_ip: Some(ip),
+            });
+        }
+        if c.refusing < refusal_allowance(limits) {
+            c.refusing += 1;
+            tracing::warn!(
+                served = c.served,
+                from_ip,
+                "connection limit reached, refusing {ip}"
+            );
+            return Verdict::Refuse(Ticket {
+                admission: self.clone(),
+                served_ip: None,
+            });
+        }
+        Verdict::Close
+    }
+
+    /// Connections being served.
+    pub fn served(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).served
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut c = self
+            .admission
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match self.served_ip {
+            Some(ip) => {
+                c.served -= 1;
+                if let Some(n) = c.per_ip.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        c.per_ip.remove(&ip);
+                    }
+                }
+            }
+            None => c.refusing -= 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(total: usize, per_ip: usize) -> Limits {
+        Limits {
+            max_connections: total,
+            max_connections_per_ip: per_ip,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn per_address_limit_refuses_then_closes_past_the_allowance() {
+        let a = Arc::new(Admission::default());
+        let l = limits(100, 2);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let served: Vec<_> = (0..2).map(|_| a.admit(ip, &l)).collect();
+        assert!(served.iter().all(|v| matches!(v, Verdict::Serve(_))));
+        let refused: Vec<_> = (0..refusal_allowance(&l))
+            .map(|_| a.admit(ip, &l))
+            .collect();
+        assert!(refused.iter().all(|v| matches!(v, Verdict::Refuse(_))));
+        assert!(matches!(a.admit(ip, &l), Verdict::Close));
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(
+            matches!(a.admit(other, &l), Verdict::Serve(_)),
+            "another address is still served while one is flooding"
+        );
+        drop(refused);
+        assert!(matches!(a.admit(ip, &l), Verdict::Refuse(_)));
+        drop(served);
+        assert!(matches!(a.admit(ip, &l), Verdict::Serve(_)));
+    }
+
+    #[test]
+    fn sockets_never_exceed_the_cap() {
+        let a = Arc::new(Admission::default());
+        let l = limits(10, 1000);
+        let tickets: Vec<_> = (0..1000u32)
+            .map(|i| a.admit(IpAddr::from(i.to_be_bytes()), &l))
+            .filter(|v| !matches!(v, Verdict::Close))
+            .collect();
+        assert_eq!(tickets.len(), socket_cap(&l));
+        assert_eq!(a.served(), 10);
+        drop(tickets);
+        assert_eq!(a.served(), 0);
+        assert!(a.counts.lock().unwrap().per_ip.is_empty());
+    }
+}

@@ -1,0 +1,239 @@
+//! The real drivers over an in-memory pipe, on a paused clock: deadlines are checked to the second
+//! without waiting for them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::time::Instant;
+
+use super::conn::Connection;
+use super::{Shared, serve};
+use crate::config::{AccountConfig, Config, Protocol, Settings};
+use crate::storage::Store;
+
+const PEER: &str = "127.0.0.1:40000";
+
+fn settings(root: &std::path::Path, edit: impl FnOnce(&mut Config)) -> Settings {
+    static HASH: OnceLock<String> = OnceLock::new();
+    let hash = HASH
+        .get_or_init(|| crate::accounts::hash_password(b"pw"))
+        .clone();
+    let mut config = Config {
+        hostname: Some("mx.example.org".into()),
+        domains: vec!["example.org".into()],
+        storage_root: root.to_path_buf(),
+        accounts: BTreeMap::from([(
+            "alice@example.org".into(),
+            AccountConfig {
+                password_hash: Some(hash),
+                ..AccountConfig::default()
+            },
+        )]),
+        ..Config::default()
+    };
+    config.auth.failure_delay_ms = 1;
+    edit(&mut config);
+    Settings::from_config(config).unwrap()
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    shared: Arc<Shared>,
+}
+
+impl Harness {
+    fn new(edit: impl FnOnce(&mut Config)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings(dir.path(), edit);
+        let store = Store::open(dir.path(), "mx.example.org").unwrap();
+        Harness {
+            _dir: dir,
+            shared: Arc::new(Shared::new(settings, store)),
+        }
+    }
+
+    /// Starts a session of `protocol` and returns the client's end of the pipe (`buffer`: the pipe's
+    /// capacity, small to model a client that does not read).
+    fn connect(
+        &self,
+        protocol: Protocol,
+        buffer: usize,
+    ) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(buffer);
+        let task = tokio::spawn(serve(
+            Connection::plain(server),
+            PEER.parse().unwrap(),
+            protocol,
+            self.shared.clone(),
+            false,
+        ));
+        (client, task)
+    }
+
+    /// Stores a message of `size` octets for alice.
+    fn deliver(&self, size: usize) {
+        let settings = self.shared.settings();
+        let account = settings.directory.account("alice@example.org").unwrap();
+        let maildir = self.shared.store.ensure_maildir(account).unwrap();
+        let mut spool = self.shared.store.spool().unwrap();
+        let mut body = b"Subject: big\n\n".to_vec();
+        while body.len() < size {
+            body.extend_from_slice(
+                b"0123456789012345678901234567890123456789012345678901234567890123456789\n",
+            );
+        }
+        spool.append(&body).unwrap();
+        spool.deliver(&[maildir]).unwrap();
+    }
+}
+
+/// Reads until `needle` appears in what was read; returns all of it.
+async fn read_until(client: &mut DuplexStream, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before {needle:?}; got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Sends `bytes` one at a time, each `gap` after the previous one, until the server closes.
+/// Returns the time from the first byte to the close and everything the server sent meanwhile.
+async fn trickle(client: DuplexStream, bytes: &[u8], gap: Duration) -> (Duration, String) {
+    let (mut rx, mut tx) = tokio::io::split(client);
+    let start = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = rx.read_to_end(&mut got).await;
+        (Instant::now(), String::from_utf8_lossy(&got).into_owned())
+    });
+    for &b in bytes.iter().cycle() {
+        if reader.is_finished() || tx.write_all(&[b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(gap).await;
+    }
+    let (closed, got) = reader.await.unwrap();
+    (closed - start, got)
+}
+
+#[tokio::test(start_paused = true)]
+async fn smtp_command_trickled_byte_by_byte_is_cut_at_the_command_timeout() {
+    // Before per-request deadlines, each byte restarted the 300 s timeout: the slot was held until
+    // the one-hour session limit.
+    let h = Harness::new(|_| {});
+    let (mut client, _task) = h.connect(Protocol::Smtp, 1 << 16);
+    read_until(&mut client, "220 ").await;
+    let (held, got) = trickle(client, b"EHLO client.example.org", Duration::from_secs(299)).await;
+    assert!(got.contains("421 4.4.2 Timeout"), "{got}");
+    assert_eq!(held.as_secs(), 300, "held {held:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn smtp_data_trickle_is_cut_by_the_minimum_rate() {
+    let h = Harness::new(|_| {});
+    let (mut client, _task) = h.connect(Protocol::Smtp, 1 << 16);
+    read_until(&mut client, "220 ").await;
+    client
+        .write_all(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "354 ").await;
+    let (held, got) = trickle(client, b"Subject: slow\r\n", Duration::from_secs(299)).await;
+    assert!(got.contains("421 4.4.2 Timeout"), "{got}");
+    assert_eq!(held.as_secs(), 300, "held {held:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn smtp_session_limit_has_its_own_reply() {
+    let h = Harness::new(|c| c.limits.session_timeout_secs = 50);
+    let (mut client, _task) = h.connect(Protocol::Smtp, 1 << 16);
+    read_until(&mut client, "220 ").await;
+    let (held, got) = trickle(client, b"NOOP\r\n", Duration::from_secs(1)).await;
+    assert!(
+        got.contains("421 4.4.2 Session time limit reached"),
+        "{got}"
+    );
+    assert_eq!(held.as_secs(), 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_command_trickle_is_cut_at_the_idle_timeout() {
+    let h = Harness::new(|_| {});
+    let (mut client, _task) = h.connect(Protocol::Pop3, 1 << 16);
+    read_until(&mut client, "+OK").await;
+    let (held, got) = trickle(client, b"USER alice@example.org", Duration::from_secs(599)).await;
+    assert!(got.contains("-ERR [SYS/TEMP] idle timeout"), "{got}");
+    assert_eq!(held.as_secs(), 600);
+}
+
+/// Logs alice in over a pipe of `buffer` octets, sends RETR 1 and then reads `step` octets every 10 s.
+/// Returns how long the server kept sending, and checks that the mailbox is free afterwards.
+async fn slow_retr(h: &Harness, buffer: usize, step: usize) -> Duration {
+    let (mut client, task) = h.connect(Protocol::Pop3, buffer);
+    read_until(&mut client, "+OK").await;
+    client
+        .write_all(b"USER alice@example.org\r\nPASS pw\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "maildrop has 1").await;
+    client.write_all(b"RETR 1\r\n").await.unwrap();
+    let start = Instant::now();
+    let mut buf = vec![0u8; step];
+    let mut ended = None;
+    loop {
+        if ended.is_none() && task.is_finished() {
+            ended = Some(Instant::now());
+        }
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => tokio::time::sleep(Duration::from_secs(10)).await,
+        }
+    }
+    // When the server gave up on the client (what it had sent by then still drains from the pipe).
+    let held = ended.expect("the server ended the session") - start;
+    task.await.unwrap();
+    let (mut next, _task) = h.connect(Protocol::Pop3, 1 << 20);
+    read_until(&mut next, "+OK").await;
+    next.write_all(b"USER alice@example.org\r\nPASS pw\r\nSTAT\r\n")
+        .await
+        .unwrap();
+    let got = read_until(&mut next, "+OK 1 ").await;
+    assert!(!got.contains("IN-USE"), "{got}");
+    held
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_stalled_retr_reader_is_cut_at_the_idle_timeout() {
+    let h = Harness::new(|_| {});
+    h.deliver(1_000_000);
+    // 6.4 octets/s: a 64 KiB write cannot finish within the 600 s idle timeout.
+    let held = slow_retr(&h, 4096, 64).await;
+    assert!(
+        held >= Duration::from_secs(600) && held <= Duration::from_secs(610),
+        "held {held:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_slow_retr_reader_is_cut_by_the_minimum_rate() {
+    // Before: every 64 KiB write had its own 600 s timeout, so a reader taking 200 octets/s (each
+    // write finishes in time) held the session and the mailbox lock for as long as the message lasted.
+    let h = Harness::new(|c| c.limits.session_timeout_secs = 100_000);
+    h.deliver(2_000_000);
+    let held = slow_retr(&h, 4096, 2000).await;
+    // The whole response may take 600 s + 2 x 2 MB at 500 octets/s = 8600 s; at 200 octets/s the
+    // 2 MB would take 10,000 s.
+    assert!(
+        held >= Duration::from_secs(8500) && held <= Duration::from_secs(8610),
+        "held {held:?}"
+    );
+}
