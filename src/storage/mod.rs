@@ -6,8 +6,9 @@
 //! mail/<domain>/<local>/{tmp,new,cur}   one Maildir per account, readable by Dovecot, mutt, …
 //! ```
 //! Delivery (the meaning of SMTP's `250`): the spooled message is fsynced, hard-linked into each
-//! recipient's `tmp/`, renamed into `new/`, and `new/` is fsynced; only then is the message acknowledged.
-//! A failure removes what was already linked, so the client's retry never meets a half delivery.
+//! recipient's `tmp/` (or copied there and fsynced, if the Maildir is on another file system), moved into
+//! `new/`, and `new/` is fsynced; only then is the message acknowledged. A failure removes what was
+//! already delivered, so the client's retry never meets a half delivery.
 //!
 //! Messages are stored with LF line endings, as Maildir readers expect. File names follow the Maildir
 //! convention `<secs>.M<usec>P<pid>Q<seq>.<host>,S=<octets>,W=<octets in CRLF form>` (the `S=`/`W=` fields
