@@ -3,12 +3,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::fsync_dir;
+use super::{create_new, fsync_dir};
 
 /// A message of a mailbox as POP3 sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,12 +201,14 @@ pub struct MailboxLock {
 
 /// Takes the lock, or `None` if another session holds it.
 pub fn lock(maildir: &Path) -> io::Result<Option<MailboxLock>> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(maildir.join("rustmail-pop3.lock"))?;
+    let path = maildir.join("rustmail-pop3.lock");
+    // Created owner-only like every file of the store; one that exists already is used as it is.
+    let file = match create_new(&path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            OpenOptions::new().write(true).open(&path)?
+        }
+        created => created?,
+    };
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Some(MailboxLock { _lock: lock })),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),

@@ -20,9 +20,9 @@
 mod maildir;
 mod spool;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -51,8 +51,19 @@ impl Store {
                 .replace(',', "\\054"),
             seq: AtomicU64::new(0),
         };
+        if !root.exists() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(root)?;
+            fs::set_permissions(root, Permissions::from_mode(DIR_MODE))?;
+        }
         for dir in [store.spool_dir(), root.join("mail")] {
-            fs::create_dir_all(&dir)?;
+            match create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
         }
         for entry in fs::read_dir(store.spool_dir())? {
             // Leftovers of a crash during DATA: never acknowledged, so safe to drop.
@@ -103,7 +114,7 @@ impl Store {
             dir.join("new"),
             dir.join("cur"),
         ] {
-            match fs::create_dir(&path) {
+            match create_dir(&path) {
                 Ok(()) => fsync_dir(path.parent().expect("a Maildir path has a parent"))?,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e),
@@ -131,22 +142,50 @@ impl Store {
     }
 }
 
+/// Mail is private: every directory the store creates is 0700 and every file 0600, whatever the umask.
+/// The packaged unit sets `UMask=0077`; run any other way, nothing else keeps local users out of the mail.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// Creates one owner-only directory. The umask can only take bits away from the mode asked for, so the
+/// directory is never more open than 0700; the chmod gives back owner bits that a strict umask took.
+fn create_dir(path: &Path) -> io::Result<()> {
+    DirBuilder::new().mode(DIR_MODE).create(path)?;
+    let chmod = fs::set_permissions(path, Permissions::from_mode(DIR_MODE));
+    if chmod.is_err() {
+        let _ = fs::remove_dir(path);
+    }
+    chmod
+}
+
+/// Creates a new owner-only file (O_EXCL), for writing; the chmod as in [`create_dir`].
 fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
-        .open(path)
+        .mode(FILE_MODE)
+        .open(path)?;
+    if let Err(e) = file.set_permissions(Permissions::from_mode(FILE_MODE)) {
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(file)
 }
 
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// What the tests of every part of the store share.
+/// What the tests of every part of the store share, and the tests of the store itself.
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Arc;
+
     use super::*;
+    use crate::accounts::{Directory, SecretFiles};
+    use crate::config::{AccountConfig, Config};
 
     pub(super) fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -167,5 +206,80 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect()
+    }
+
+    pub(super) fn account(address: &str) -> Arc<Account> {
+        let (_, domain) = address.split_once('@').unwrap();
+        let unread = AccountConfig {
+            password_hash_file: Some("/not-read".into()),
+            ..AccountConfig::default()
+        };
+        let config = Config {
+            accounts: BTreeMap::from([(address.to_string(), unread)]),
+            ..Config::default()
+        };
+        let domains = BTreeSet::from([domain.to_string()]);
+        let directory = Directory::from_config(&config, &domains, SecretFiles::Skip).unwrap();
+        directory.account(address).unwrap().clone()
+    }
+
+    /// The permission bits, in octal as `ls -l` users read them.
+    fn mode(path: &Path) -> String {
+        format!(
+            "{:o}",
+            fs::metadata(path).unwrap().permissions().mode() & 0o7777
+        )
+    }
+
+    /// Sets the process's umask, and puts the previous one back when dropped (even by a failing test).
+    struct Umask(libc::mode_t);
+
+    impl Umask {
+        fn set(mask: libc::mode_t) -> Umask {
+            // SAFETY: umask(2) cannot fail and touches no memory. It is process-wide: tests running
+            // meanwhile on other threads create their files more open, which harms no test.
+            Umask(unsafe { libc::umask(mask) })
+        }
+    }
+
+    impl Drop for Umask {
+        fn drop(&mut self) {
+            // SAFETY: as in Umask::set.
+            unsafe { libc::umask(self.0) };
+        }
+    }
+
+    #[test]
+    fn mail_is_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        let (maildir, spooled, message, pop3_lock);
+        {
+            let _open = Umask::set(0);
+            let store = Store::open(&root, "mx.example.org").unwrap();
+            maildir = store.ensure_maildir(&account("alice@example.org")).unwrap();
+            let mut spool = store.spool().unwrap();
+            spool.append(b"x\n").unwrap();
+            spooled = mode(&root.join("spool").join(spool.id()));
+            spool.deliver(std::slice::from_ref(&maildir)).unwrap();
+            message = files(&maildir.join("new")).pop().unwrap();
+            pop3_lock = lock(&maildir).unwrap();
+        }
+        assert!(pop3_lock.is_some());
+        let dirs = [
+            "",
+            "spool",
+            "mail",
+            "mail/example.org",
+            "mail/example.org/alice",
+        ];
+        let subs = ["tmp", "new", "cur"].map(|sub| maildir.join(sub));
+        for path in dirs.iter().map(|d| root.join(d)).chain(subs) {
+            assert_eq!(mode(&path), "700", "{}", path.display());
+        }
+        assert_eq!(spooled, "600", "the spool file");
+        for path in [message, maildir.join("rustmail-pop3.lock")] {
+            assert_eq!(mode(&path), "600", "{}", path.display());
+        }
     }
 }
