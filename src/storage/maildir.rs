@@ -1,13 +1,13 @@
 //! A Maildir as POP3 sees it: listing with sizes and UIDs (RFC 1939 §7 UIDL), taking `new/` into `cur/`,
 //! the Seen flag, deletion, and the lock that keeps one POP3 session per mailbox.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{create_new, fsync_dir};
+use super::{fsync_dir, open_lock_file};
 
 /// A message of a mailbox as POP3 sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,14 +201,7 @@ pub struct MailboxLock {
 
 /// Takes the lock, or `None` if another session holds it.
 pub fn lock(maildir: &Path) -> io::Result<Option<MailboxLock>> {
-    let path = maildir.join("rustmail-pop3.lock");
-    // Created owner-only like every file of the store; one that exists already is used as it is.
-    let file = match create_new(&path) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            OpenOptions::new().write(true).open(&path)?
-        }
-        created => created?,
-    };
+    let file = open_lock_file(&maildir.join("rustmail-pop3.lock"))?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Some(MailboxLock { _lock: lock })),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),

@@ -2,6 +2,7 @@
 //!
 //! Layout under the storage root:
 //! ```text
+//! .rustmail.lock                  held (flock) by the instance using this root: one instance per root
 //! spool/                          messages being received; never acknowledged, emptied at start
 //! mail/<domain>/<local>/{tmp,new,cur}   one Maildir per account, readable by Dovecot, mutt, …
 //! ```
@@ -27,6 +28,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::accounts::Account;
 
 pub use maildir::{MailboxLock, StoredMessage, expunge, lock, mark_seen, scan, take_new};
@@ -38,19 +42,14 @@ pub struct Store {
     /// The host part of Maildir names, with `/`, `:` and `,` escaped as the Maildir convention asks.
     host: String,
     seq: AtomicU64,
+    /// Held for the life of the store: see [`lock_root`].
+    _lock: Flock<File>,
 }
 
 impl Store {
     /// Opens (creating if needed) the storage root, empties the spool and checks that it is writable.
+    /// Fails if another instance has the root open.
     pub fn open(root: &Path, hostname: &str) -> io::Result<Store> {
-        let store = Store {
-            root: root.to_path_buf(),
-            host: hostname
-                .replace('/', "\\057")
-                .replace(':', "\\072")
-                .replace(',', "\\054"),
-            seq: AtomicU64::new(0),
-        };
         if !root.exists() {
             DirBuilder::new()
                 .recursive(true)
@@ -58,6 +57,15 @@ impl Store {
                 .create(root)?;
             fs::set_permissions(root, Permissions::from_mode(DIR_MODE))?;
         }
+        let store = Store {
+            _lock: lock_root(root)?,
+            root: root.to_path_buf(),
+            host: hostname
+                .replace('/', "\\057")
+                .replace(':', "\\072")
+                .replace(',', "\\054"),
+            seq: AtomicU64::new(0),
+        };
         for dir in [store.spool_dir(), root.join("mail")] {
             match create_dir(&dir) {
                 Ok(()) => {}
@@ -139,6 +147,36 @@ impl Store {
         );
         let name = format!("{id}.{}", self.host);
         Spool::create(self.spool_dir().join(&id), id, name)
+    }
+}
+
+/// Locks the storage root for this instance, before the spool is emptied: a second instance on the same
+/// root would otherwise delete the messages the first one is receiving. An flock, so the kernel drops it
+/// when the process dies and a crash never leaves a stale lock.
+fn lock_root(root: &Path) -> io::Result<Flock<File>> {
+    let path = root.join(".rustmail.lock");
+    match Flock::lock(open_lock_file(&path)?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "another rustmail instance uses the storage root {} (it holds the lock on {})",
+                root.display(),
+                path.display()
+            ),
+        )),
+        Err((_, errno)) => Err(errno.into()),
+    }
+}
+
+/// Opens a file to flock, creating it owner-only like every file of the store; one that exists already
+/// is used as it is.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    match create_new(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            OpenOptions::new().write(true).open(path)
+        }
+        created => created,
     }
 }
 
@@ -278,8 +316,38 @@ mod tests {
             assert_eq!(mode(&path), "700", "{}", path.display());
         }
         assert_eq!(spooled, "600", "the spool file");
-        for path in [message, maildir.join("rustmail-pop3.lock")] {
+        let locks = [
+            root.join(".rustmail.lock"),
+            maildir.join("rustmail-pop3.lock"),
+        ];
+        for path in locks.into_iter().chain([message]) {
             assert_eq!(mode(&path), "600", "{}", path.display());
         }
+    }
+
+    #[test]
+    fn second_instance_on_one_root_is_refused_and_spares_the_first_ones_spool() {
+        let (dir, first) = store();
+        let mut receiving = first.spool().unwrap();
+        receiving.append(b"in flight\n").unwrap();
+        let spooled = dir.path().join("spool").join(receiving.id());
+
+        let err = Store::open(dir.path(), "mx.example.org").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        let message = err.to_string();
+        assert!(message.contains("another rustmail instance"), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
+        assert!(
+            spooled.exists(),
+            "the first instance's message is still in the spool"
+        );
+
+        let maildir = maildir(&first, "a");
+        receiving.deliver(std::slice::from_ref(&maildir)).unwrap();
+        drop(first);
+        Store::open(dir.path(), "mx.example.org").expect("the lock goes with the store");
     }
 }
