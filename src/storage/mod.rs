@@ -50,13 +50,7 @@ impl Store {
     /// Opens (creating if needed) the storage root, empties the spool and checks that it is writable.
     /// Fails if another instance has the root open.
     pub fn open(root: &Path, hostname: &str) -> io::Result<Store> {
-        if !root.exists() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(root)?;
-            fs::set_permissions(root, Permissions::from_mode(DIR_MODE))?;
-        }
+        ensure_dir_all(root)?;
         let store = Store {
             _lock: lock_root(root)?,
             root: root.to_path_buf(),
@@ -67,11 +61,7 @@ impl Store {
             seq: AtomicU64::new(0),
         };
         for dir in [store.spool_dir(), root.join("mail")] {
-            match create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
+            ensure_dir(&dir)?;
         }
         for entry in fs::read_dir(store.spool_dir())? {
             // Leftovers of a crash during DATA: never acknowledged, so safe to drop.
@@ -122,11 +112,7 @@ impl Store {
             dir.join("new"),
             dir.join("cur"),
         ] {
-            match create_dir(&path) {
-                Ok(()) => fsync_dir(path.parent().expect("a Maildir path has a parent"))?,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
+            ensure_dir(&path)?;
         }
         Ok(dir)
     }
@@ -185,6 +171,35 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 
+/// Creates `path` unless it is a directory already, and makes its creation durable: without the fsync
+/// of the parent, a crash could lose a directory that a later acknowledged message went into.
+fn ensure_dir(path: &Path) -> io::Result<()> {
+    match create_dir(path) {
+        Ok(()) => fsync_dir(parent_of(path)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`ensure_dir`] for `path` and its missing ancestors (the storage root may be new).
+fn ensure_dir_all(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        ensure_dir_all(parent)?;
+    }
+    ensure_dir(path)
+}
+
+/// The directory that holds `path` (`.` for a bare relative name such as the default storage root).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
 /// Creates one owner-only directory. The umask can only take bits away from the mode asked for, so the
 /// directory is never more open than 0700; the chmod gives back owner bits that a strict umask took.
 fn create_dir(path: &Path) -> io::Result<()> {
@@ -210,20 +225,28 @@ fn create_new(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Makes the names in `dir` durable: the entries created, renamed or removed there.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    tests::FSYNCED.with_borrow_mut(|dirs| dirs.push(dir.to_path_buf()));
     File::open(dir)?.sync_all()
 }
 
 /// What the tests of every part of the store share, and the tests of the store itself.
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
     use std::collections::{BTreeMap, BTreeSet};
-    use std::os::unix::fs::PermissionsExt;
     use std::sync::Arc;
 
     use super::*;
     use crate::accounts::{Directory, SecretFiles};
     use crate::config::{AccountConfig, Config};
+
+    thread_local! {
+        /// Every directory [`fsync_dir`] was asked to sync on this thread (each test has its own).
+        pub(super) static FSYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
 
     pub(super) fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -349,5 +372,42 @@ mod tests {
         receiving.deliver(std::slice::from_ref(&maildir)).unwrap();
         drop(first);
         Store::open(dir.path(), "mx.example.org").expect("the lock goes with the store");
+    }
+
+    #[test]
+    fn new_directories_are_made_durable_in_their_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("srv/rustmail");
+        FSYNCED.take();
+        let store = Store::open(&root, "mx.example.org").unwrap();
+        let maildir = store.ensure_maildir(&account("alice@example.org")).unwrap();
+        let synced = FSYNCED.take();
+        // The directories that gained an entry: the temporary one (srv/), srv/ (the root), the root
+        // (spool/, mail/), mail/ (the domain), the domain (the Maildir), the Maildir (tmp/, new/, cur/).
+        let parents = [
+            dir.path().to_path_buf(),
+            root.parent().unwrap().to_path_buf(),
+            root.clone(),
+            root.join("mail"),
+            root.join("mail/example.org"),
+            maildir,
+        ];
+        for parent in parents {
+            assert!(
+                synced.contains(&parent),
+                "{} not in {synced:?}",
+                parent.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_relative_root_is_made_durable_in_the_working_directory() {
+        assert_eq!(parent_of(Path::new("rustmail-data")), Path::new("."));
+        assert_eq!(parent_of(Path::new("state/mail")), Path::new("state"));
+        assert_eq!(
+            parent_of(Path::new("/var/lib/rustmail")),
+            Path::new("/var/lib")
+        );
     }
 }
