@@ -36,9 +36,14 @@ pub fn scan(maildir: &Path) -> io::Result<Vec<StoredMessage>> {
                 continue;
             }
             let path = entry.path();
-            let size = match wire_size_from_name(&name) {
-                Some(size) => size,
-                None => wire_size_of_file(&path)?,
+            let size = match entry.metadata() {
+                Ok(meta) => match wire_size_from_name(&name, meta.len()) {
+                    Some(size) => size,
+                    None => wire_size_of_file(&path)?,
+                },
+                // Moved or removed by another Maildir reader since the listing: a later scan finds it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
             };
             out.push(StoredMessage {
                 uid: uid_for(&name),
@@ -124,10 +129,20 @@ fn uid_for(name: &str) -> String {
     }
 }
 
-fn wire_size_from_name(name: &str) -> Option<u64> {
+/// The size in CRLF form that a Maildir name states (`,W=`), if the name is consistent with the file:
+/// other tools name files too, and a wrong `W=` would make LIST lie. Believed only when `S=` is the
+/// file's real length `len` and `len <= W <= 2 * len` (converting LF to CRLF adds at most one octet per
+/// octet); otherwise the caller reads the file.
+fn wire_size_from_name(name: &str, len: u64) -> Option<u64> {
     let base = name.split(':').next()?;
-    base.split(',')
-        .find_map(|field| field.strip_prefix("W=")?.parse().ok())
+    let field = |key: &str| {
+        // The first part is the unique name, not an info field.
+        base.split(',')
+            .skip(1)
+            .find_map(|field| field.strip_prefix(key)?.parse::<u64>().ok())
+    };
+    let (stated_len, wire) = (field("S=")?, field("W=")?);
+    (stated_len == len && (len..=len.saturating_mul(2)).contains(&wire)).then_some(wire)
 }
 
 /// For files other tools delivered: bytes plus a CR for every LF that lacks one.
@@ -228,6 +243,30 @@ mod tests {
         assert_eq!(msgs[0].size, 9, "a\\r\\nb\\r\\nc\\r\\n as POP3 sends it");
         assert_eq!(msgs[1].size, 3);
         assert!(msgs[1].uid.ends_with(".mx.example.org"));
+    }
+
+    #[test]
+    fn scan_ignores_a_lying_w_in_a_foreign_name() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        // Six octets in LF form, nine as POP3 sends them.
+        let lies = [
+            "1700000001.w-too-big.host,S=6,W=999:2,S",
+            "1700000002.w-too-small.host,S=6,W=5:2,",
+            "1700000003.s-wrong.host,S=5,W=11:2,",
+            "1700000004.no-s.host,W=10:2,",
+        ];
+        for name in lies {
+            fs::write(dir.join("cur").join(name), b"a\nb\nc\n").unwrap();
+        }
+        // Within the bounds the name is believed without reading the file: that is what W= is for.
+        fs::write(
+            dir.join("cur/1700000005.plausible.host,S=6,W=10:2,"),
+            b"a\nb\nc\n",
+        )
+        .unwrap();
+        let sizes: Vec<u64> = scan(&dir).unwrap().iter().map(|m| m.size).collect();
+        assert_eq!(sizes, [9, 9, 9, 9, 10]);
     }
 
     #[test]
