@@ -1,0 +1,413 @@
+//! Durable storage: a spool for messages being received and one standard Maildir per account.
+//!
+//! Layout under the storage root:
+//! ```text
+//! .rustmail.lock                  held (flock) by the instance using this root: one instance per root
+//! spool/                          messages being received; never acknowledged, emptied at start
+//! mail/<domain>/<local>/{tmp,new,cur}   one Maildir per account, readable by Dovecot, mutt, …
+//! ```
+//! Delivery (the meaning of SMTP's `250`): the spooled message is fsynced, hard-linked into each
+//! recipient's `tmp/` (or copied there and fsynced, if the Maildir is on another file system), moved into
+//! `new/`, and `new/` is fsynced; only then is the message acknowledged. A failure removes what was
+//! already delivered, so the client's retry never meets a half delivery.
+//!
+//! Messages are stored with LF line endings, as Maildir readers expect. File names follow the Maildir
+//! convention `<secs>.M<usec>P<pid>Q<seq>.<host>,S=<octets>,W=<octets in CRLF form>` (the `S=`/`W=` fields
+//! as Dovecot writes them), so POP3 sizes are known without opening the file.
+//!
+//! This file holds the [`Store`] (the layout, and the helpers every part shares); receiving and delivery
+//! are in `spool.rs`, reading and changing a Maildir as POP3 does in `maildir.rs`.
+
+mod maildir;
+mod spool;
+
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::accounts::Account;
+
+pub use maildir::{MailboxLock, StoredMessage, expunge, lock, mark_seen, scan, take_new};
+pub use spool::Spool;
+
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    /// The host part of Maildir names, with `/`, `:` and `,` escaped as the Maildir convention asks.
+    host: String,
+    seq: AtomicU64,
+    /// Held for the life of the store: see [`lock_root`].
+    _lock: Flock<File>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the storage root, empties the spool and checks that it is writable.
+    /// Fails if another instance has the root open.
+    pub fn open(root: &Path, hostname: &str) -> io::Result<Store> {
+        ensure_dir_all(root)?;
+        let store = Store {
+            _lock: lock_root(root)?,
+            root: root.to_path_buf(),
+            host: hostname
+                .replace('/', "\\057")
+                .replace(':', "\\072")
+                .replace(',', "\\054"),
+            seq: AtomicU64::new(0),
+        };
+        for dir in [store.spool_dir(), root.join("mail")] {
+            ensure_dir(&dir)?;
+        }
+        for entry in fs::read_dir(store.spool_dir())? {
+            // Leftovers of a crash during DATA: never acknowledged, so safe to drop.
+            let _ = fs::remove_file(entry?.path());
+        }
+        store.probe()?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn spool_dir(&self) -> PathBuf {
+        self.root.join("spool")
+    }
+
+    /// Proves the store is writable and the disk answers: write, fsync and remove a small file.
+    pub fn probe(&self) -> io::Result<()> {
+        let path = self
+            .spool_dir()
+            .join(format!(".probe-{}", std::process::id()));
+        let mut file = create_new(&path)?;
+        let result = file.write_all(b"ok\n").and_then(|()| file.sync_all());
+        fs::remove_file(&path)?;
+        result
+    }
+
+    pub fn maildir(&self, account: &Account) -> PathBuf {
+        self.root.join(account.maildir())
+    }
+
+    /// Creates the account's Maildir if it does not exist yet. Each directory created is made durable
+    /// in its parent, so that a message acknowledged into a brand-new Maildir survives a crash.
+    pub fn ensure_maildir(&self, account: &Account) -> io::Result<PathBuf> {
+        let dir = self.maildir(account);
+        if ["cur", "new", "tmp"]
+            .iter()
+            .all(|sub| dir.join(sub).is_dir())
+        {
+            return Ok(dir);
+        }
+        let domain = self.root.join("mail").join(&account.domain);
+        for path in [
+            domain,
+            dir.clone(),
+            dir.join("tmp"),
+            dir.join("new"),
+            dir.join("cur"),
+        ] {
+            ensure_dir(&path)?;
+        }
+        Ok(dir)
+    }
+
+    /// Starts receiving a message into the spool.
+    pub fn spool(&self) -> io::Result<Spool> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let id = format!(
+            // Zero-padded microseconds keep the names of one second in delivery order.
+            "{}.M{:06}P{}Q{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id(),
+            seq
+        );
+        let name = format!("{id}.{}", self.host);
+        Spool::create(self.spool_dir().join(&id), id, name)
+    }
+}
+
+/// Locks the storage root for this instance, before the spool is emptied: a second instance on the same
+/// root would otherwise delete the messages the first one is receiving. An flock, so the kernel drops it
+/// when the process dies and a crash never leaves a stale lock.
+fn lock_root(root: &Path) -> io::Result<Flock<File>> {
+    let path = root.join(".rustmail.lock");
+    match Flock::lock(open_lock_file(&path)?, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "another rustmail instance uses the storage root {} (it holds the lock on {})",
+                root.display(),
+                path.display()
+            ),
+        )),
+        Err((_, errno)) => Err(errno.into()),
+    }
+}
+
+/// Opens a file to flock, creating it owner-only like every file of the store; one that exists already
+/// is used as it is.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    match create_new(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            OpenOptions::new().write(true).open(path)
+        }
+        created => created,
+    }
+}
+
+/// Mail is private: every directory the store creates is 0700 and every file 0600, whatever the umask.
+/// The packaged unit sets `UMask=0077`; run any other way, nothing else keeps local users out of the mail.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` unless it is a directory already, and makes its creation durable: without the fsync
+/// of the parent, a crash could lose a directory that a later acknowledged message went into.
+fn ensure_dir(path: &Path) -> io::Result<()> {
+    match create_dir(path) {
+        Ok(()) => fsync_dir(parent_of(path)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`ensure_dir`] for `path` and its missing ancestors (the storage root may be new).
+fn ensure_dir_all(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        ensure_dir_all(parent)?;
+    }
+    ensure_dir(path)
+}
+
+/// The directory that holds `path` (`.` for a bare relative name such as the default storage root).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// Creates one owner-only directory. The umask can only take bits away from the mode asked for, so the
+/// directory is never more open than 0700; the chmod gives back owner bits that a strict umask took.
+fn create_dir(path: &Path) -> io::Result<()> {
+    DirBuilder::new().mode(DIR_MODE).create(path)?;
+    let chmod = fs::set_permissions(path, Permissions::from_mode(DIR_MODE));
+    if chmod.is_err() {
+        let _ = fs::remove_dir(path);
+    }
+    chmod
+}
+
+/// Creates a new owner-only file (O_EXCL), for writing; the chmod as in [`create_dir`].
+fn create_new(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    if let Err(e) = file.set_permissions(Permissions::from_mode(FILE_MODE)) {
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(file)
+}
+
+/// Makes the names in `dir` durable: the entries created, renamed or removed there.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    tests::FSYNCED.with_borrow_mut(|dirs| dirs.push(dir.to_path_buf()));
+    File::open(dir)?.sync_all()
+}
+
+/// What the tests of every part of the store share, and the tests of the store itself.
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::accounts::{Directory, SecretFiles};
+    use crate::config::{AccountConfig, Config};
+
+    thread_local! {
+        /// Every directory [`fsync_dir`] was asked to sync on this thread (each test has its own).
+        pub(super) static FSYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "mx.example.org").unwrap();
+        (dir, store)
+    }
+
+    pub(super) fn maildir(store: &Store, name: &str) -> PathBuf {
+        let dir = store.root().join("mail/example.org").join(name);
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        dir
+    }
+
+    pub(super) fn files(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    pub(super) fn account(address: &str) -> Arc<Account> {
+        let (_, domain) = address.split_once('@').unwrap();
+        let unread = AccountConfig {
+            password_hash_file: Some("/not-read".into()),
+            ..AccountConfig::default()
+        };
+        let config = Config {
+            accounts: BTreeMap::from([(address.to_string(), unread)]),
+            ..Config::default()
+        };
+        let domains = BTreeSet::from([domain.to_string()]);
+        let directory = Directory::from_config(&config, &domains, SecretFiles::Skip).unwrap();
+        directory.account(address).unwrap().clone()
+    }
+
+    /// The permission bits, in octal as `ls -l` users read them.
+    fn mode(path: &Path) -> String {
+        format!(
+            "{:o}",
+            fs::metadata(path).unwrap().permissions().mode() & 0o7777
+        )
+    }
+
+    /// Sets the process's umask, and puts the previous one back when dropped (even by a failing test).
+    struct Umask(libc::mode_t);
+
+    impl Umask {
+        fn set(mask: libc::mode_t) -> Umask {
+            // SAFETY: umask(2) cannot fail and touches no memory. It is process-wide: tests running
+            // meanwhile on other threads create their files more open, which harms no test.
+            Umask(unsafe { libc::umask(mask) })
+        }
+    }
+
+    impl Drop for Umask {
+        fn drop(&mut self) {
+            // SAFETY: as in Umask::set.
+            unsafe { libc::umask(self.0) };
+        }
+    }
+
+    #[test]
+    fn mail_is_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        let (maildir, spooled, message, pop3_lock);
+        {
+            let _open = Umask::set(0);
+            let store = Store::open(&root, "mx.example.org").unwrap();
+            maildir = store.ensure_maildir(&account("alice@example.org")).unwrap();
+            let mut spool = store.spool().unwrap();
+            spool.append(b"x\n").unwrap();
+            spooled = mode(&root.join("spool").join(spool.id()));
+            spool.deliver(std::slice::from_ref(&maildir)).unwrap();
+            message = files(&maildir.join("new")).pop().unwrap();
+            pop3_lock = lock(&maildir).unwrap();
+        }
+        assert!(pop3_lock.is_some());
+        let dirs = [
+            "",
+            "spool",
+            "mail",
+            "mail/example.org",
+            "mail/example.org/alice",
+        ];
+        let subs = ["tmp", "new", "cur"].map(|sub| maildir.join(sub));
+        for path in dirs.iter().map(|d| root.join(d)).chain(subs) {
+            assert_eq!(mode(&path), "700", "{}", path.display());
+        }
+        assert_eq!(spooled, "600", "the spool file");
+        let locks = [
+            root.join(".rustmail.lock"),
+            maildir.join("rustmail-pop3.lock"),
+        ];
+        for path in locks.into_iter().chain([message]) {
+            assert_eq!(mode(&path), "600", "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn second_instance_on_one_root_is_refused_and_spares_the_first_ones_spool() {
+        let (dir, first) = store();
+        let mut receiving = first.spool().unwrap();
+        receiving.append(b"in flight\n").unwrap();
+        let spooled = dir.path().join("spool").join(receiving.id());
+
+        let err = Store::open(dir.path(), "mx.example.org").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        let message = err.to_string();
+        assert!(message.contains("another rustmail instance"), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
+        assert!(
+            spooled.exists(),
+            "the first instance's message is still in the spool"
+        );
+
+        let maildir = maildir(&first, "a");
+        receiving.deliver(std::slice::from_ref(&maildir)).unwrap();
+        drop(first);
+        Store::open(dir.path(), "mx.example.org").expect("the lock goes with the store");
+    }
+
+    #[test]
+    fn new_directories_are_made_durable_in_their_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("srv/rustmail");
+        FSYNCED.take();
+        let store = Store::open(&root, "mx.example.org").unwrap();
+        let maildir = store.ensure_maildir(&account("alice@example.org")).unwrap();
+        let synced = FSYNCED.take();
+        // The directories that gained an entry: the temporary one (srv/), srv/ (the root), the root
+        // (spool/, mail/), mail/ (the domain), the domain (the Maildir), the Maildir (tmp/, new/, cur/).
+        let parents = [
+            dir.path().to_path_buf(),
+            root.parent().unwrap().to_path_buf(),
+            root.clone(),
+            root.join("mail"),
+            root.join("mail/example.org"),
+            maildir,
+        ];
+        for parent in parents {
+            assert!(
+                synced.contains(&parent),
+                "{} not in {synced:?}",
+                parent.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_relative_root_is_made_durable_in_the_working_directory() {
+        assert_eq!(parent_of(Path::new("rustmail-data")), Path::new("."));
+        assert_eq!(parent_of(Path::new("state/mail")), Path::new("state"));
+        assert_eq!(
+            parent_of(Path::new("/var/lib/rustmail")),
+            Path::new("/var/lib")
+        );
+    }
+}

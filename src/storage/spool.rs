@@ -1,0 +1,327 @@
+//! Receiving a message into the spool, and delivering it into Maildirs all at once or not at all.
+//!
+//! Delivery hard-links the spooled file into each Maildir, so a message to many local recipients is
+//! written once. A Maildir on another file system (or on one without hard links) gets a copy instead,
+//! with the same discipline: written in `tmp/`, fsynced, moved into `new/`, `new/` fsynced.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::{create_new, fsync_dir};
+
+/// A message being received. Dropped without [`Spool::deliver`], it removes itself.
+#[derive(Debug)]
+pub struct Spool {
+    file: File,
+    path: PathBuf,
+    id: String,
+    /// Maildir base name (id and host).
+    name: String,
+    size: u64,
+    lines: u64,
+    delivered: bool,
+}
+
+impl Spool {
+    /// `path` is in the spool; `name` is the Maildir base name (id and host).
+    pub(super) fn create(path: PathBuf, id: String, name: String) -> io::Result<Spool> {
+        Ok(Spool {
+            file: create_new(&path)?,
+            path,
+            name,
+            id,
+            size: 0,
+            lines: 0,
+            delivered: false,
+        })
+    }
+
+    /// The queue id shown in the `250` reply, the `Received:` header and the logs.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Octets written so far (LF form).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends LF-terminated text (no CR: the SMTP session refuses messages with bare CR).
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.size += bytes.len() as u64;
+        self.lines += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+        Ok(())
+    }
+
+    /// Makes the message durable in every Maildir, or in none.
+    pub fn deliver(self, maildirs: &[PathBuf]) -> io::Result<()> {
+        self.deliver_with(maildirs, |from, to| fs::hard_link(from, to))
+    }
+
+    /// [`Spool::deliver`] with link(2) injected, so that tests can play a file system that refuses it.
+    fn deliver_with(mut self, maildirs: &[PathBuf], link: Link) -> io::Result<()> {
+        self.file.sync_all()?;
+        let name = format!("{},S={},W={}", self.name, self.size, self.size + self.lines);
+        let mut done: Vec<PathBuf> = Vec::new();
+        for dir in maildirs {
+            match deliver_into(&self.path, dir, &name, link) {
+                Ok(path) => done.push(path),
+                Err(e) => {
+                    for path in &done {
+                        let _ = fs::remove_file(path);
+                        if let Some(parent) = path.parent() {
+                            let _ = fsync_dir(parent);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.delivered = true;
+        let _ = fs::remove_file(&self.path);
+        Ok(())
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if !self.delivered {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// link(2), or what a test puts in its place.
+type Link = fn(&Path, &Path) -> io::Result<()>;
+
+/// tmp/ then new/, as the Maildir protocol has it; with link(2) rather than rename(2), so that a name
+/// collision fails (EEXIST) instead of replacing a delivered message. Where the spool file cannot be linked
+/// into tmp/, a copy takes its place; everything after that is the same.
+fn deliver_into(spooled: &Path, maildir: &Path, name: &str, link: Link) -> io::Result<PathBuf> {
+    let tmp = maildir.join("tmp").join(name);
+    let new = maildir.join("new").join(name);
+    match link(spooled, &tmp) {
+        Ok(()) => {}
+        Err(e) if cannot_link(&e) => copy_durably(spooled, &tmp)?,
+        Err(e) => return Err(e),
+    }
+    let published = publish(&tmp, &new, link);
+    let _ = fs::remove_file(&tmp);
+    if let Err(e) = published.and_then(|()| fsync_dir(&maildir.join("new"))) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            let _ = fs::remove_file(&new);
+        }
+        return Err(e);
+    }
+    Ok(new)
+}
+
+/// Whether link(2) failed because this pair of paths can never be hard-linked, rather than for a reason a
+/// copy would meet too. EXDEV: the Maildir is on another file system than the spool (a separate mount for
+/// mail/ or for one domain). EPERM and EOPNOTSUPP: its file system has no hard links at all (vfat, some
+/// FUSE and network file systems); link(2) documents EPERM for that.
+fn cannot_link(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        matches!(
+            Errno::from_raw(code),
+            Errno::EXDEV | Errno::EPERM | Errno::EOPNOTSUPP
+        )
+    })
+}
+
+/// Writes the spooled message to a new file `tmp` (O_EXCL, 0600) and fsyncs it, so that it is as durable
+/// as the spool file a link would have shared. A failed copy removes its partial file.
+fn copy_durably(spooled: &Path, tmp: &Path) -> io::Result<()> {
+    let mut copy = create_new(tmp)?;
+    let copied = File::open(spooled)
+        .and_then(|mut from| io::copy(&mut from, &mut copy))
+        .and_then(|_| copy.sync_all());
+    if copied.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    copied
+}
+
+/// Moves `tmp` to `new`, never replacing a message already there. tmp/ and new/ share a file system, so
+/// link(2) works unless that file system has no hard links; then a rename after checking that the name is
+/// free. The check and the rename are not atomic, but the name is unique by construction (time, pid,
+/// sequence, host): the check only guards against a clock set back.
+fn publish(tmp: &Path, new: &Path, link: Link) -> io::Result<()> {
+    match link(tmp, new) {
+        Err(e) if cannot_link(&e) => {
+            if fs::symlink_metadata(new).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists already", new.display()),
+                ));
+            }
+            fs::rename(tmp, new)
+        }
+        linked => linked,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::super::tests::{files, maildir, store};
+    use super::*;
+
+    #[test]
+    fn delivery_lands_in_new_of_every_maildir_with_sizes_in_the_name() {
+        let (_d, store) = store();
+        let (a, b) = (maildir(&store, "a"), maildir(&store, "b"));
+        let mut spool = store.spool().unwrap();
+        spool.append(b"Subject: x\n\nbody\n").unwrap();
+        spool.deliver(&[a.clone(), b.clone()]).unwrap();
+        for dir in [&a, &b] {
+            let new = files(&dir.join("new"));
+            assert_eq!(new.len(), 1);
+            assert_eq!(fs::read(&new[0]).unwrap(), b"Subject: x\n\nbody\n");
+            assert!(new[0].to_string_lossy().ends_with(",S=17,W=20"));
+            assert!(files(&dir.join("tmp")).is_empty());
+        }
+        assert!(files(&store.root().join("spool")).is_empty());
+    }
+
+    #[test]
+    fn failed_delivery_leaves_nothing_in_any_new() {
+        let (_d, store) = store();
+        let good = maildir(&store, "good");
+        let broken = maildir(&store, "broken");
+        fs::remove_dir(broken.join("new")).unwrap();
+        fs::write(broken.join("new"), b"not a directory").unwrap();
+        let mut spool = store.spool().unwrap();
+        spool.append(b"x\n").unwrap();
+        assert!(spool.deliver(&[good.clone(), broken.clone()]).is_err());
+        assert!(files(&good.join("new")).is_empty());
+        assert!(files(&good.join("tmp")).is_empty() && files(&broken.join("tmp")).is_empty());
+        assert!(files(&store.root().join("spool")).is_empty());
+    }
+
+    #[test]
+    fn name_collision_never_replaces_a_delivered_message() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        let mut spool = store.spool().unwrap();
+        spool.append(b"new\n").unwrap();
+        let name = format!("{},S=4,W=5", spool.name);
+        fs::write(dir.join("new").join(&name), b"delivered earlier\n").unwrap();
+        assert!(spool.deliver(std::slice::from_ref(&dir)).is_err());
+        assert_eq!(
+            fs::read(dir.join("new").join(&name)).unwrap(),
+            b"delivered earlier\n"
+        );
+        assert!(files(&dir.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn abandoned_spool_removes_itself() {
+        let (_d, store) = store();
+        let mut spool = store.spool().unwrap();
+        spool.append(b"partial\n").unwrap();
+        drop(spool);
+        assert!(files(&store.root().join("spool")).is_empty());
+    }
+
+    /// link(2) as on a Maildir that is on another file system than the spool.
+    fn link_across_devices(from: &Path, to: &Path) -> io::Result<()> {
+        if from.parent().is_some_and(|dir| dir.ends_with("spool")) {
+            return Err(io::Error::from_raw_os_error(
+                nix::errno::Errno::EXDEV as i32,
+            ));
+        }
+        fs::hard_link(from, to)
+    }
+
+    /// link(2) as on a file system without hard links.
+    fn link_unsupported(_: &Path, _: &Path) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(
+            nix::errno::Errno::EPERM as i32,
+        ))
+    }
+
+    #[test]
+    fn maildir_on_another_file_system_gets_a_durable_copy() {
+        for link in [link_across_devices as Link, link_unsupported] {
+            let (_d, store) = store();
+            let (a, b) = (maildir(&store, "a"), maildir(&store, "b"));
+            let mut spool = store.spool().unwrap();
+            spool.append(b"Subject: x\n\nbody\n").unwrap();
+            spool.deliver_with(&[a.clone(), b.clone()], link).unwrap();
+            for dir in [&a, &b] {
+                let new = files(&dir.join("new"));
+                assert_eq!(new.len(), 1);
+                assert_eq!(fs::read(&new[0]).unwrap(), b"Subject: x\n\nbody\n");
+                assert!(new[0].to_string_lossy().ends_with(",S=17,W=20"));
+                assert_eq!(
+                    fs::metadata(&new[0]).unwrap().nlink(),
+                    1,
+                    "a copy, not a link"
+                );
+                assert!(files(&dir.join("tmp")).is_empty());
+            }
+            assert!(files(&store.root().join("spool")).is_empty());
+        }
+    }
+
+    #[test]
+    fn failed_copy_delivery_leaves_nothing_in_any_new() {
+        let (_d, store) = store();
+        let good = maildir(&store, "good");
+        let broken = maildir(&store, "broken");
+        fs::remove_dir(broken.join("new")).unwrap();
+        fs::write(broken.join("new"), b"not a directory").unwrap();
+        let mut spool = store.spool().unwrap();
+        spool.append(b"x\n").unwrap();
+        let result = spool.deliver_with(&[good.clone(), broken.clone()], link_across_devices);
+        assert!(result.is_err());
+        assert!(files(&good.join("new")).is_empty());
+        assert!(files(&good.join("tmp")).is_empty() && files(&broken.join("tmp")).is_empty());
+        assert!(files(&store.root().join("spool")).is_empty());
+    }
+
+    #[test]
+    fn name_collision_never_replaces_a_delivered_message_without_hard_links() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        let mut spool = store.spool().unwrap();
+        spool.append(b"new\n").unwrap();
+        let name = format!("{},S=4,W=5", spool.name);
+        fs::write(dir.join("new").join(&name), b"delivered earlier\n").unwrap();
+        let result = spool.deliver_with(std::slice::from_ref(&dir), link_unsupported);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(
+            fs::read(dir.join("new").join(&name)).unwrap(),
+            b"delivered earlier\n"
+        );
+        assert!(files(&dir.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn only_link_errors_a_copy_avoids_fall_back_to_copying() {
+        use nix::errno::Errno;
+        for errno in [Errno::EXDEV, Errno::EPERM, Errno::EOPNOTSUPP] {
+            assert!(
+                cannot_link(&io::Error::from_raw_os_error(errno as i32)),
+                "{errno}"
+            );
+        }
+        for errno in [
+            Errno::EEXIST,
+            Errno::ENOENT,
+            Errno::EACCES,
+            Errno::ENOSPC,
+            Errno::EIO,
+        ] {
+            assert!(
+                !cannot_link(&io::Error::from_raw_os_error(errno as i32)),
+                "{errno}"
+            );
+        }
+    }
+}
