@@ -253,6 +253,8 @@ class RustmailServer:
                 port = free_port()
             self.ports[name] = port
         self.proc: subprocess.Popen | None = None
+        # A command the server runs under, e.g. ["prlimit", "--nofile=200:200", "--"].
+        self.wrapper: list[str] = []
         self.start_failed = False  # start() already reported the problem
         self.exit_codes: list[int] = []
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +326,7 @@ class RustmailServer:
             log.write(f"===== rustmail serve --config {self.config_path} =====\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [str(self.binary), "serve", "--config", str(self.config_path)],
+                [*self.wrapper, str(self.binary), "serve", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

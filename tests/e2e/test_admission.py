@@ -1,0 +1,119 @@
+"""Admission and resource limits against floods: silent TLS connections, file-descriptor exhaustion,
+connection caps. Each test names the attack it guards against."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from test_tls_submission import TLS_LISTENERS, make_cert
+from e2e_helpers import wait_until
+
+
+def connect_from(source: str, port: int, timeout: float = 5) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def greeting(s: socket.socket) -> bytes:
+    return s.makefile("rb").readline()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_silent_tls_flood_from_one_address_does_not_lock_out_others(server_factory, tmp_path):
+    # Before: the implicit-TLS handshake ran before admission, with the 300 s command timeout, so
+    # ~1,000 silent connections to 465/995 from one address made every listener answer 421 (and
+    # past 1,024 fds, accept() failed on every listener).
+    cert, key = make_cert(tmp_path, "flood")
+    srv = server_factory(tls={"certificate": cert, "key": key}, extra_listeners=TLS_LISTENERS,
+                         limits={"tls_handshake_timeout_secs": 3})
+    srv.start()
+    flood = []
+    try:
+        for i in range(1000):
+            port = srv.ports["submissions"] if i % 2 else srv.ports["pop3s"]
+            flood.append(connect_from("127.0.0.1", port))
+        # Another address is greeted at once on port 25 and on POP3, while the flood is open.
+        other = connect_from("127.0.0.2", srv.smtp_port)
+        assert greeting(other).startswith(b"220 "), "SMTP still greets other clients"
+        other.close()
+        pop = connect_from("127.0.0.3", srv.pop3_port)
+        assert greeting(pop).startswith(b"+OK"), "POP3 still greets other clients"
+        pop.close()
+        # The flood holds at most max_connections + the refusal allowance sockets (256 + 32).
+        fds = open_fds(srv.proc.pid)
+        assert fds < 256 + 32 + 40, f"{fds} fds open"
+        # The flooding address itself is over its per-address limit: refused, not served.
+        same = connect_from("127.0.0.1", srv.smtp_port)
+        answer = greeting(same)
+        assert answer == b"" or answer.startswith(b"421 4."), answer
+        same.close()
+        # Handshakes time out after 3 s: the flooding address is served again afterwards.
+        time.sleep(4)
+        for s in flood:
+            s.close()
+        flood.clear()
+
+        def served_again():
+            s = connect_from("127.0.0.1", srv.smtp_port)
+            try:
+                return greeting(s).startswith(b"220 ")
+            finally:
+                s.close()
+
+        wait_until(served_again, timeout=10, message="the flooding address to be served again")
+    finally:
+        for s in flood:
+            s.close()
+    assert "TLS handshake timed out" in srv.log_text()
+
+
+def test_fd_exhaustion_backs_off_and_recovers_without_spinning(server_factory):
+    # Under a hard limit of 128 open files, 300 connections from many addresses exhaust the fds
+    # (the server warns at start that the limit is below what max_connections may need). accept()
+    # then fails with EMFILE: the server must back off (not spin), keep its listeners, and serve
+    # again as soon as fds are free.
+    srv = server_factory(limits={"max_connections_per_ip": 5})
+    srv.wrapper = ["prlimit", "--nofile=128:128", "--"]
+    srv.start()
+    assert "open-files limit is below" in srv.log_text()
+    held = []
+    try:
+        for i in range(300):
+            try:
+                held.append(connect_from(f"127.0.{1 + i // 5}.{2 + i % 5}", srv.smtp_port, timeout=2))
+            except OSError:
+                break
+        time.sleep(0.5)
+        before = cpu_seconds(srv.proc.pid)
+        time.sleep(2)
+        spent = cpu_seconds(srv.proc.pid) - before
+        # Backing off 100 ms per failed accept costs next to nothing; a spin would use a whole core.
+        assert spent < 1.0, f"{spent:.2f} s of CPU in 2 s while out of fds"
+        wait_until(lambda: "accept failed, backing off" in srv.log_text(), timeout=5,
+                   message="accept to hit the fd limit")
+    finally:
+        for s in held:
+            s.close()
+
+    def served():
+        s = connect_from("127.0.0.1", srv.smtp_port)
+        try:
+            return greeting(s).startswith(b"220 ")
+        finally:
+            s.close()
+
+    wait_until(served, timeout=10, message="service after the fds were freed")
+    assert srv.running
