@@ -330,8 +330,7 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 failures.store(0, Ordering::Relaxed);
-                // Dual-stack sockets show IPv4 clients as ::ffff:a.b.c.d: use the plain IPv4 form.
-                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                let peer = client_address(peer);
                 let key = auth::address_key(peer.ip());
                 match shared.admission.admit(key, &shared.settings().limits) {
                     Verdict::Close => {
@@ -365,6 +364,12 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Dual-stack sockets (systemd's default for `[::]:25`) show IPv4 clients as `::ffff:a.b.c.d`: use
+/// the plain IPv4 form everywhere (Received:, logs, limits).
+fn client_address(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
 async fn connection(

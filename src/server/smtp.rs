@@ -10,8 +10,8 @@ use super::conn::{self, Connection, Deadlines, Input, Io};
 use super::{Shared, blocking};
 use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
-use crate::smtp::reply::{self, Reply};
-use crate::smtp::{AuthOutcome, Channel, Envelope, Event, Session};
+use crate::smtp::reply::Reply;
+use crate::smtp::{AuthOutcome, Channel, Event, Session};
 use crate::storage::Spool;
 
 /// Message bytes are collected up to this size before a write to the spool file.
@@ -60,7 +60,7 @@ pub async fn serve<S: Io>(
         let (used, event) = session.advance(&conn.input);
         match event {
             Event::MessageLine(line) => {
-                message.append(line);
+                message.append_content(line);
                 message.append(b"\n");
                 conn.consume(used);
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
@@ -76,7 +76,7 @@ pub async fn serve<S: Io>(
             }
             Event::MessageBytes => {
                 conn.consume(used);
-                message.append(&session.take_message_bytes());
+                message.append_content(&session.take_message_bytes());
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
                     message.write_pending().await;
                 }
@@ -90,7 +90,7 @@ pub async fn serve<S: Io>(
             Event::MessageEnd => {
                 conn.consume(used);
                 // The tail of a last BDAT chunk (nothing for DATA).
-                message.append(&session.take_message_bytes());
+                message.append_content(&session.take_message_bytes());
                 match message.finish(&shared, &session).await {
                     Ok(id) => session.message_stored(Ok(&id)),
                     Err(Refusal::Temporary) => session.message_stored(Err(())),
@@ -177,6 +177,8 @@ struct Message {
     pending: Vec<u8>,
     /// Submission: adds Message-ID and Date when the message has none.
     fixer: Option<MissingHeaders>,
+    /// The client's first octets were appended (after our trace headers).
+    content_started: bool,
 }
 
 impl Message {
@@ -223,6 +225,19 @@ impl Message {
         }
     }
 
+    /// Adds the client's message bytes. A message whose first line starts with white space would
+    /// fold into our own `Received:` field: such a line cannot begin a header, so the message is
+    /// stored as all body (an empty line first), as Postfix's cleanup does.
+    fn append_content(&mut self, bytes: &[u8]) {
+        if !self.content_started && !bytes.is_empty() {
+            self.content_started = true;
+            if matches!(bytes[0], b' ' | b'\t') {
+                self.append(b"\n");
+            }
+        }
+        self.append(bytes);
+    }
+
     /// Adds message bytes (stored form), through the submission header check when there is one.
     fn append(&mut self, bytes: &[u8]) {
         match &mut self.fixer {
@@ -234,6 +249,7 @@ impl Message {
     fn discard(&mut self) {
         self.pending.clear();
         self.fixer = None;
+        self.content_started = false;
         self.failed = false;
         if let Some(spool) = self.spool.take() {
             drop_in_background(spool);
@@ -245,7 +261,7 @@ impl Message {
         let envelope = session.envelope().expect("a message has an envelope");
         if let Some(mut fixer) = self.fixer.take() {
             fixer.finish(&mut self.pending);
-            if let Err(reply) = check_sender_headers(shared, envelope, &fixer) {
+            if let Err(reply) = session.check_submission_headers(fixer.senders()) {
                 self.discard();
                 return Err(Refusal::Permanent(reply));
             }
@@ -304,38 +320,6 @@ enum Refusal {
     Temporary,
     /// The message broke a rule: this reply, final.
     Permanent(Reply),
-}
-
-/// Submission: From: and Sender: must name the account's own addresses too, not only MAIL FROM.
-fn check_sender_headers(
-    shared: &Shared,
-    envelope: &Envelope,
-    headers: &MissingHeaders,
-) -> Result<(), Reply> {
-    let settings = shared.settings();
-    let Some(account) = envelope
-        .submitter
-        .as_deref()
-        .and_then(|a| settings.directory.account(a))
-    else {
-        return Ok(());
-    };
-    if !settings.auth.restrict_senders {
-        return Ok(());
-    }
-    let owned = headers.sender_addresses().is_some_and(|addresses| {
-        addresses.iter().all(|address| {
-            address.rsplit_once('@').is_some_and(|(local, domain)| {
-                settings.directory.may_send_as(account, local, domain)
-            })
-        })
-    });
-    if owned {
-        Ok(())
-    } else {
-        tracing::info!(account = %account.address, "From:/Sender: not owned, refused");
-        Err(reply::FROM_NOT_OWNED)
-    }
 }
 
 impl Drop for Message {

@@ -237,3 +237,53 @@ async fn pop3_slow_retr_reader_is_cut_by_the_minimum_rate() {
         "held {held:?}"
     );
 }
+
+#[test]
+fn ipv4_clients_of_dual_stack_sockets_are_shown_as_ipv4() {
+    let mapped: std::net::SocketAddr = "[::ffff:192.0.2.1]:25".parse().unwrap();
+    assert_eq!(super::client_address(mapped).to_string(), "192.0.2.1:25");
+    let v6: std::net::SocketAddr = "[2001:db8::1]:25".parse().unwrap();
+    assert_eq!(super::client_address(v6), v6);
+}
+
+/// Sends one message to alice over a fresh SMTP session and returns it as stored.
+async fn send_and_read_back(h: &Harness, data: &str) -> String {
+    let (mut client, _task) = h.connect(Protocol::Smtp, 1 << 16);
+    read_until(&mut client, "220 ").await;
+    client
+        .write_all(
+            format!("EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n{data}.\r\nQUIT\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_until(&mut client, "221 ").await;
+    let settings = h.shared.settings();
+    let account = settings.directory.account("alice@example.org").unwrap();
+    let new = h.shared.store.maildir(account).join("new");
+    let file = std::fs::read_dir(new).unwrap().next().unwrap().unwrap();
+    std::fs::read_to_string(file.path()).unwrap()
+}
+
+#[tokio::test]
+async fn first_line_with_leading_white_space_cannot_fold_into_our_received() {
+    let h = Harness::new(|_| {});
+    let stored = send_and_read_back(
+        &h,
+        " forged; by trusted.example\r\nSubject: x\r\n\r\nbody\r\n",
+    )
+    .await;
+    let (head, body) = stored.split_once("\n\n").unwrap();
+    assert!(
+        head.starts_with("Return-Path: <a@b.example>\nReceived: from c"),
+        "{stored}"
+    );
+    assert!(
+        !head.contains("forged"),
+        "the line folded into Received:\n{stored}"
+    );
+    assert!(
+        body.starts_with(" forged; by trusted.example\nSubject: x\n"),
+        "{stored}"
+    );
+}

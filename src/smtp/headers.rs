@@ -1,10 +1,23 @@
 //! The header pass of submission: RFC 6409 §8.3, a submission server adds `Message-ID:` and `Date:` to a
-//! message that lacks them; and the addresses of `From:` and `Sender:` are collected, so that an
-//! account cannot put someone else's address there either. Works on the stored form (LF line endings)
-//! as it streams by, in pieces of any size.
+//! message that lacks them; and the `From:` and `Sender:` fields are collected (with bounded memory), so
+//! that an account cannot put someone else's address there either. Works on the stored form (LF line
+//! endings) as it streams by, in pieces of any size. Field names are matched as RFC 5322 §4.5 says
+//! receivers must read them, with optional white space before the colon (`From :`). The addresses are
+//! read with `mail-parser`, the policy is [`SenderFields::check`].
+
+use mail_parser::{Address, HeaderValue, MessageParser};
 
 /// Longest `From:`/`Sender:` value kept (a longer one is refused as unreadable).
 const MAX_SENDER_HEADER: usize = 4096;
+/// Longest field name looked at; longer names are no field we care about.
+const MAX_NAME: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    From,
+    Sender,
+    Other,
+}
 
 #[derive(Debug)]
 pub struct MissingHeaders {
@@ -12,19 +25,91 @@ pub struct MissingHeaders {
     in_header: bool,
     /// Octets of the current line so far.
     line_len: usize,
-    /// The current line's first octets, lower-cased, to recognise the field name.
-    prefix: Vec<u8>,
+    /// The current line's field name so far (until its colon).
+    name: Vec<u8>,
+    /// The colon of the current field was seen.
+    named: bool,
     saw_message_id: bool,
     saw_date: bool,
     message_id: String,
     date: String,
-    /// The current field is From: or Sender: (continuation lines belong to it).
-    in_sender_field: bool,
-    /// Unfolded values of the From: and Sender: fields.
-    sender_fields: Vec<String>,
+    /// The field the current line (and its continuation lines) belongs to.
+    field: Field,
     current: Vec<u8>,
-    /// A sender field was too long to keep.
-    oversized: bool,
+    senders: SenderFields,
+}
+
+/// What the header pass saw of `From:` and `Sender:`: how many of each, and the unfolded values of
+/// the first two of each (a third changes nothing: two already break the rule).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SenderFields {
+    pub from: Vec<String>,
+    pub sender: Vec<String>,
+    pub from_count: usize,
+    pub sender_count: usize,
+    /// A value was too long to keep.
+    pub oversized: bool,
+}
+
+/// Why a submitted message's originator fields are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderProblem {
+    /// Not exactly one `From:` with at least one mailbox, more than one `Sender:`, or unreadable.
+    Malformed,
+    /// An address there does not belong to the account.
+    NotOwned,
+}
+
+impl SenderFields {
+    /// RFC 5322 §3.6: exactly one `From:` holding at least one mailbox, at most one `Sender:`, both
+    /// readable; and every address in them must satisfy `owned(local, domain)`.
+    pub fn check(&self, owned: impl Fn(&str, &str) -> bool) -> Result<(), SenderProblem> {
+        if self.oversized || self.from_count != 1 || self.sender_count > 1 {
+            return Err(SenderProblem::Malformed);
+        }
+        let mut addresses = mailboxes("From", &self.from[0]).ok_or(SenderProblem::Malformed)?;
+        if let Some(sender) = self.sender.first() {
+            let sender = mailboxes("Sender", sender).ok_or(SenderProblem::Malformed)?;
+            if sender.len() != 1 {
+                return Err(SenderProblem::Malformed);
+            }
+            addresses.extend(sender);
+        }
+        let all_owned = addresses.iter().all(|address| {
+            address
+                .rsplit_once('@')
+                .is_some_and(|(local, domain)| owned(local, domain))
+        });
+        if all_owned {
+            Ok(())
+        } else {
+            Err(SenderProblem::NotOwned)
+        }
+    }
+}
+
+/// The addr-specs of one field's value, read by mail-parser; `None` when it names no mailbox (an
+/// empty group such as `"ceo@example.org":;` included) or something that is not an address.
+fn mailboxes(name: &str, value: &str) -> Option<Vec<String>> {
+    let raw = format!("{name}:{value}\r\n\r\n");
+    let message = MessageParser::new().parse_headers(raw.as_bytes())?;
+    let header = message.headers().first()?;
+    let addrs: Vec<_> = match &header.value {
+        HeaderValue::Address(Address::List(list)) => list.iter().collect(),
+        HeaderValue::Address(Address::Group(groups)) => {
+            groups.iter().flat_map(|g| g.addresses.iter()).collect()
+        }
+        _ => return None,
+    };
+    let mut out = Vec::new();
+    for addr in addrs {
+        let address = addr.address.as_deref()?.trim();
+        if !address.contains('@') {
+            return None;
+        }
+        out.push(address.to_string());
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 impl MissingHeaders {
@@ -32,28 +117,21 @@ impl MissingHeaders {
         MissingHeaders {
             in_header: true,
             line_len: 0,
-            prefix: Vec::with_capacity(11),
+            name: Vec::with_capacity(MAX_NAME),
+            named: false,
             saw_message_id: false,
             saw_date: false,
             message_id,
             date,
-            in_sender_field: false,
-            sender_fields: Vec::new(),
+            field: Field::Other,
             current: Vec::new(),
-            oversized: false,
+            senders: SenderFields::default(),
         }
     }
 
-    /// The addresses named by From: and Sender:, or `None` when a field cannot be read.
-    pub fn sender_addresses(&self) -> Option<Vec<String>> {
-        if self.oversized {
-            return None;
-        }
-        let mut out = Vec::new();
-        for field in &self.sender_fields {
-            out.extend(mailbox_list(field)?);
-        }
-        Some(out)
+    /// The `From:`/`Sender:` fields seen (complete after [`finish`](Self::finish)).
+    pub fn senders(&self) -> &SenderFields {
+        &self.senders
     }
 
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
@@ -70,31 +148,59 @@ impl MissingHeaders {
                     self.in_header = false;
                     return;
                 }
-                self.end_line();
-            } else {
-                if self.line_len == 0 && !matches!(b, b' ' | b'\t') {
+                self.line_len = 0;
+                out.push(b);
+                continue;
+            }
+            if self.line_len == 0 {
+                if matches!(b, b' ' | b'\t') {
+                    // A continuation line: it belongs to the field before it.
+                    self.named = true;
+                } else {
                     // A new field starts: the previous one is complete.
                     self.close_field();
+                    self.name.clear();
+                    self.named = false;
                 }
-                if self.prefix.len() < 11 {
-                    self.prefix.push(b.to_ascii_lowercase());
-                    if self.prefix == b"from:" || self.prefix == b"sender:" {
-                        self.in_sender_field = true;
-                        self.line_len += 1;
-                        out.push(b);
-                        continue;
-                    }
-                }
-                if self.in_sender_field {
-                    if self.current.len() < MAX_SENDER_HEADER {
-                        self.current.push(b);
-                    } else {
-                        self.oversized = true;
-                    }
-                }
-                self.line_len += 1;
             }
+            self.line_len += 1;
             out.push(b);
+            if !self.named {
+                if b == b':' {
+                    self.named = true;
+                    self.start_field();
+                } else if self.name.len() < MAX_NAME {
+                    self.name.push(b.to_ascii_lowercase());
+                } else {
+                    // Longer than any name looked for.
+                    self.named = true;
+                }
+                continue;
+            }
+            if self.field != Field::Other {
+                if self.current.len() < MAX_SENDER_HEADER {
+                    self.current.push(b);
+                } else {
+                    self.senders.oversized = true;
+                }
+            }
+        }
+    }
+
+    /// The colon of a field was read: which field is it?
+    fn start_field(&mut self) {
+        let name = self.name.trim_ascii_end();
+        self.field = match name {
+            b"from" => Field::From,
+            b"sender" => Field::Sender,
+            _ => Field::Other,
+        };
+        self.saw_message_id |= name == b"message-id";
+        self.saw_date |= name == b"date";
+        match self.field {
+            Field::From => self.senders.from_count += 1,
+            Field::Sender => self.senders.sender_count += 1,
+            Field::Other => {}
         }
     }
 
@@ -107,20 +213,17 @@ impl MissingHeaders {
         }
     }
 
-    fn end_line(&mut self) {
-        self.saw_message_id |= self.prefix.starts_with(b"message-id:");
-        self.saw_date |= self.prefix.starts_with(b"date:");
-        self.prefix.clear();
-        self.line_len = 0;
-    }
-
     fn close_field(&mut self) {
-        if self.in_sender_field {
-            let value = String::from_utf8_lossy(&self.current).into_owned();
-            self.sender_fields.push(value);
-            self.current.clear();
-            self.in_sender_field = false;
+        let kept = match self.field {
+            Field::From => &mut self.senders.from,
+            Field::Sender => &mut self.senders.sender,
+            Field::Other => return,
+        };
+        if kept.len() < 2 {
+            kept.push(String::from_utf8_lossy(&self.current).into_owned());
         }
+        self.current.clear();
+        self.field = Field::Other;
     }
 
     fn add_missing(&mut self, out: &mut Vec<u8>) {
@@ -132,61 +235,6 @@ impl MissingHeaders {
             out.extend_from_slice(format!("Date: {}\n", self.date).as_bytes());
         }
     }
-}
-
-/// The addr-specs of an RFC 5322 mailbox-list (`Name <a@b>, "Q, Name" <c@d>, e@f (comment)`), or
-/// `None` when it cannot be read. Group syntax (`team: a@b, c@d;`) contributes its members.
-fn mailbox_list(value: &str) -> Option<Vec<String>> {
-    let mut elements = Vec::new();
-    let (mut current, mut quoted, mut escaped, mut angle, mut comment) =
-        (String::new(), false, false, false, 0u32);
-    for c in value.chars() {
-        if escaped {
-            escaped = false;
-            current.push(c);
-            continue;
-        }
-        match c {
-            '\\' if quoted || comment > 0 => escaped = true,
-            '"' if comment == 0 => quoted = !quoted,
-            '(' if !quoted => comment += 1,
-            ')' if !quoted && comment > 0 => comment -= 1,
-            _ if comment > 0 => {}
-            '<' if !quoted => {
-                angle = true;
-                current.push(c);
-            }
-            '>' if !quoted => {
-                angle = false;
-                current.push(c);
-            }
-            ',' | ';' if !quoted && !angle => elements.push(std::mem::take(&mut current)),
-            ':' if !quoted && !angle => current.clear(), // a group's display name
-            _ => current.push(c),
-        }
-    }
-    if quoted || angle || comment > 0 {
-        return None;
-    }
-    elements.push(current);
-    let mut out = Vec::new();
-    for element in elements {
-        let element = element.trim();
-        if element.is_empty() {
-            continue;
-        }
-        let address = match (element.rfind('<'), element.rfind('>')) {
-            (Some(open), Some(close)) if open < close => &element[open + 1..close],
-            (None, None) => element,
-            _ => return None,
-        };
-        let address = address.trim();
-        if !address.contains('@') {
-            return None;
-        }
-        out.push(address.to_string());
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -229,37 +277,102 @@ mod tests {
         );
     }
 
+    /// The sender fields of `message`, after a pass in `piece`-octet pieces.
+    fn senders(message: &str, piece: usize) -> SenderFields {
+        let mut f = MissingHeaders::new("<id@mx>".into(), "d".into());
+        let mut out = Vec::new();
+        for chunk in message.as_bytes().chunks(piece) {
+            f.push(chunk, &mut out);
+        }
+        f.finish(&mut out);
+        assert!(out.starts_with(message.split("\n\n").next().unwrap().as_bytes()));
+        f.senders().clone()
+    }
+
+    /// The addresses `check` would look at, or the problem.
+    fn owned_by_anyone(message: &str) -> Result<Vec<String>, SenderProblem> {
+        let mut seen = Vec::new();
+        let cell = std::cell::RefCell::new(&mut seen);
+        senders(message, 3).check(|l, d| {
+            cell.borrow_mut().push(format!("{l}@{d}"));
+            true
+        })?;
+        Ok(seen)
+    }
+
     #[test]
     fn sender_fields_are_collected_across_folds_and_splits() {
         let m = "From: \"Doe, Jane\" <jane@example.org>,\n\tteam@example.org (the team)\nSender: <x@example.org>\nSubject: from: not me\n\nFrom: body@example.org\n";
         for piece in [1, 2, 5, 64] {
-            let mut f = MissingHeaders::new("<id@mx>".into(), "d".into());
-            let mut out = Vec::new();
-            for chunk in m.as_bytes().chunks(piece) {
-                f.push(chunk, &mut out);
-            }
-            f.finish(&mut out);
-            assert_eq!(
-                f.sender_addresses().unwrap(),
-                ["jane@example.org", "team@example.org", "x@example.org"],
-                "piece {piece}"
-            );
+            let f = senders(m, piece);
+            assert_eq!((f.from_count, f.sender_count), (1, 1), "piece {piece}");
         }
+        assert_eq!(
+            owned_by_anyone(m).unwrap(),
+            ["jane@example.org", "team@example.org", "x@example.org"]
+        );
     }
 
     #[test]
-    fn mailbox_lists() {
-        assert_eq!(mailbox_list("a@b").unwrap(), ["a@b"]);
+    fn obsolete_space_before_the_colon_is_still_from() {
+        // RFC 5322 §4.5.1: receivers must read `From :`; before, it passed the check unread.
+        let m = "From : ceo@example.org\nSubject: x\n\nbody\n";
+        assert_eq!(owned_by_anyone(m).unwrap(), ["ceo@example.org"]);
+        let f = senders("FROM\t: a@b.example\nsender  :c@d.example\n\n", 1);
+        assert_eq!((f.from_count, f.sender_count), (1, 1));
+    }
+
+    #[test]
+    fn from_must_be_there_once_with_a_mailbox() {
+        use SenderProblem::Malformed;
         assert_eq!(
-            mailbox_list("Team: a@b, \"C <c>\" <c@d>;").unwrap(),
-            ["a@b", "c@d"]
+            owned_by_anyone("Subject: no from\n\nbody\n"),
+            Err(Malformed)
         );
         assert_eq!(
-            mailbox_list("\"quoted@local\"@b").unwrap(),
-            ["quoted@local@b"]
+            owned_by_anyone("From: a@b.example\nFrom: ceo@example.org\n\n"),
+            Err(Malformed)
         );
-        assert!(mailbox_list("Broken <a@b").is_none());
-        assert!(mailbox_list("no address at all").is_none());
+        // An empty group names no mailbox (before: it passed, showing "ceo@example.org").
+        assert_eq!(
+            owned_by_anyone("From: \"ceo@example.org\":;\n\n"),
+            Err(Malformed)
+        );
+        assert_eq!(
+            owned_by_anyone("From: no address at all\n\n"),
+            Err(Malformed)
+        );
+        assert_eq!(
+            owned_by_anyone("From: a@b.example\nSender: c@d.example\nSender: e@f.example\n\n"),
+            Err(Malformed)
+        );
+        assert_eq!(
+            owned_by_anyone("From: Team: a@b.example, c@d.example;\n\n").unwrap(),
+            ["a@b.example", "c@d.example"],
+            "a group's members are checked"
+        );
+    }
+
+    #[test]
+    fn not_owned_is_its_own_problem() {
+        let f = senders("From: Jane <jane@example.org>\n\n", 4);
+        assert_eq!(f.check(|l, _| l == "jane"), Ok(()));
+        assert_eq!(f.check(|_, _| false), Err(SenderProblem::NotOwned));
+    }
+
+    #[test]
+    fn memory_is_bounded_however_many_from_lines() {
+        // Before: every From: value was kept; 25 MiB of "From:x" lines cost ~150 MiB.
+        let mut m = String::new();
+        for _ in 0..100_000 {
+            m.push_str("From: x@y.example\n");
+        }
+        m.push_str("\nbody\n");
+        let f = senders(&m, 8192);
+        assert_eq!(f.from_count, 100_000);
+        assert_eq!(f.from.len(), 2);
+        let long = format!("From: {}@b.example\n\n", "a".repeat(10_000));
+        assert!(senders(&long, 100).oversized);
     }
 
     #[test]

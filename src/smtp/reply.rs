@@ -136,6 +136,11 @@ pub const FROM_NOT_OWNED: Reply = Reply::new(
     "5.7.1",
     "From: or Sender: names an address not owned by the authenticated account",
 );
+pub const ORIGINATOR_MALFORMED: Reply = Reply::new(
+    554,
+    "5.6.0",
+    "A submitted message needs exactly one From: naming a mailbox, and at most one Sender:",
+);
 pub const SENDER_NOT_OWNED: Reply = Reply::new(
     553,
     "5.7.1",

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::command::{self, Body, Command, Mailbox, ParseError};
 use super::data::{ChunkReader, DataError, DataReader, DataStep};
+use super::headers::{SenderFields, SenderProblem};
 use super::reply::{self, Reply};
 use crate::accounts::{Account, Route, Secret};
 use crate::config::Settings;
@@ -105,6 +106,9 @@ pub struct Session {
     /// is being kept (false: the chunks are read and dropped, e.g. after a refusal).
     bdat: Option<ChunkReader>,
     bdat_keep: bool,
+    /// The reply that refused the current BDAT transaction: the chunks already sent after it (a
+    /// pipelining client cannot stop them) get it too, without counting as client errors.
+    bdat_refusal: Option<Reply>,
     /// Stored-form bytes of the current BDAT chunk, for [`Event::MessageBytes`].
     chunk_out: Vec<u8>,
     outbox: Vec<u8>,
@@ -128,6 +132,7 @@ impl Session {
             mode: Mode::Command,
             bdat: None,
             bdat_keep: false,
+            bdat_refusal: None,
             chunk_out: Vec::new(),
             outbox: Vec::new(),
             errors: 0,
@@ -216,7 +221,9 @@ impl Session {
                             self.mode = Mode::Storing;
                             return (used, Event::MessageEnd);
                         }
-                        DataStep::End(Err(e)) => self.data_refused(e),
+                        DataStep::End(Err(e)) => {
+                            self.data_refused(e);
+                        }
                     }
                 }
                 Mode::Chunk { left, last } => {
@@ -305,6 +312,30 @@ impl Session {
         self.error(refusal);
     }
 
+    /// Submission (RFC 6409 §8): the message's `From:`/`Sender:` as the header pass saw them must be
+    /// well formed and, with `auth.restrict_senders`, name only the account's own addresses. Decided
+    /// with this session's own settings and account, so a reload in between cannot open it up; a
+    /// session without an account (impossible on submission) is refused, never waved through.
+    pub fn check_submission_headers(&self, senders: &SenderFields) -> Result<(), Reply> {
+        let Some(account) = &self.account else {
+            return Err(reply::FROM_NOT_OWNED);
+        };
+        let restrict = self.settings.auth.restrict_senders;
+        let directory = &self.settings.directory;
+        match senders
+            .check(|local, domain| !restrict || directory.may_send_as(account, local, domain))
+        {
+            Ok(()) => Ok(()),
+            Err(problem) => {
+                tracing::info!(account = %account.address, ?problem, "From:/Sender: refused");
+                Err(match problem {
+                    SenderProblem::Malformed => reply::ORIGINATOR_MALFORMED,
+                    SenderProblem::NotOwned => reply::FROM_NOT_OWNED,
+                })
+            }
+        }
+    }
+
     /// `Return-Path:` and `Received:` (RFC 5321 §4.4) for the current transaction, LF-terminated.
     pub fn trace_headers(&self, id: &str, date: &str) -> String {
         let envelope = self.envelope.as_ref();
@@ -365,6 +396,9 @@ impl Session {
                 return self.is_closed().then_some(Event::Close);
             }
         };
+        if !matches!(command, Command::Bdat { .. }) {
+            self.bdat_refusal = None;
+        }
         // A new transaction, RSET or EHLO ends a BDAT transaction that never got its LAST chunk.
         let abandons_bdat = matches!(
             command,
@@ -536,6 +570,20 @@ impl Session {
 
     /// BDAT: the chunk's octets are always read (RFC 3030 §3: even when refused), then answered.
     fn bdat(&mut self, size: u64, last: bool) -> Option<Event<'static>> {
+        if size > self.settings.limits.max_message_size {
+            // Reading the chunk to stay in step (RFC 3030 §3) could mean reading 2^64 - 1 octets:
+            // refuse the message for good and close instead (no 421: that would invite a retry).
+            tracing::info!(size, "BDAT chunk over the message size limit, closing");
+            let abort = self.bdat.take().is_some() && self.bdat_keep;
+            self.envelope = None;
+            self.reply(reply::MESSAGE_TOO_BIG);
+            self.mode = Mode::Closed;
+            return Some(if abort {
+                Event::MessageAbort
+            } else {
+                Event::Close
+            });
+        }
         self.mode = Mode::Chunk { left: size, last };
         if self.bdat.is_some() {
             return None;
@@ -581,6 +629,10 @@ impl Session {
         if !keep {
             // No transaction to add to: the chunk was read to stay in step, and is refused.
             self.bdat = None;
+            if let Some(refusal) = self.bdat_refusal.clone() {
+                self.reply(refusal);
+                return None;
+            }
             match &self.envelope {
                 None => self.error(reply::BAD_SEQUENCE.with_text("Send MAIL first")),
                 Some(_) => self.error(reply::NO_VALID_RECIPIENTS),
@@ -590,7 +642,7 @@ impl Session {
         if let Some(error) = failed {
             self.chunk_out.clear();
             self.bdat = None;
-            self.data_refused(error);
+            self.bdat_refusal = Some(self.data_refused(error));
             return Some(Event::MessageAbort)
                 .filter(|_| newly_failed)
                 .or_else(|| self.is_closed().then_some(Event::Close));
@@ -600,7 +652,7 @@ impl Session {
             if let Err(error) = reader.finish(&mut self.chunk_out) {
                 self.chunk_out.clear();
                 self.bdat = None;
-                self.data_refused(error);
+                self.bdat_refusal = Some(self.data_refused(error));
                 return Some(Event::MessageAbort);
             }
             // The remaining bytes go out with the end: the driver appends them before storing.
@@ -615,15 +667,18 @@ impl Session {
         }
     }
 
-    fn data_refused(&mut self, error: DataError) {
+    /// Refuses the message; returns the reply given.
+    fn data_refused(&mut self, error: DataError) -> Reply {
         self.envelope = None;
         self.mode = Mode::Command;
         tracing::info!(?error, "message refused: {error:?}");
-        self.error(match error {
+        let reply = match error {
             DataError::BareLineEnding => reply::BAD_LINE_ENDING,
             DataError::LineTooLong => reply::DATA_LINE_TOO_LONG,
             DataError::TooBig => reply::MESSAGE_TOO_BIG,
-        });
+        };
+        self.error(reply.clone());
+        reply
     }
 
     fn reply(&mut self, reply: Reply) {

@@ -664,3 +664,113 @@ fn sender_restriction_can_be_turned_off() {
     let t = play_on(Arc::new(open), SUBMISSION, input.as_bytes(), 7);
     assert_eq!(codes(&t), ["220", "250", "220", "250", "235", "250"]);
 }
+
+#[test]
+fn bdat_chunk_declared_over_the_size_limit_is_refused_at_once_and_closes() {
+    // Before: the session set out to read and discard 2^64 - 1 octets, holding the connection until
+    // the timeout. Now: 552 at once, and the connection closes without a 421 (no retry invited).
+    for tx in [TX.to_string(), format!("{TX}{}", bdat("x\r\n", false))] {
+        let t = dialog(&format!("{tx}BDAT 18446744073709551615 LAST\r\nNOOP\r\n"));
+        assert!(t.closed);
+        assert!(t.messages.is_empty());
+        assert!(
+            t.replies
+                .ends_with("552 5.3.4 Message size exceeds fixed maximum message size\r\n"),
+            "{}",
+            t.replies
+        );
+        assert!(!t.replies.contains("421"), "{}", t.replies);
+    }
+}
+
+#[test]
+fn chunks_pipelined_after_a_refused_one_are_not_client_errors() {
+    // The test settings close a session after 6 errors. Before: each chunk already in flight after
+    // the refused one got 503 and counted, and the session ended with 421 (a temporary code, so the
+    // sender retried a permanently bad message for days).
+    let mut input = format!("{TX}{}", bdat("bare\nlf\r\n", false));
+    for _ in 0..8 {
+        input.push_str(&bdat("more\r\n", false));
+    }
+    input.push_str(&bdat("end\r\n", true));
+    input.push_str("NOOP\r\n");
+    let t = dialog(&input);
+    assert!(!t.closed, "{}", t.replies);
+    assert!(!t.replies.contains("421"), "{}", t.replies);
+    let got = codes(&t);
+    assert_eq!(
+        got[4..14],
+        ["550"; 10].map(String::from)[..],
+        "{}",
+        t.replies
+    );
+    assert_eq!(got.last().unwrap(), "250");
+    // A new transaction is judged on its own again.
+    let t = dialog(&format!(
+        "{TX}{}RSET\r\n{}",
+        bdat("bare\nlf\r\n", true),
+        bdat("x\r\n", true)
+    ));
+    assert_eq!(codes(&t)[4..], ["550", "250", "503"].map(String::from)[..]);
+}
+
+/// A submission session of alice (authenticated), for the header policy.
+fn alice_session(restrict: bool) -> Session {
+    let mut settings = (*settings()).clone();
+    settings.auth.restrict_senders = restrict;
+    let settings = Arc::new(settings);
+    let mut s = Session::new(
+        settings.clone(),
+        "127.0.0.1".parse().unwrap(),
+        Channel {
+            submission: true,
+            tls: true,
+            starttls: true,
+        },
+    );
+    let input = format!("EHLO c\r\nAUTH PLAIN {ALICE_PLAIN}\r\n");
+    let (_, e) = s.advance(input.as_bytes());
+    assert!(matches!(e, Event::Authenticate { .. }));
+    let alice = settings.directory.account("alice@example.org").unwrap();
+    s.auth_result(AuthOutcome::Accepted(alice.clone()));
+    s
+}
+
+fn headers_verdict(s: &Session, message: &str) -> Result<(), u16> {
+    let mut pass = super::super::headers::MissingHeaders::new("<i@x>".into(), "d".into());
+    let mut out = Vec::new();
+    pass.push(message.as_bytes(), &mut out);
+    pass.finish(&mut out);
+    s.check_submission_headers(pass.senders())
+        .map_err(|r| r.code)
+}
+
+#[test]
+fn submission_header_policy_cannot_be_bypassed() {
+    let s = alice_session(true);
+    assert_eq!(
+        headers_verdict(&s, "From: <al@example.org>\n\nhi\n"),
+        Ok(())
+    );
+    // Each of these passed before.
+    for forged in [
+        "From : ceo@example.org\n\nhi\n",
+        "From: \"ceo@example.org\":;\n\nhi\n",
+        "Subject: no From at all\n\nhi\n",
+        "From: alice@example.org\nFrom: ceo@example.org\n\nhi\n",
+    ] {
+        assert!(headers_verdict(&s, forged).is_err(), "{forged:?}");
+    }
+    assert_eq!(
+        headers_verdict(&s, "From: bob@example.org\n\nhi\n"),
+        Err(553)
+    );
+    assert_eq!(headers_verdict(&s, "Subject: x\n\nhi\n"), Err(554));
+    // Without restrict_senders any address may be used, but the fields must still be well formed.
+    let open = alice_session(false);
+    assert_eq!(
+        headers_verdict(&open, "From: ceo@example.org\n\nhi\n"),
+        Ok(())
+    );
+    assert_eq!(headers_verdict(&open, "Subject: x\n\nhi\n"), Err(554));
+}
