@@ -395,7 +395,10 @@ impl Session {
             }
             ("TOP", 2) => {
                 let index = self.message_arg(args[0])?;
-                let Ok(lines) = args[1].parse::<u64>() else {
+                let lines = Some(args[1])
+                    .filter(|a| a.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|a| a.parse::<u64>().ok());
+                let Some(lines) = lines else {
                     self.error("-ERR syntax: TOP msg n");
                     return self.closed_event();
                 };
@@ -453,9 +456,10 @@ impl Session {
 
     /// Parses a message number; answers `-ERR` itself when it names no live message.
     fn message_arg(&mut self, arg: &str) -> Option<usize> {
-        let index = arg
-            .parse::<usize>()
-            .ok()
+        // RFC 1939: a message number is digits only (Rust's parse would take "+1").
+        let index = Some(arg)
+            .filter(|a| a.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|a| a.parse::<usize>().ok())
             .and_then(|n| n.checked_sub(1))
             .filter(|&i| i < self.messages.len() && !self.deleted[i]);
         if index.is_none() {

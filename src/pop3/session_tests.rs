@@ -418,3 +418,12 @@ fn pipelined_listings_are_flushed_as_they_grow() {
     assert_eq!(at, input.len());
     assert!(flushes >= 5, "{flushes}");
 }
+
+#[test]
+fn message_numbers_and_counts_are_digits_only() {
+    // RFC 1939: msg and n are numbers; "+1" was taken as 1 before (Rust's integer parse allows a sign).
+    let t =
+        dialog("USER a\r\nPASS right\r\nRETR +1\r\nTOP +1 0\r\nTOP 1 +0\r\nDELE +2\r\nRETR 1\r\n");
+    assert_eq!(t.events, ["login a", "retrieve 0 None"]);
+    assert_eq!(t.replies.matches("-ERR").count(), 4, "{}", t.replies);
+}

@@ -115,8 +115,10 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
         "RSET" => no_args(Command::Rset),
         "QUIT" => no_args(Command::Quit),
         "NOOP" => Ok(Command::Noop),
-        "VRFY" => Ok(Command::Vrfy),
-        "EXPN" => Ok(Command::Expn),
+        // RFC 5321 §4.1.1.6, §4.1.1.7: VRFY and EXPN take a string.
+        "VRFY" if !args.trim().is_empty() => Ok(Command::Vrfy),
+        "EXPN" if !args.trim().is_empty() => Ok(Command::Expn),
+        "VRFY" | "EXPN" => Err(ParseError::Syntax),
         "HELP" => Ok(Command::Help),
         "BDAT" => parse_bdat(args),
         "STARTTLS" => no_args(Command::StartTls),
@@ -155,9 +157,16 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
     let mut size = None;
     let mut body = Body::default();
     let mut smtputf8 = false;
+    let mut seen: Vec<String> = Vec::new();
     for param in params.split(' ').filter(|p| !p.is_empty()) {
         let (key, value) = param.split_once('=').unwrap_or((param, ""));
-        match key.to_ascii_uppercase().as_str() {
+        let key = key.to_ascii_uppercase();
+        // A parameter given twice is ambiguous (which SIZE holds?): refused, as Postfix does.
+        if seen.contains(&key) {
+            return Err(ParseError::Syntax);
+        }
+        seen.push(key.clone());
+        match key.as_str() {
             // RFC 1870 §3: SIZE=<decimal octets>.
             "SIZE" => {
                 let valid = !value.is_empty()
@@ -508,6 +517,31 @@ mod tests {
             parse(b"MAIL FROM:<a@b.org> SIZE=12x"),
             Err(ParseError::Syntax)
         );
+    }
+
+    #[test]
+    fn argument_grammar_of_rfc_5321() {
+        for line in [
+            "VRFY",
+            "EXPN ",
+            "QUIT now",
+            "DATA x",
+            "RSET y",
+            "STARTTLS z",
+            "EHLO",
+        ] {
+            assert_eq!(parse(line.as_bytes()), Err(ParseError::Syntax), "{line}");
+        }
+        assert_eq!(parse(b"NOOP any string"), Ok(Command::Noop));
+        assert_eq!(parse(b"VRFY alice"), Ok(Command::Vrfy));
+        for line in [
+            "MAIL FROM:<a@b.example> SIZE=1 SIZE=2",
+            "MAIL FROM:<a@b.example> size=1 SIZE=1",
+            "MAIL FROM:<a@b.example> BODY=7BIT BODY=8BITMIME",
+            "MAIL FROM:<a@b.example> SMTPUTF8 SMTPUTF8",
+        ] {
+            assert_eq!(parse(line.as_bytes()), Err(ParseError::Syntax), "{line}");
+        }
     }
 
     #[test]
