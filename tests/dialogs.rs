@@ -73,7 +73,7 @@ smtp = ["127.0.0.1:{smtp}"]
 pop3 = ["127.0.0.1:{pop3}"]
 [limits]
 max_message_size = 20000
-max_recipients = 5
+max_recipients = 100
 max_errors = 8
 {limits}
 [auth]

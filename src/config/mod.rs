@@ -124,11 +124,12 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Largest accepted message in octets (CRLF form), advertised as `SIZE`.
     pub max_message_size: u64,
-    /// Recipients per SMTP transaction.
+    /// Recipients per SMTP transaction (RFC 5321 §4.5.3.1.8: at least 100).
     pub max_recipients: usize,
     /// Longest text line in a message, CRLF included (RFC 5321 §4.5.3.1.6: 1000).
     pub max_line_length: usize,
-    /// Longest SMTP command line, CRLF included (RFC 5321 §4.5.3.1.4: 512).
+    /// Longest SMTP command line, CRLF included: at least RFC 5321's 512 (§4.5.3.1.4) plus the 526
+    /// octets that the MAIL parameters SIZE= and AUTH= may add (RFC 1870, RFC 4954).
     pub max_command_length: usize,
     /// Protocol errors in one session before it is closed with `421`.
     pub max_errors: u32,
@@ -152,7 +153,7 @@ impl Default for Limits {
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
             max_line_length: 1000,
-            max_command_length: 512,
+            max_command_length: 2048,
             max_errors: 20,
             command_timeout_secs: 300,
             data_timeout_secs: 300,
@@ -172,7 +173,8 @@ pub struct Auth {
     /// Allow passwords over unencrypted connections from loopback (the development default needs it;
     /// turn it off where local users should not be able to watch the loopback interface).
     pub allow_plaintext_loopback: bool,
-    /// Delay before answering a failed login, the same for unknown users and wrong passwords.
+    /// Delay before answering a failed login, the same for unknown users and wrong passwords (at
+    /// most 60000).
     pub failure_delay_ms: u64,
     /// Failed logins in one session before it is closed.
     pub max_failures: u32,

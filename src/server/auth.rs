@@ -144,7 +144,8 @@ pub async fn check(
         Some(account) => Login::Accepted(account),
         None => {
             tracing::warn!(user = %shown_user, "login failed for {shown_user}");
-            tokio::time::sleep_until(started + delay).await;
+            // `sleep` rather than `sleep_until(started + delay)`: it cannot overflow the clock.
+            tokio::time::sleep(delay.saturating_sub(started.elapsed())).await;
             Login::Rejected
         }
     }
