@@ -24,7 +24,7 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Account {
     /// Canonical (lower-case) address, also the POP3 user name.
     pub address: String,
@@ -32,6 +32,23 @@ pub struct Account {
     pub domain: String,
     password_hash: String,
     apop_secret: Option<String>,
+}
+
+/// By hand, so that neither the password hash nor the APOP secret (kept in clear) reaches a log line
+/// or a panic message through `{:?}` of an account, a route or a session.
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("address", &self.address)
+            .field("local", &self.local)
+            .field("domain", &self.domain)
+            .field("password_hash", &"<redacted>")
+            .field(
+                "apop_secret",
+                &self.apop_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl Account {
@@ -815,6 +832,29 @@ mod tests {
                 .is_none()
         );
         assert!(!directory().offers_apop());
+    }
+
+    #[test]
+    fn debug_output_redacts_hash_and_apop_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "apop-shared-secret\n").unwrap();
+        let mut cfg = account(&hash(), &[]);
+        cfg.apop_secret_file = Some(secret);
+        let accounts = BTreeMap::from([("alice@example.org".to_string(), cfg)]);
+        let d = build(accounts, SecretFiles::Read, |_| {}).unwrap();
+        let alice = d.account("alice@example.org").unwrap();
+        for shown in [
+            format!("{alice:?}"),
+            format!("{alice:#?}"),
+            format!("{d:?}"),
+        ] {
+            assert!(!shown.contains(&hash()), "{shown}");
+            assert!(!shown.contains("$argon2"), "{shown}");
+            assert!(!shown.contains("apop-shared-secret"), "{shown}");
+            assert!(shown.contains("alice@example.org"), "{shown}");
+        }
+        assert!(format!("{alice:?}").contains("<redacted>"));
     }
 
     #[test]
