@@ -126,8 +126,11 @@ pub struct Limits {
     pub max_message_size: u64,
     /// Recipients per SMTP transaction (RFC 5321 §4.5.3.1.8: at least 100).
     pub max_recipients: usize,
-    /// Longest text line in a message, CRLF included (RFC 5321 §4.5.3.1.6: 1000).
-    pub max_line_length: usize,
+    /// Longest text line in a message, CRLF included, at least RFC 5321's 1000 (§4.5.3.1.6). Absent
+    /// (the default): no limit, lines of any length are stored byte-exact, because mail clients do
+    /// send lines over 998 octets and refusing them bounces wanted mail. Memory stays bounded either
+    /// way: long lines are streamed in pieces.
+    pub max_line_length: Option<usize>,
     /// Longest SMTP command line, CRLF included: at least RFC 5321's 512 (§4.5.3.1.4) plus the 526
     /// octets that the MAIL parameters SIZE= and AUTH= may add (RFC 1870, RFC 4954).
     pub max_command_length: usize,
@@ -152,7 +155,7 @@ impl Default for Limits {
             max_connections_per_ip: 20,
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
-            max_line_length: 1000,
+            max_line_length: None,
             max_command_length: 2048,
             max_errors: 20,
             command_timeout_secs: 300,
@@ -291,8 +294,17 @@ mod tests {
         let config = load_with_env(Some(f.path()), no_env()).unwrap();
         assert_eq!(config.domains, vec!["example.org"]);
         assert_eq!(config.limits.max_recipients, 7);
-        assert_eq!(config.limits.max_line_length, 1000);
+        assert_eq!(config.limits.max_line_length, None);
         assert_eq!(config.listen.smtp, vec!["127.0.0.1:2525"]);
+    }
+
+    #[test]
+    fn line_limit_is_absent_by_default_and_can_be_set() {
+        let config = load_with_env(None, no_env()).unwrap();
+        assert_eq!(config.limits.max_line_length, None, "no limit by default");
+        let f = file("[limits]\nmax_line_length = 1000\n");
+        let config = load_with_env(Some(f.path()), no_env()).unwrap();
+        assert_eq!(config.limits.max_line_length, Some(1000));
     }
 
     #[test]

@@ -194,7 +194,7 @@ pub const MIN_RECIPIENTS: usize = 100;
 pub const MAX_FAILURE_DELAY_MS: u64 = 60_000;
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let positive: [(&str, u64); 11] = [
+    let positive: [(&str, u64); 10] = [
         ("limits.max_connections", l.max_connections as u64),
         (
             "limits.max_connections_per_ip",
@@ -208,7 +208,6 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         ("limits.session_timeout_secs", l.session_timeout_secs),
         ("limits.pop3_idle_timeout_secs", l.pop3_idle_timeout_secs),
         ("limits.shutdown_timeout_secs", l.shutdown_timeout_secs),
-        ("limits.max_line_length", l.max_line_length as u64),
     ];
     for (key, value) in positive {
         if value == 0 {
@@ -222,10 +221,10 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
             format!("must be at least {MIN_RECIPIENTS} (RFC 5321 §4.5.3.1.8)"),
         ));
     }
-    if l.max_line_length < 1000 {
+    if l.max_line_length.is_some_and(|max| max < 1000) {
         return Err(ConfigError::invalid(
             "limits.max_line_length",
-            "must be at least 1000 (RFC 5321 §4.5.3.1.6)",
+            "must be at least 1000 (RFC 5321 §4.5.3.1.6), or absent for no limit",
         ));
     }
     if l.max_command_length < MIN_COMMAND_LENGTH {
@@ -422,8 +421,14 @@ mod tests {
     #[test]
     fn line_limit_below_rfc_minimum_is_refused() {
         let mut c = config();
-        c.limits.max_line_length = 998;
+        c.limits.max_line_length = Some(998);
         assert_eq!(invalid_key(c), "limits.max_line_length");
+        let mut c = config();
+        c.limits.max_line_length = Some(0);
+        assert_eq!(invalid_key(c), "limits.max_line_length");
+        let mut c = config();
+        c.limits.max_line_length = Some(1000);
+        Settings::from_config(c).unwrap();
     }
 
     fn invalid(config: Config) -> (String, String) {

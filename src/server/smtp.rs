@@ -60,6 +60,14 @@ pub async fn serve(
                 }
                 continue;
             }
+            Event::MessagePartial(bytes) => {
+                message.append(bytes);
+                buf.drain(..used);
+                if message.pending.len() >= SPOOL_WRITE_CHUNK {
+                    message.write_pending().await;
+                }
+                continue;
+            }
             Event::NeedInput => {}
             Event::MessageStart => {
                 buf.drain(..used);

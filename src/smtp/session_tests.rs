@@ -86,6 +86,7 @@ fn play_on(settings: Arc<Settings>, channel: Channel, input: &[u8], chunk: usize
                 m.extend_from_slice(line);
                 m.push(b'\n');
             }
+            Event::MessagePartial(bytes) => message.as_mut().unwrap().extend_from_slice(bytes),
             Event::MessageBytes => {
                 let bytes = session.take_message_bytes();
                 message.as_mut().unwrap().extend_from_slice(&bytes);
