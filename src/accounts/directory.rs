@@ -1,62 +1,14 @@
-//! The account directory: local domains, accounts with their password hashes, aliases, and the routing
-//! of a recipient address to the mailboxes that receive it. Also password hashing and verification.
-//!
-//! Addresses are compared case-insensitively (domains per RFC 5321 §2.4; local parts by our documented
-//! choice, because users expect `Alice@` and `alice@` to be the same person).
+//! The account directory: local domains, accounts, aliases, the postmaster and catch-all accounts, and
+//! the routing of a recipient address to the mailboxes that receive it; also who may send as whom
+//! (RFC 6409 §8.1) and the checks of a login against it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use argon2::Argon2;
-use argon2::password_hash::rand_core::{OsRng, RngCore};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-
+use super::Account;
+use super::address::{normalize_domain, split_config_address};
+use super::passwords::{check_hash, dummy_hash, verify_password};
 use crate::config::{AccountConfig, Config, ConfigError};
-
-/// A password on its way to verification; never printed.
-#[derive(PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-#[derive(Clone, PartialEq, Eq)]
-pub struct Account {
-    /// Canonical (lower-case) address, also the POP3 user name.
-    pub address: String,
-    pub local: String,
-    pub domain: String,
-    password_hash: String,
-    apop_secret: Option<String>,
-}
-
-/// By hand, so that neither the password hash nor the APOP secret (kept in clear) reaches a log line
-/// or a panic message through `{:?}` of an account, a route or a session.
-impl std::fmt::Debug for Account {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Account")
-            .field("address", &self.address)
-            .field("local", &self.local)
-            .field("domain", &self.domain)
-            .field("password_hash", &"<redacted>")
-            .field(
-                "apop_secret",
-                &self.apop_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
-impl Account {
-    /// The account's Maildir, relative to the storage root: `mail/<domain>/<local>`.
-    pub fn maildir(&self) -> PathBuf {
-        Path::new("mail").join(&self.domain).join(&self.local)
-    }
-}
 
 /// Where a recipient address goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,167 +359,15 @@ fn load_hash(cfg: &AccountConfig, key: &str, secrets: SecretFiles) -> Result<Str
     Ok(hash)
 }
 
-/// The password hash formats rustmail verifies: its own argon2 PHC strings, and the crypt(3) formats
-/// of other servers and of `mkpasswd`, so that existing hashes can be reused as they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scheme {
-    /// `$argon2id$…` (also argon2i/argon2d), PHC format.
-    Argon2,
-    /// `$2b$…` (also 2a/2y): bcrypt.
-    Bcrypt,
-    /// `$6$…`: SHA-512-crypt.
-    Sha512Crypt,
-}
-
-fn scheme_of(hash: &str) -> Option<Scheme> {
-    if hash.starts_with("$argon2") {
-        Some(Scheme::Argon2)
-    } else if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
-        Some(Scheme::Bcrypt)
-    } else if hash.starts_with("$6$") {
-        Some(Scheme::Sha512Crypt)
-    } else {
-        None
-    }
-}
-
-/// Checks a hash's format and parameters, without the cost of a verification (which would slow down
-/// every reload).
-fn check_hash(hash: &str) -> Result<(), String> {
-    match scheme_of(hash) {
-        Some(Scheme::Argon2) => {
-            let parsed =
-                PasswordHash::new(hash).map_err(|e| format!("not a PHC password hash ({e})"))?;
-            if parsed.hash.is_none() || parsed.salt.is_none() {
-                return Err("the hash has no salt or no output".into());
-            }
-            argon2::Params::try_from(&parsed)
-                .map(|_| ())
-                .map_err(|e| format!("unusable argon2 parameters ({e})"))
-        }
-        Some(Scheme::Bcrypt) => hash
-            .parse::<bcrypt::HashParts>()
-            .map(|_| ())
-            .map_err(|e| format!("not a bcrypt hash ({e})")),
-        Some(Scheme::Sha512Crypt) => {
-            // $6$[rounds=N$]salt$86 characters of crypt base64
-            let fields: Vec<&str> = hash.split('$').collect();
-            let digest = fields.last().copied().unwrap_or("");
-            let ok = (fields.len() == 4 || (fields.len() == 5 && fields[2].starts_with("rounds=")))
-                && digest.len() == 86
-                && digest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
-            if ok { Ok(()) } else { Err("not a SHA-512-crypt ($6$) hash".into()) }
-        }
-        None => Err(
-            "unsupported hash format; use argon2id (`rustmail hash-password`), bcrypt ($2b$) or SHA-512-crypt ($6$, `mkpasswd -m sha-512`)"
-                .into(),
-        ),
-    }
-}
-
-fn verify_password(hash: &str, password: &[u8]) -> bool {
-    match scheme_of(hash) {
-        Some(Scheme::Argon2) => PasswordHash::new(hash)
-            .and_then(|parsed| Argon2::default().verify_password(password, &parsed))
-            .is_ok(),
-        Some(Scheme::Bcrypt) => bcrypt::verify(password, hash).unwrap_or(false),
-        Some(Scheme::Sha512Crypt) => {
-            std::str::from_utf8(password).is_ok_and(|p| sha_crypt::sha512_check(p, hash).is_ok())
-        }
-        None => false,
-    }
-}
-
-/// A hash with our default parameters, verified against for unknown users so that they cost the same.
-fn dummy_hash() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| hash_password(b"rustmail timing equaliser"))
-}
-
-/// An argon2id PHC string with the crate's default (OWASP-recommended) parameters and a random salt.
-pub fn hash_password(password: &[u8]) -> String {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password, &salt)
-        .expect("argon2 with default parameters accepts any password")
-        .to_string()
-}
-
-/// A random password of 16 characters from an unambiguous 32-letter alphabet (80 bits).
-pub fn generate_password() -> String {
-    const ALPHABET: &[u8; 32] = b"abcdefghjkmnpqrstuvwxyz23456789A";
-    let mut bytes = [0u8; 16];
-    OsRng.fill_bytes(&mut bytes);
-    // 256 is a multiple of 32, so `% 32` is unbiased.
-    bytes
-        .iter()
-        .map(|b| ALPHABET[usize::from(b % 32)] as char)
-        .collect()
-}
-
-/// A configured address must be plain and filesystem-safe, because its parts name its Maildir. Local
-/// parts may be UTF-8 (RFC 6531) letters and digits; domains may be given as U-labels or A-labels.
-fn split_config_address(
-    address: &str,
-    domains: &BTreeSet<String>,
-) -> Result<(String, String), String> {
-    let (local, domain) = address
-        .rsplit_once('@')
-        .ok_or_else(|| format!("{address:?} is not an address (local@domain)"))?;
-    let local = local.to_lowercase();
-    let local_ok = !local.is_empty()
-        && local.len() <= 64
-        && !local.starts_with('.')
-        && !local.ends_with('.')
-        && !local.contains("..")
-        && local
-            .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
-    if !local_ok {
-        return Err(format!(
-            "{address:?}: the local part must be 1-64 octets of letters, digits and . - _ + (no leading, trailing or double dot)"
-        ));
-    }
-    let domain = normalize_domain(domain)
-        .filter(|d| domains.contains(d))
-        .ok_or_else(|| format!("{address:?}: {domain} is not one of the local `domains`"))?;
-    Ok((local, domain))
-}
-
-/// The comparable form of a domain: lower-case ASCII, internationalised labels in punycode (A-labels).
-/// `None` if it is not a valid host name.
-pub fn normalize_domain(domain: &str) -> Option<String> {
-    let ascii = if domain.is_ascii() {
-        domain.to_ascii_lowercase()
-    } else {
-        idna::domain_to_ascii(domain).ok()?
-    };
-    is_valid_domain(&ascii).then_some(ascii)
-}
-
-/// RFC 1035 host name syntax: dot-separated labels of letters, digits and inner hyphens.
-pub fn is_valid_domain(domain: &str) -> bool {
-    !domain.is_empty()
-        && domain.len() <= 255
-        && domain.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accounts::hash_password;
+    use std::sync::OnceLock;
 
     fn domains() -> BTreeSet<String> {
         ["example.org".to_string(), "xn--mnchen-3ya.de".to_string()].into()
     }
-
     /// A directory from these accounts, with the rest of the config as `tweak` leaves it.
     fn build(
         accounts: BTreeMap<String, AccountConfig>,
@@ -581,12 +381,10 @@ mod tests {
         tweak(&mut config);
         Directory::from_config(&config, &domains(), secrets)
     }
-
     fn hash() -> String {
         static HASH: OnceLock<String> = OnceLock::new();
         HASH.get_or_init(|| hash_password(b"secret")).clone()
     }
-
     fn account(hash: &str, aliases: &[&str]) -> AccountConfig {
         AccountConfig {
             password_hash: Some(hash.into()),
@@ -594,11 +392,9 @@ mod tests {
             ..AccountConfig::default()
         }
     }
-
     fn directory() -> Directory {
         directory_with(|_| {})
     }
-
     fn directory_with(tweak: impl FnOnce(&mut Config)) -> Directory {
         let h = hash();
         let accounts = BTreeMap::from([
@@ -612,6 +408,12 @@ mod tests {
             ),
         ]);
         build(accounts, SecretFiles::Read, tweak).unwrap()
+    }
+    fn routed(d: &Directory, local: &str, domain: &str) -> Vec<String> {
+        match d.route(local, domain) {
+            Route::Local(a) => a.iter().map(|a| a.address.clone()).collect(),
+            other => panic!("{local}@{domain}: {other:?}"),
+        }
     }
 
     #[test]
@@ -637,13 +439,6 @@ mod tests {
         assert_eq!(d.route("carol", "example.org"), Route::Unknown);
         assert_eq!(d.route("alice", "example.com"), Route::NotLocal);
         assert_eq!(d.route("alice", "example.org."), Route::NotLocal);
-    }
-
-    fn routed(d: &Directory, local: &str, domain: &str) -> Vec<String> {
-        match d.route(local, domain) {
-            Route::Local(a) => a.iter().map(|a| a.address.clone()).collect(),
-            other => panic!("{local}@{domain}: {other:?}"),
-        }
     }
 
     #[test]
@@ -791,21 +586,6 @@ mod tests {
     }
 
     #[test]
-    fn bcrypt_and_sha512_crypt_hashes_from_other_servers_work() {
-        let bcrypt_hash = bcrypt::hash("secret", 4).unwrap();
-        let sha512 =
-            sha_crypt::sha512_simple("secret", &sha_crypt::Sha512Params::new(5000).unwrap())
-                .unwrap();
-        for hash in [bcrypt_hash, sha512] {
-            check_hash(&hash).unwrap();
-            assert!(verify_password(&hash, b"secret"), "{hash}");
-            assert!(!verify_password(&hash, b"wrong"), "{hash}");
-        }
-        assert!(check_hash("$6$salt$short").is_err());
-        assert!(check_hash("$1$md5$isnotaccepted").is_err());
-    }
-
-    #[test]
     fn apop_digest_checks_against_the_secret() {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
@@ -910,12 +690,5 @@ mod tests {
         );
         let relative = BTreeMap::from([("a@example.org".to_string(), file("a.hash"))]);
         assert!(build(relative.clone(), SecretFiles::Skip, |_| {}).is_err());
-    }
-
-    #[test]
-    fn generated_passwords_differ() {
-        let a = generate_password();
-        assert_eq!(a.len(), 16);
-        assert_ne!(a, generate_password());
     }
 }
