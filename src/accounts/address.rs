@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 /// A configured address must be plain and filesystem-safe, because its parts name its Maildir. Local
 /// parts may be UTF-8 (RFC 6531) letters and digits; domains may be given as U-labels or A-labels.
-pub(super) fn split_config_address(
+pub fn split_config_address(
     address: &str,
     domains: &BTreeSet<String>,
 ) -> Result<(String, String), String> {

@@ -43,7 +43,7 @@ fn scheme_of(hash: &str) -> Option<Scheme> {
 
 /// Checks a hash's format and parameters, without the cost of a verification (which would slow down
 /// every reload).
-pub(super) fn check_hash(hash: &str) -> Result<(), String> {
+pub fn check_hash(hash: &str) -> Result<(), String> {
     match scheme_of(hash) {
         Some(Scheme::Argon2) => {
             let parsed =
@@ -89,7 +89,7 @@ pub(super) fn verify_password(hash: &str, password: &[u8]) -> bool {
 }
 
 /// A hash with our default parameters, verified against for unknown users so that they cost the same.
-pub(super) fn dummy_hash() -> &'static str {
+pub(crate) fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
     DUMMY.get_or_init(|| hash_password(b"rustmail timing equaliser"))
 }

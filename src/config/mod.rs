@@ -1,11 +1,13 @@
 //! Configuration: the raw, serde-shaped [`Config`] read with figment (built-in defaults, then the TOML
 //! file, then `RUSTMAIL_*` environment variables with `__` between nested keys), and its validation into
 //! typed [`Settings`] (see `settings.rs`). `Config::default()` is the one home of every default value,
-//! and it is also the development default that `rustmail serve` runs without a file.
+//! and it is also the development default that `rustmail serve` runs without a file. The account
+//! directory is built here too (see `directory.rs`), so that `accounts` does not depend on this module.
 
+mod directory;
 mod settings;
 
-pub use crate::accounts::SecretFiles;
+pub use directory::SecretFiles;
 pub use settings::{Endpoint, ListenerSpec, Protocol, Settings};
 
 use std::collections::BTreeMap;

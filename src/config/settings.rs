@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use super::{Auth, Config, ConfigError, Limits};
-use crate::accounts::{self, Directory, SecretFiles};
+use super::{Auth, Config, ConfigError, Limits, SecretFiles};
+use crate::accounts::{self, Directory};
 use crate::tls::Tls;
 use std::sync::Arc;
 
