@@ -4,7 +4,7 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | `config` | raw TOML/env configuration (figment) and its validation into typed `Settings` |
+//! | `config` | raw TOML/env configuration (figment) and its validation into typed `Settings`, the account directory included |
 //! | `accounts` | local domains, accounts, aliases, recipient routing, password hashing |
 //! | `smtp` | SMTP receiving as pure code: command parser, DATA reader, replies, session state machine |
 //! | `pop3` | POP3 as pure code: session state machine, multi-line wire encoder |

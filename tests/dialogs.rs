@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! # Guards: what this scenario protects against (free text; lines starting with # are comments)
-//! # server: default | timeouts            (the server profile; default: default)
+//! # server: default | timeouts | strict_lines   (the server profile; default: default)
 //! # port: smtp | pop3                     (default: smtp)
 //! C: EHLO client.example                  send the line with CRLF
 //! R: a\n.\nMAIL FROM:<x@y>\r\n            send raw bytes: escapes \r \n \t \0 \\ \xNN, nothing appended
@@ -60,6 +60,8 @@ impl Server {
             "timeouts" => {
                 "command_timeout_secs = 1\ndata_timeout_secs = 1\nsession_timeout_secs = 3\n"
             }
+            // The optional RFC 5321 §4.5.3.1.6 line limit (none by default).
+            "strict_lines" => "max_line_length = 1000\n",
             other => panic!("unknown server profile {other:?}"),
         };
         let h = hash();
@@ -73,7 +75,7 @@ smtp = ["127.0.0.1:{smtp}"]
 pop3 = ["127.0.0.1:{pop3}"]
 [limits]
 max_message_size = 20000
-max_recipients = 5
+max_recipients = 100
 max_errors = 8
 {limits}
 [auth]

@@ -43,6 +43,7 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         Just(b"APOP a 0123\r\n".to_vec()),
         Just(vec![b'x'; 700]),
         Just(vec![b'y'; 1200]),
+        Just(vec![b'z'; 9000]),
         Just(
             b"AUTH PLAIN "
                 .iter()
@@ -52,6 +53,34 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         ),
         proptest::collection::vec(any::<u8>(), 0..40),
     ]
+}
+
+/// Feeds `input` to `reader` in chunks as a network would, until the end of data; after each chunk
+/// the reader must have left at most `bound` octets unconsumed.
+fn read_keeping_at_most(
+    mut reader: DataReader,
+    input: &[u8],
+    chunk: usize,
+    bound: usize,
+) -> Result<(), TestCaseError> {
+    let mut buf = Vec::new();
+    for piece in input.chunks(chunk) {
+        buf.extend_from_slice(piece);
+        loop {
+            let (n, step) = reader.step(&buf);
+            let end = matches!(step, DataStep::End(_));
+            buf.drain(..n);
+            if end {
+                // The rest belongs to the SMTP session, not to this message.
+                return Ok(());
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        prop_assert!(buf.len() <= bound, "kept {} bytes", buf.len());
+    }
+    Ok(())
 }
 
 fn stream() -> impl Strategy<Value = (Vec<u8>, usize)> {
@@ -71,7 +100,9 @@ proptest! {
     fn smtp_session_never_panics_and_buffers_at_most_a_line((input, chunk) in stream()) {
         let s = settings();
         // The longest line kept: an AUTH line may be 12288 octets (RFC 4954 §4).
-        let cap = s.limits.max_line_length.max(s.limits.max_command_length).max(12288);
+        // A message line is kept whole up to the line limit, or up to a piece when there is none.
+        let line = s.limits.max_line_length.unwrap_or(smtp::data::PIECE);
+        let cap = line.max(s.limits.max_command_length).max(12288);
         // A submission channel reaches the AUTH states too.
         let channel = smtp::Channel { submission: true, tls: false, starttls: true };
         let mut session = smtp::Session::new(s, "127.0.0.1".parse().unwrap(), channel);
@@ -109,23 +140,13 @@ proptest! {
 
     #[test]
     fn data_reader_consumes_everything_it_is_fed((input, chunk) in stream()) {
-        let mut reader = DataReader::new(1000, 10_000);
-        let mut buf = Vec::new();
-        for piece in input.chunks(chunk) {
-            buf.extend_from_slice(piece);
-            loop {
-                let (n, step) = reader.step(&buf);
-                let end = matches!(step, DataStep::End(_));
-                buf.drain(..n);
-                if end {
-                    // The rest belongs to the SMTP session, not to this message.
-                    return Ok(());
-                }
-                if n == 0 { break; }
-            }
-            // A line may hold one more octet when it starts with a transparency dot.
-            prop_assert!(buf.len() <= 1000);
-        }
+        // A line may hold one more octet when it starts with a transparency dot.
+        read_keeping_at_most(DataReader::new(Some(1000), 10_000), &input, chunk, 1000)?;
+    }
+
+    #[test]
+    fn data_reader_without_a_line_limit_keeps_less_than_a_piece((input, chunk) in stream()) {
+        read_keeping_at_most(DataReader::new(None, 100_000), &input, chunk, smtp::data::PIECE - 1)?;
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Configuration: the raw, serde-shaped [`Config`] read with figment (built-in defaults, then the TOML
 //! file, then `RUSTMAIL_*` environment variables with `__` between nested keys), and its validation into
 //! typed [`Settings`] (see `settings.rs`). `Config::default()` is the one home of every default value,
-//! and it is also the development default that `rustmail serve` runs without a file.
+//! and it is also the development default that `rustmail serve` runs without a file. The account
+//! directory is built here too (see `directory.rs`), so that `accounts` does not depend on this module.
 
+mod directory;
 mod settings;
 
-pub use crate::accounts::SecretFiles;
+pub use directory::SecretFiles;
 pub use settings::{Endpoint, ListenerSpec, Protocol, Settings};
 
 use std::collections::BTreeMap;
@@ -124,11 +126,15 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Largest accepted message in octets (CRLF form), advertised as `SIZE`.
     pub max_message_size: u64,
-    /// Recipients per SMTP transaction.
+    /// Recipients per SMTP transaction (RFC 5321 §4.5.3.1.8: at least 100).
     pub max_recipients: usize,
-    /// Longest text line in a message, CRLF included (RFC 5321 §4.5.3.1.6: 1000).
-    pub max_line_length: usize,
-    /// Longest SMTP command line, CRLF included (RFC 5321 §4.5.3.1.4: 512).
+    /// Longest text line in a message, CRLF included, at least RFC 5321's 1000 (§4.5.3.1.6). Absent
+    /// (the default): no limit, lines of any length are stored byte-exact, because mail clients do
+    /// send lines over 998 octets and refusing them bounces wanted mail. Memory stays bounded either
+    /// way: long lines are streamed in pieces.
+    pub max_line_length: Option<usize>,
+    /// Longest SMTP command line, CRLF included: at least RFC 5321's 512 (§4.5.3.1.4) plus the 526
+    /// octets that the MAIL parameters SIZE= and AUTH= may add (RFC 1870, RFC 4954).
     pub max_command_length: usize,
     /// Protocol errors in one session before it is closed with `421`.
     pub max_errors: u32,
@@ -156,8 +162,8 @@ impl Default for Limits {
             max_connections_per_ip: 20,
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
-            max_line_length: 1000,
-            max_command_length: 512,
+            max_line_length: None,
+            max_command_length: 2048,
             max_errors: 20,
             command_timeout_secs: 300,
             data_timeout_secs: 300,
@@ -179,7 +185,8 @@ pub struct Auth {
     /// Allow passwords over unencrypted connections from loopback (the development default needs it;
     /// turn it off where local users should not be able to watch the loopback interface).
     pub allow_plaintext_loopback: bool,
-    /// Delay before answering a failed login, the same for unknown users and wrong passwords.
+    /// Delay before answering a failed login, the same for unknown users and wrong passwords (at
+    /// most 60000).
     pub failure_delay_ms: u64,
     /// Failed logins in one session before it is closed.
     pub max_failures: u32,
@@ -296,8 +303,17 @@ mod tests {
         let config = load_with_env(Some(f.path()), no_env()).unwrap();
         assert_eq!(config.domains, vec!["example.org"]);
         assert_eq!(config.limits.max_recipients, 7);
-        assert_eq!(config.limits.max_line_length, 1000);
+        assert_eq!(config.limits.max_line_length, None);
         assert_eq!(config.listen.smtp, vec!["127.0.0.1:2525"]);
+    }
+
+    #[test]
+    fn line_limit_is_absent_by_default_and_can_be_set() {
+        let config = load_with_env(None, no_env()).unwrap();
+        assert_eq!(config.limits.max_line_length, None, "no limit by default");
+        let f = file("[limits]\nmax_line_length = 1000\n");
+        let config = load_with_env(Some(f.path()), no_env()).unwrap();
+        assert_eq!(config.limits.max_line_length, Some(1000));
     }
 
     #[test]

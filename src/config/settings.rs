@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use super::{Auth, Config, ConfigError, Limits};
-use crate::accounts::{self, Directory, SecretFiles};
+use super::{Auth, Config, ConfigError, Limits, SecretFiles};
+use crate::accounts::{self, Directory};
 use crate::tls::Tls;
 use std::sync::Arc;
 
@@ -128,6 +128,7 @@ impl Settings {
             return Err(ConfigError::invalid("storage_root", "must not be empty"));
         }
         validate_limits(&config.limits)?;
+        validate_auth(&config.auth)?;
         let tls = match (&config.tls.certificate, &config.tls.key) {
             // Build-time checks have no certificate yet (ACME, credentials): only the paths are checked.
             (Some(cert), Some(key)) if secrets == SecretFiles::Skip => {
@@ -179,8 +180,21 @@ fn system_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The RFC 5321 §4.5.3.1.4 command line (512 octets with CRLF) plus what the MAIL parameters we
+/// advertise may add to it: `SIZE=` 26 octets (RFC 1870 §3 (5)) and `AUTH=` 500 (RFC 4954 §3 item 5).
+/// `BODY=` (RFC 6152) and `SMTPUTF8` (RFC 6531) grant no extra length: they fit in the 512.
+pub const MIN_COMMAND_LENGTH: usize = 512 + 26 + 500;
+
+/// RFC 5321 §4.5.3.1.8: a server must accept at least 100 recipients per message.
+pub const MIN_RECIPIENTS: usize = 100;
+
+/// The longest failure delay accepted. The delay doubles per failure but stops at 30 s or at this base,
+/// whichever is larger, so a longer base would hold failed sessions (and their connection slots) open
+/// for minutes: a lock-out in disguise, better configured as `auth.max_failures_per_ip`.
+pub const MAX_FAILURE_DELAY_MS: u64 = 60_000;
+
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let positive: [(&str, u64); 13] = [
+    let positive: [(&str, u64); 12] = [
         ("limits.max_connections", l.max_connections as u64),
         (
             "limits.max_connections_per_ip",
@@ -194,7 +208,6 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         ("limits.session_timeout_secs", l.session_timeout_secs),
         ("limits.pop3_idle_timeout_secs", l.pop3_idle_timeout_secs),
         ("limits.shutdown_timeout_secs", l.shutdown_timeout_secs),
-        ("limits.max_line_length", l.max_line_length as u64),
         (
             "limits.tls_handshake_timeout_secs",
             l.tls_handshake_timeout_secs,
@@ -207,16 +220,50 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         }
     }
     // RFC 5321 §4.5.3.1: the minimum maximums every SMTP server must accept.
-    if l.max_line_length < 1000 {
+    if l.max_recipients < MIN_RECIPIENTS {
         return Err(ConfigError::invalid(
-            "limits.max_line_length",
-            "must be at least 1000 (RFC 5321 §4.5.3.1.6)",
+            "limits.max_recipients",
+            format!("must be at least {MIN_RECIPIENTS} (RFC 5321 §4.5.3.1.8)"),
         ));
     }
-    if l.max_command_length < 512 {
+    if l.max_line_length.is_some_and(|max| max < 1000) {
+        return Err(ConfigError::invalid(
+            "limits.max_line_length",
+            "must be at least 1000 (RFC 5321 §4.5.3.1.6), or absent for no limit",
+        ));
+    }
+    if l.max_command_length < MIN_COMMAND_LENGTH {
         return Err(ConfigError::invalid(
             "limits.max_command_length",
-            "must be at least 512 (RFC 5321 §4.5.3.1.4)",
+            format!(
+                "must be at least {MIN_COMMAND_LENGTH}: 512 (RFC 5321 §4.5.3.1.4) plus room for the \
+                 MAIL parameters SIZE= (26, RFC 1870) and AUTH= (500, RFC 4954)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_auth(a: &Auth) -> Result<(), ConfigError> {
+    if a.max_failures == 0 {
+        return Err(ConfigError::invalid(
+            "auth.max_failures",
+            "must be at least 1 (there is no \"unlimited\": 0 would act as 1)",
+        ));
+    }
+    if a.max_failures_per_ip == 0 {
+        return Err(ConfigError::invalid(
+            "auth.max_failures_per_ip",
+            "must be at least 1 (0 would refuse every login, even a correct one)",
+        ));
+    }
+    if a.failure_delay_ms > MAX_FAILURE_DELAY_MS {
+        return Err(ConfigError::invalid(
+            "auth.failure_delay_ms",
+            format!(
+                "must be at most {MAX_FAILURE_DELAY_MS} (one minute): each failed login holds its \
+                 session for this long"
+            ),
         ));
     }
     Ok(())
@@ -379,8 +426,71 @@ mod tests {
     #[test]
     fn line_limit_below_rfc_minimum_is_refused() {
         let mut c = config();
-        c.limits.max_line_length = 998;
+        c.limits.max_line_length = Some(998);
         assert_eq!(invalid_key(c), "limits.max_line_length");
+        let mut c = config();
+        c.limits.max_line_length = Some(0);
+        assert_eq!(invalid_key(c), "limits.max_line_length");
+        let mut c = config();
+        c.limits.max_line_length = Some(1000);
+        Settings::from_config(c).unwrap();
+    }
+
+    fn invalid(config: Config) -> (String, String) {
+        match Settings::from_config(config) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected an invalid-value error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn recipient_limit_below_rfc_minimum_is_refused() {
+        let mut c = config();
+        c.limits.max_recipients = 99;
+        let (key, message) = invalid(c);
+        assert_eq!(key, "limits.max_recipients");
+        assert!(message.contains("100"), "{message}");
+        let mut c = config();
+        c.limits.max_recipients = 100;
+        Settings::from_config(c).unwrap();
+    }
+
+    #[test]
+    fn zero_auth_failure_limits_are_refused() {
+        let mut c = config();
+        c.auth.max_failures = 0;
+        assert_eq!(invalid_key(c), "auth.max_failures");
+        let mut c = config();
+        c.auth.max_failures_per_ip = 0;
+        assert_eq!(invalid_key(c), "auth.max_failures_per_ip");
+    }
+
+    #[test]
+    fn huge_failure_delay_is_refused() {
+        let mut c = config();
+        c.auth.failure_delay_ms = u64::MAX;
+        let (key, message) = invalid(c);
+        assert_eq!(key, "auth.failure_delay_ms");
+        assert!(message.contains("60000"), "{message}");
+        let mut c = config();
+        c.auth.failure_delay_ms = MAX_FAILURE_DELAY_MS;
+        Settings::from_config(c).unwrap();
+    }
+
+    #[test]
+    fn command_length_without_room_for_mail_parameters_is_refused() {
+        let mut c = config();
+        c.limits.max_command_length = 512;
+        let (key, message) = invalid(c);
+        assert_eq!(key, "limits.max_command_length");
+        assert!(message.contains("1038"), "{message}");
+        let mut c = config();
+        c.limits.max_command_length = 1038;
+        Settings::from_config(c).unwrap();
+        assert!(
+            Config::default().limits.max_command_length >= MIN_COMMAND_LENGTH,
+            "the default passes its own check"
+        );
     }
 
     #[test]

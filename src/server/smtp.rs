@@ -59,9 +59,11 @@ pub async fn serve<S: Io>(
         }
         let (used, event) = session.advance(&conn.input);
         match event {
-            Event::MessageLine(line) => {
-                message.append_content(line);
-                message.append(b"\n");
+            Event::MessageLine(bytes) | Event::MessagePartial(bytes) => {
+                message.append_content(bytes);
+                if matches!(event, Event::MessageLine(_)) {
+                    message.append(b"\n");
+                }
                 conn.consume(used);
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
                     message.write_pending().await;

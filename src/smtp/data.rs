@@ -1,11 +1,24 @@
 //! The DATA reader (RFC 5321 §4.1.1.4, §4.5.2): splits the message into lines, removes dot-stuffing,
-//! finds the end of data, and enforces the line-length and size limits.
+//! finds the end of data, and enforces the size limit and, when one is configured, the line-length
+//! limit.
 //!
 //! Policy against SMTP smuggling (CVE-2023-51764 family): the end of data is `CRLF . CRLF` and nothing
 //! else. A bare CR or bare LF anywhere in the message makes the whole message invalid, but reading goes
 //! on until the real `CRLF . CRLF`, so `LF . LF`, `CR . CR`, `LF . CRLF`, `CRLF . LF` and the like are
 //! swallowed as (rejected) message content and can never end the data or start a second transaction.
 //! Likewise an over-long line or an oversized message is read to its end before the rejection is sent.
+//!
+//! Long lines: by default a line may be of any length (mail clients send lines over RFC 5321's 998
+//! octets, and refusing them bounces wanted mail). A line that has no LF after [`PIECE`] octets is
+//! handed out in pieces ([`DataStep::Partial`]), so the unconsumed input stays under [`PIECE`] octets
+//! whatever the line length. The start-of-line rules (dot-unstuffing, the final dot) apply only at the
+//! real start of a line, never at the start of a piece; a piece never ends in CR, which is kept back
+//! because it may be the CR of the line's CRLF.
+
+/// A line still without LF is handed out in pieces once this many of its octets have arrived: 8 KiB,
+/// the driver's read size, and far above the 1000 octets of ordinary lines, which still come whole.
+/// At least 3, so that a piece can never be the start of the final `.CRLF`.
+pub const PIECE: usize = 8 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataError {
@@ -21,7 +34,10 @@ pub enum DataStep<'a> {
     NeedMore,
     /// Bytes were consumed (a line of a rejected message, part of an over-long line) with nothing to report.
     Skipped,
-    /// One message line, dot-unstuffed, without its CRLF.
+    /// Message line content with no line end yet (a long line, in pieces): more of the same line follows,
+    /// ending with a [`DataStep::Line`].
+    Partial(&'a [u8]),
+    /// One message line (or the rest of one after its pieces), dot-unstuffed, without its CRLF.
     Line(&'a [u8]),
     /// The message just became invalid; lines are no longer handed out, reading continues to the end.
     Failed(DataError),
@@ -31,11 +47,16 @@ pub enum DataStep<'a> {
 
 #[derive(Debug)]
 pub struct DataReader {
-    max_line: usize,
+    /// Longest line, CRLF included; `None`: no limit.
+    max_line: Option<usize>,
     max_size: u64,
     size: u64,
     /// The previous line ended with CRLF (true at the start): only then can `.CRLF` end the data.
     after_crlf: bool,
+    /// Part of the current line was consumed as pieces: its start is behind us.
+    in_line: bool,
+    /// Octets of the current line consumed so far, dot-unstuffed, for the line limit.
+    line_len: usize,
     /// Inside an over-long line that is being discarded up to its LF.
     draining: bool,
     /// The last byte discarded while draining was CR.
@@ -44,75 +65,128 @@ pub struct DataReader {
 }
 
 impl DataReader {
-    pub fn new(max_line: usize, max_size: u64) -> DataReader {
+    pub fn new(max_line: Option<usize>, max_size: u64) -> DataReader {
         DataReader {
             max_line,
             max_size,
             size: 0,
             after_crlf: true,
+            in_line: false,
+            line_len: 0,
             draining: false,
             drained_cr: false,
             error: None,
         }
     }
 
-    /// Reads at most one line from `input`; returns how many bytes were consumed and what happened.
+    /// Reads at most one line (or one piece of a long line) from `input`; returns how many bytes were
+    /// consumed and what happened.
     pub fn step<'a>(&mut self, input: &'a [u8]) -> (usize, DataStep<'a>) {
-        let Some(lf) = input.iter().position(|&b| b == b'\n') else {
-            // RFC 5321 §4.5.3.1.6: the limit does not count a dot doubled for transparency.
-            let max = self.max_line + usize::from(input.first() == Some(&b'.'));
-            if input.is_empty() || !(self.draining || input.len() >= max) {
-                return (0, DataStep::NeedMore);
-            }
-            // Over-long line: discard what we have, keep discarding up to the LF.
-            self.drained_cr = input.last() == Some(&b'\r');
-            let first = !self.draining;
-            self.draining = true;
-            let step = if first {
-                self.fail(DataError::LineTooLong)
-            } else {
-                DataStep::Skipped
-            };
-            return (input.len(), step);
-        };
-        let consumed = lf + 1;
-        let ends_crlf = if lf > 0 {
-            input[lf - 1] == b'\r'
-        } else {
-            self.draining && self.drained_cr
-        };
         if self.draining {
-            self.draining = false;
-            self.after_crlf = ends_crlf;
-            return (consumed, DataStep::Skipped);
+            return self.drain(input);
         }
-        let line = &input[..lf - usize::from(lf > 0 && ends_crlf)];
-        let starts_clean = self.after_crlf;
-        self.after_crlf = ends_crlf;
-        if starts_clean && ends_crlf && line == b"." {
-            return (consumed, DataStep::End(self.error.map_or(Ok(()), Err)));
+        // RFC 5321 §4.5.2: a leading dot was doubled by the client (at the real start of a line only).
+        // RFC 5321 §4.5.3.1.6: the line limit does not count it.
+        let stuffing = usize::from(!self.in_line && input.first() == Some(&b'.'));
+        match input.iter().position(|&b| b == b'\n') {
+            Some(lf) => self.line(input, lf, stuffing),
+            None => self.no_line_end(input, stuffing),
         }
-        if consumed > self.max_line + usize::from(input[0] == b'.') {
-            return (consumed, self.fail(DataError::LineTooLong));
-        }
-        if !ends_crlf || line.contains(&b'\r') {
-            return (consumed, self.fail(DataError::BareLineEnding));
-        }
-        // RFC 5321 §4.5.2: a leading dot was doubled by the client; remove one.
-        let line = line.strip_prefix(b".").unwrap_or(line);
-        self.size = self.size.saturating_add(line.len() as u64 + 2);
-        if self.size > self.max_size {
-            return (consumed, self.fail(DataError::TooBig));
-        }
-        if self.error.is_some() {
-            return (consumed, DataStep::Skipped);
-        }
-        (consumed, DataStep::Line(line))
     }
 
     /// Octets received so far, in CRLF form after unstuffing.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether a line of `len` octets (unstuffed, CRLF included if known) is over the limit.
+    fn too_long(&self, len: usize) -> bool {
+        self.max_line.is_some_and(|max| len > max)
+    }
+
+    /// Discarding an over-long line: up to and including its LF.
+    fn drain<'a>(&mut self, input: &'a [u8]) -> (usize, DataStep<'a>) {
+        let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+            if input.is_empty() {
+                return (0, DataStep::NeedMore);
+            }
+            self.drained_cr = input.last() == Some(&b'\r');
+            return (input.len(), DataStep::Skipped);
+        };
+        self.draining = false;
+        self.after_crlf = if lf > 0 {
+            input[lf - 1] == b'\r'
+        } else {
+            self.drained_cr
+        };
+        self.end_line();
+        (lf + 1, DataStep::Skipped)
+    }
+
+    /// No LF in `input`: wait for more, hand out a piece, or start draining an over-long line.
+    fn no_line_end<'a>(&mut self, input: &'a [u8], stuffing: usize) -> (usize, DataStep<'a>) {
+        if input.is_empty() {
+            return (0, DataStep::NeedMore);
+        }
+        // Even with nothing after these octets but a LF, the line would be over the limit.
+        if self.too_long(self.line_len + input.len() - stuffing + 1) {
+            self.drained_cr = input.last() == Some(&b'\r');
+            self.draining = true;
+            return (input.len(), self.fail(DataError::LineTooLong));
+        }
+        if input.len() < PIECE {
+            return (0, DataStep::NeedMore);
+        }
+        // A trailing CR stays unconsumed: with the next LF it is the line end, not content.
+        let consumed = input.len() - usize::from(input.last() == Some(&b'\r'));
+        let piece = &input[stuffing..consumed];
+        self.in_line = true;
+        self.line_len += piece.len();
+        (consumed, self.content(piece, DataStep::Partial(piece)))
+    }
+
+    /// A line end at `input[lf]`: the end of data, or the line (or the rest of it after its pieces).
+    fn line<'a>(&mut self, input: &'a [u8], lf: usize, stuffing: usize) -> (usize, DataStep<'a>) {
+        let consumed = lf + 1;
+        let ends_crlf = lf > 0 && input[lf - 1] == b'\r';
+        let line = &input[..lf - usize::from(ends_crlf)];
+        let starts_clean = self.after_crlf && !self.in_line;
+        let line_len = self.line_len + consumed - stuffing;
+        self.after_crlf = ends_crlf;
+        self.end_line();
+        if starts_clean && ends_crlf && line == b"." {
+            return (consumed, DataStep::End(self.error.map_or(Ok(()), Err)));
+        }
+        if self.too_long(line_len) {
+            return (consumed, self.fail(DataError::LineTooLong));
+        }
+        if !ends_crlf {
+            return (consumed, self.fail(DataError::BareLineEnding));
+        }
+        let line = &line[stuffing..];
+        self.size = self.size.saturating_add(2);
+        (consumed, self.content(line, DataStep::Line(line)))
+    }
+
+    /// Message content `bytes` (a line or a piece): checked and counted, then `step` unless the
+    /// message already failed.
+    fn content<'a>(&mut self, bytes: &[u8], step: DataStep<'a>) -> DataStep<'a> {
+        if bytes.contains(&b'\r') {
+            return self.fail(DataError::BareLineEnding);
+        }
+        self.size = self.size.saturating_add(bytes.len() as u64);
+        if self.size > self.max_size {
+            return self.fail(DataError::TooBig);
+        }
+        if self.error.is_some() {
+            return DataStep::Skipped;
+        }
+        step
+    }
+
+    fn end_line(&mut self) {
+        self.in_line = false;
+        self.line_len = 0;
     }
 
     /// Records the first error (reported once); later ones are only swallowed.
@@ -128,10 +202,12 @@ impl DataReader {
 /// The reader of BDAT chunks (RFC 3030): chunks are delimited by their declared size, so there is no
 /// dot-stuffing and no end-of-data line, but the message is held to the same rules as with DATA: lines
 /// end with CRLF (a bare CR or LF refuses the message), no line is longer than the limit, and the whole
-/// is no larger than the size limit. A line may span chunks, so the state lives across them.
+/// is no larger than the size limit. A line may span chunks, so the state lives across them. Chunks
+/// already stream, so a line of any length costs no memory beyond its chunk.
 #[derive(Debug)]
 pub struct ChunkReader {
-    max_line: usize,
+    /// Longest line, CRLF included; `None`: no limit.
+    max_line: Option<usize>,
     max_size: u64,
     size: u64,
     /// Octets of the current line so far (a pending CR included).
@@ -141,7 +217,7 @@ pub struct ChunkReader {
 }
 
 impl ChunkReader {
-    pub fn new(max_line: usize, max_size: u64) -> ChunkReader {
+    pub fn new(max_line: Option<usize>, max_size: u64) -> ChunkReader {
         ChunkReader {
             max_line,
             max_size,
@@ -180,7 +256,10 @@ impl ChunkReader {
             }
             self.line_len += 1;
             // The limit counts the CRLF: content + CR + LF.
-            if self.line_len + 1 + usize::from(!self.prev_cr) > self.max_line {
+            if self
+                .max_line
+                .is_some_and(|max| self.line_len + 1 + usize::from(!self.prev_cr) > max)
+            {
                 return self.fail(DataError::LineTooLong);
             }
         }
@@ -211,25 +290,37 @@ impl ChunkReader {
 mod tests {
     use super::*;
 
+    /// What a reader made of an input: whole lines (pieces joined), the end, the octets consumed.
+    type Outcome = (Vec<Vec<u8>>, Option<Result<(), DataError>>, usize);
+
     /// Feeds `input` in chunks of `chunk` bytes (as a network would) and collects what comes out.
-    fn run(
-        input: &[u8],
-        chunk: usize,
-        max_line: usize,
-        max_size: u64,
-    ) -> (Vec<Vec<u8>>, Option<Result<(), DataError>>, usize) {
+    /// Checks on the way that the reader never asks for more input while holding [`PIECE`] octets.
+    fn run(input: &[u8], chunk: usize, max_line: Option<usize>, max_size: u64) -> Outcome {
+        let cuts: Vec<usize> = (chunk..input.len()).step_by(chunk).collect();
+        run_cuts(input, &cuts, max_line, max_size)
+    }
+
+    /// [`run`] with the input cut at these (ascending) offsets.
+    fn run_cuts(input: &[u8], cuts: &[usize], max_line: Option<usize>, max_size: u64) -> Outcome {
         let mut reader = DataReader::new(max_line, max_size);
         let mut buf = Vec::new();
         let mut lines = Vec::new();
+        let mut current = Vec::new();
+        let mut cuts = cuts.iter().copied().chain([input.len()]);
         let mut fed = 0;
         let mut total_consumed = 0;
         loop {
             let (n, step) = reader.step(&buf);
             let mut end = None;
             match step {
-                DataStep::Line(l) => lines.push(l.to_vec()),
+                DataStep::Partial(p) => current.extend_from_slice(p),
+                DataStep::Line(l) => {
+                    current.extend_from_slice(l);
+                    lines.push(std::mem::take(&mut current));
+                }
                 DataStep::End(r) => end = Some(r),
-                _ => {}
+                DataStep::NeedMore => assert!(buf.len() < PIECE, "{} octets kept", buf.len()),
+                DataStep::Skipped | DataStep::Failed(_) => {}
             }
             buf.drain(..n);
             total_consumed += n;
@@ -240,7 +331,7 @@ mod tests {
                 if fed >= input.len() {
                     return (lines, None, total_consumed);
                 }
-                let end = (fed + chunk).min(input.len());
+                let end = cuts.next().unwrap_or(input.len()).clamp(fed, input.len());
                 buf.extend_from_slice(&input[fed..end]);
                 fed = end;
             }
@@ -249,13 +340,15 @@ mod tests {
 
     const CHUNKS: [usize; 9] = [1, 2, 3, 4, 7, 16, 64, 512, 4096];
 
-    fn for_all_chunks(
-        input: &[u8],
-        max_line: usize,
-        max_size: u64,
-    ) -> (Vec<Vec<u8>>, Option<Result<(), DataError>>, usize) {
+    /// `max_line`: a number, or `None` for no limit.
+    fn for_all_chunks(input: &[u8], max_line: impl Into<Option<usize>>, max_size: u64) -> Outcome {
+        across(&CHUNKS, input, max_line.into(), max_size)
+    }
+
+    /// The same outcome whichever of these chunk sizes the network uses.
+    fn across(chunks: &[usize], input: &[u8], max_line: Option<usize>, max_size: u64) -> Outcome {
         let reference = run(input, input.len().max(1), max_line, max_size);
-        for chunk in CHUNKS {
+        for &chunk in chunks {
             assert_eq!(
                 run(input, chunk, max_line, max_size),
                 reference,
@@ -379,15 +472,201 @@ mod tests {
 
     #[test]
     fn size_counts_crlf_after_unstuffing() {
-        let mut r = DataReader::new(1000, 100);
+        let mut r = DataReader::new(Some(1000), 100);
         let (_, _) = r.step(b"..ab\r\n");
         assert_eq!(r.size(), 5);
+    }
+
+    /// Long lines in pieces: every chunking of the network, split on and around piece boundaries.
+    const LONG_CHUNKS: [usize; 8] = [
+        100,
+        1000,
+        PIECE - 1,
+        PIECE,
+        PIECE + 1,
+        3 * PIECE,
+        65536,
+        usize::MAX,
+    ];
+
+    fn long_line_runs(input: &[u8], max_line: Option<usize>, max_size: u64) -> Outcome {
+        across(&LONG_CHUNKS, input, max_line, max_size)
+    }
+
+    /// A line of `len` octets of 8-bit text with dots in it (so that pieces may start with a dot),
+    /// and its dot-stuffed wire form with CRLF.
+    fn long_line(len: usize, seed: usize) -> (Vec<u8>, Vec<u8>) {
+        const ALPHABET: &[u8] = b"x..y \t\xe9=";
+        let line: Vec<u8> = (0..len)
+            .map(|k| ALPHABET[(k * 7 + seed) % ALPHABET.len()])
+            .collect();
+        let mut wire = Vec::new();
+        if line.first() == Some(&b'.') {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(&line);
+        wire.extend_from_slice(b"\r\n");
+        (line, wire)
+    }
+
+    #[test]
+    fn line_of_100_kb_is_delivered_byte_exact() {
+        let (line, wire) = long_line(100_000, 1);
+        assert_eq!(
+            line[0], b'.',
+            "starts with a dot: unstuffed once, at the real start only"
+        );
+        let mut input = b"Subject: long\r\n\r\n".to_vec();
+        input.extend_from_slice(&wire);
+        input.extend_from_slice(b"after\r\n.\r\nQUIT\r\n");
+        let (lines, end, consumed) = long_line_runs(&input, None, 1 << 20);
+        assert_eq!(end, Some(Ok(())));
+        assert_eq!(lines.len(), 4);
+        assert!(lines[2] == line, "the long line differs");
+        assert_eq!(lines[3], b"after");
+        assert_eq!(consumed, input.len() - 6);
+    }
+
+    #[test]
+    fn lines_around_the_piece_size_keep_their_crlf() {
+        for len in [
+            PIECE - 2,
+            PIECE - 1,
+            PIECE,
+            PIECE + 1,
+            2 * PIECE - 1,
+            2 * PIECE,
+        ] {
+            let line = vec![b'x'; len];
+            let mut input = line.clone();
+            input.extend_from_slice(b"\r\n.\r\n");
+            let (lines, end, consumed) = long_line_runs(&input, None, 1 << 20);
+            assert_eq!(end, Some(Ok(())), "length {len}");
+            assert!(lines == [line.clone()], "length {len}");
+            assert_eq!(consumed, input.len());
+        }
+    }
+
+    #[test]
+    fn dots_inside_a_long_line_are_content() {
+        // A dot at the start of a piece is not a stuffing dot, and a piece-long line ending in `.`
+        // followed by CRLF is a line, not the end of data.
+        let dots = vec![b'.'; 3 * PIECE];
+        let mut input = b".".to_vec();
+        input.extend_from_slice(&dots);
+        input.extend_from_slice(b"\r\n");
+        input.extend_from_slice(&[b'x'; PIECE]);
+        input.extend_from_slice(b".\r\n.\r\n");
+        let (lines, end, _) = long_line_runs(&input, None, 1 << 20);
+        assert_eq!(end, Some(Ok(())));
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0] == dots);
+        assert_eq!(lines[1].len(), PIECE + 1);
+        assert_eq!(lines[1].last(), Some(&b'.'));
+    }
+
+    #[test]
+    fn smuggling_forms_inside_long_lines_never_end_the_data() {
+        for form in [&b"\n.\n"[..], b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r"] {
+            let mut input = vec![b'a'; 3 * PIECE];
+            input.extend_from_slice(form);
+            input.extend_from_slice(&[b'b'; 2 * PIECE]);
+            input.extend_from_slice(b"\r\nMAIL FROM:<evil@x.org>\r\n.\r\nNOOP\r\n");
+            let (_, end, consumed) = long_line_runs(&input, None, 1 << 20);
+            assert_eq!(end, Some(Err(DataError::BareLineEnding)), "{form:?}");
+            assert_eq!(consumed, input.len() - 6, "{form:?}: read to the real end");
+        }
+        let mut input = vec![b'a'; 2 * PIECE];
+        input.push(b'\r');
+        input.extend_from_slice(&[b'b'; 2 * PIECE]);
+        input.extend_from_slice(b"\r\n.\r\n");
+        assert_eq!(
+            long_line_runs(&input, None, 1 << 20).1,
+            Some(Err(DataError::BareLineEnding)),
+            "a bare CR in the middle of a long line"
+        );
+    }
+
+    #[test]
+    fn long_lines_count_toward_the_size_limit() {
+        let mut input = vec![b'x'; 5 * PIECE];
+        input.extend_from_slice(b"\r\n.\r\n");
+        let (lines, end, consumed) = long_line_runs(&input, None, 3 * PIECE as u64);
+        assert!(lines.is_empty());
+        assert_eq!(end, Some(Err(DataError::TooBig)));
+        assert_eq!(consumed, input.len());
+        let mut r = DataReader::new(None, 1 << 20);
+        let (n, _) = r.step(&input[..PIECE]);
+        assert_eq!(n, PIECE);
+        let (_, step) = r.step(b"yz\r\n");
+        assert_eq!(step, DataStep::Line(b"yz"));
+        assert_eq!(r.size(), PIECE as u64 + 4);
+    }
+
+    #[test]
+    fn a_configured_line_limit_still_refuses_long_lines() {
+        // A limit above the piece size: pieces go out, then the line is refused and drained.
+        let limit = 3 * PIECE;
+        let mut ok = vec![b'x'; limit - 2];
+        ok.extend_from_slice(b"\r\n.\r\n");
+        assert_eq!(long_line_runs(&ok, Some(limit), 1 << 20).1, Some(Ok(())));
+        let mut over = vec![b'x'; limit - 1];
+        over.extend_from_slice(b"\r\nnext\r\n.\r\nNOOP\r\n");
+        let (_, end, consumed) = long_line_runs(&over, Some(limit), 1 << 20);
+        assert_eq!(end, Some(Err(DataError::LineTooLong)));
+        assert_eq!(consumed, over.len() - 6);
+        let mut huge = vec![b'x'; 100_000];
+        huge.extend_from_slice(b"\r\n.\r\n");
+        let (_, end, _) = long_line_runs(&huge, Some(1000), 1 << 20);
+        assert_eq!(end, Some(Err(DataError::LineTooLong)));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Lines of any length, the input cut anywhere: the same lines come out, byte for byte, and
+        /// the reader never holds a piece's worth of unconsumed input (checked in `run_cuts`).
+        #[test]
+        fn any_line_lengths_any_splits_byte_exact(
+            lens in proptest::collection::vec(0..3 * PIECE, 1..4),
+            seed in 0usize..100,
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..12),
+        ) {
+            let mut input = Vec::new();
+            let mut expected = Vec::new();
+            for (i, &len) in lens.iter().enumerate() {
+                let (line, wire) = long_line(len, seed + i);
+                input.extend_from_slice(&wire);
+                expected.push(line);
+            }
+            input.extend_from_slice(b".\r\n");
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(input.len())).collect();
+            cuts.sort_unstable();
+            let (lines, end, consumed) = run_cuts(&input, &cuts, None, 1 << 20);
+            proptest::prop_assert_eq!(end, Some(Ok(())));
+            proptest::prop_assert!(lines == expected);
+            proptest::prop_assert_eq!(consumed, input.len());
+        }
+    }
+
+    #[test]
+    fn bdat_line_of_any_length_without_a_limit() {
+        let mut message = vec![b'y'; 100_000];
+        message.extend_from_slice(b"\r\n");
+        let (out, end) = all_splits(&message, None, 1 << 20);
+        assert_eq!(end, Ok(()));
+        assert_eq!(out.len(), 100_001);
+        assert_eq!(
+            all_splits(&message, 1000, 1 << 20).1,
+            Err(DataError::LineTooLong),
+            "with a limit, still refused"
+        );
     }
 
     fn chunks(
         message: &[u8],
         split: usize,
-        max_line: usize,
+        max_line: Option<usize>,
         max_size: u64,
     ) -> (Vec<u8>, Result<(), DataError>) {
         let mut r = ChunkReader::new(max_line, max_size);
@@ -399,11 +678,13 @@ mod tests {
         (if end.is_ok() { out } else { Vec::new() }, end)
     }
 
+    /// `max_line`: a number, or `None` for no limit.
     fn all_splits(
         message: &[u8],
-        max_line: usize,
+        max_line: impl Into<Option<usize>>,
         max_size: u64,
     ) -> (Vec<u8>, Result<(), DataError>) {
+        let max_line = max_line.into();
         let reference = chunks(message, message.len(), max_line, max_size);
         for split in [1, 2, 3, 5, 64] {
             assert_eq!(

@@ -22,6 +22,8 @@ pub enum Event<'a> {
     MessageStart,
     /// One line of the message (dot-unstuffed, without line ending): append it with a newline.
     MessageLine(&'a [u8]),
+    /// Part of a long message line, more of it to follow: append it as is, without a newline.
+    MessagePartial(&'a [u8]),
     /// Message bytes already in stored form (BDAT): append [`Session::take_message_bytes`].
     MessageBytes,
     /// The message was refused (its reply follows once the data ends): discard the spool file.
@@ -216,6 +218,7 @@ impl Session {
                         DataStep::NeedMore => return (used, Event::NeedInput),
                         DataStep::Skipped => {}
                         DataStep::Line(line) => return (used, Event::MessageLine(line)),
+                        DataStep::Partial(bytes) => return (used, Event::MessagePartial(bytes)),
                         DataStep::Failed(_) => return (used, Event::MessageAbort),
                         DataStep::End(Ok(())) => {
                             self.mode = Mode::Storing;

@@ -27,7 +27,6 @@ fn settings() -> Arc<Settings> {
         ]),
         ..Config::default()
     };
-    config.limits.max_recipients = 3;
     config.limits.max_message_size = 200;
     config.limits.max_errors = 6;
     Arc::new(Settings::from_config(config).unwrap())
@@ -87,6 +86,7 @@ fn play_on(settings: Arc<Settings>, channel: Channel, input: &[u8], chunk: usize
                 m.extend_from_slice(line);
                 m.push(b'\n');
             }
+            Event::MessagePartial(bytes) => message.as_mut().unwrap().extend_from_slice(bytes),
             Event::MessageBytes => {
                 let bytes = session.take_message_bytes();
                 message.as_mut().unwrap().extend_from_slice(&bytes);
@@ -241,8 +241,12 @@ fn rset_and_ehlo_reset_the_transaction() {
 
 #[test]
 fn recipient_cap() {
+    // The default cap is the RFC 5321 §4.5.3.1.8 minimum of 100, the lowest the config accepts.
+    let rcpts: String = (0..100)
+        .map(|i| format!("RCPT TO:<alice+{i}@example.org>\r\n"))
+        .collect();
     let t = dialog(&format!(
-        "{HELLO}MAIL FROM:<>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<al@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
+        "{HELLO}MAIL FROM:<>\r\n{rcpts}RCPT TO:<bob@example.org>\r\n"
     ));
     assert!(
         t.replies.ends_with("452 4.5.3 Too many recipients\r\n"),
@@ -298,7 +302,7 @@ fn smuggling_bare_cr_refused() {
 
 #[test]
 fn overlong_command_is_drained_then_refused() {
-    let long = format!("NOOP {}RSET\r\nNOOP\r\n", "x".repeat(600));
+    let long = format!("NOOP {}RSET\r\nNOOP\r\n", "x".repeat(2100));
     let t = dialog(&long);
     assert_eq!(codes(&t), ["220", "500", "250"]);
     assert!(t.replies.contains("500 5.5.2 Line too long"));
@@ -645,7 +649,7 @@ fn long_auth_responses_are_allowed() {
         .encode(format!("\0alice@example.org\0{password}"));
     let t = submission(&format!(
         "EHLO c\r\nSTARTTLS\r\nEHLO c\r\nAUTH PLAIN {token}\r\nNOOP {}\r\n",
-        "x".repeat(600)
+        "x".repeat(2100)
     ));
     assert_eq!(
         codes(&t),

@@ -240,7 +240,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::accounts::{Directory, SecretFiles};
+    use crate::accounts::Directory;
+    use crate::config::SecretFiles;
     use crate::config::{AccountConfig, Config};
 
     thread_local! {

@@ -35,7 +35,7 @@ def good_config(tmp_path, password_hashes):
                 ALICE: {"password_hash": password_hashes[ALICE], "aliases": [ALICE_ALIAS]},
                 BOB: {"password_hash": password_hashes[BOB]},
             },
-            limits={"max_message_size": 1048576, "max_recipients": 10, "shutdown_timeout_secs": 5},
+            limits={"max_message_size": 1048576, "max_recipients": 100, "shutdown_timeout_secs": 5},
             auth={"allow_unencrypted_remote": False, "failure_delay_ms": 50},
         )
         kwargs.update(overrides)

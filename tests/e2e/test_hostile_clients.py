@@ -125,7 +125,8 @@ HOSTILE_SESSIONS = [
     b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\n.\nMAIL FROM:<e@r.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nsmuggled\r\n",
     b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r.\rQUIT\r\n",
     b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\n.\r\nRSET\r\n",
-    # an over-long command, an over-long data line, a message over the limit
+    # an over-long command, a 200 kB data line (any length is accepted by default, but not over the
+    # size limit), a message over the limit
     b"EHLO x\r\nNOOP " + b"A" * 100_000 + b"\r\n",
     b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n" + b"B" * 200_000 + b"\r\n.\r\n",
     b"EHLO x\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n" + (b"C" * 998 + b"\r\n") * 200 + b".\r\n",

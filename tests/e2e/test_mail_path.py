@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import poplib
 import smtplib
 
 import pytest
@@ -70,6 +71,33 @@ def test_roundtrip_body_is_byte_identical_dots_8bit_long_lines(server):
             if a != b:
                 pytest.fail(f"line {i} differs:\n sent: {a[:200]!r}\n  got: {b[:200]!r}")
         pytest.fail(f"length differs: sent {len(msg)} octets, got {len(got)} after the prepended headers")
+
+
+def test_lines_longer_than_998_octets_are_delivered_byte_exact(server, monkeypatch):
+    # Outlook and others send lines over RFC 5321's 998 octets; without limits.max_line_length (the
+    # default) they are stored and retrieved unchanged, however long (the 100 kB line is read in pieces).
+    long_lines = [b"." + b"w" * 4999, b"=" * 8191 + b".", "é".encode() * 50_000]
+    _, msg = make_message(ALICE, body_lines=long_lines)
+    assert server.send([ALICE], msg) == {}
+    (stored,) = server.stored_messages(ALICE)
+    assert stored.read_bytes().endswith(msg.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1])
+    monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)  # poplib refuses lines over 2048 octets
+    lines, _ = fetch_only_message(server, ALICE)
+    _, rest = split_prepended_headers(lines)
+    assert pop3_message_bytes(rest) == msg
+
+
+def test_long_line_refused_when_a_line_limit_is_set(server_factory):
+    srv = server_factory(limits={"max_line_length": 1000})
+    srv.start()
+    _, msg = make_message(ALICE, body_lines=[MAX_LINE, b"x" * 999])
+    with srv.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt(ALICE)[0] == 250
+        code, text = s.data(msg)
+        assert code == 550 and b"5.6.0" in text, (code, text)
+    assert srv.stored_messages(ALICE) == []
 
 
 def test_prepended_return_path_and_received_headers(server):

@@ -8,12 +8,13 @@ import poplib
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 
 from conftest import ALICE, BOB, PASSWORDS
-from e2e_helpers import make_message, retr_all_subjects, wait_until
+from e2e_helpers import DOMAIN, make_message, retr_all_subjects, wait_until
 
 
 def stored_crlf(path) -> bytes:
@@ -188,6 +189,39 @@ def test_repeated_failures_slow_down_and_then_lock_out_the_address(server_factor
         p.pass_(PASSWORDS[ALICE])  # even the right password, from this address, for now
     p.close()
     assert "login refused: too many failures" in srv.log_text()
+
+
+def test_sixteen_parallel_correct_logins_from_one_address_all_succeed(server_factory, password_hashes):
+    # A mail client opening many connections at once: with the default auth.max_failures_per_ip (10),
+    # logins still being verified must not count as failures and lock the address out.
+    users = [f"user{i}@{DOMAIN}" for i in range(16)]
+    srv = server_factory(accounts={u: {"password_hash": password_hashes[ALICE]} for u in users})
+    srv.start()
+    barrier = threading.Barrier(len(users))
+    answers: dict[str, str] = {}
+
+    def login(user):
+        p = srv.pop3_connect()
+        try:
+            p.user(user)
+            barrier.wait(timeout=30)
+            try:
+                answers[user] = p.pass_(PASSWORDS[ALICE]).decode()
+            except poplib.error_proto as e:
+                answers[user] = repr(e.args[0])
+            p.quit()
+        finally:
+            p.close()
+
+    threads = [threading.Thread(target=login, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(answers) == sorted(users), answers
+    refused = {u: a for u, a in answers.items() if not a.startswith("+OK")}
+    assert refused == {}, refused
+    assert "too many failures" not in srv.log_text()
 
 
 def test_unknown_user_and_wrong_password_get_the_same_answer(server):

@@ -41,7 +41,7 @@ in
   # The configurations switch.py switches to, one kind of change each.
   specialisation = {
     # Settings only: a reload.
-    limits.configuration.services.rustmail.settings.limits.max_recipients = 2;
+    limits.configuration.services.rustmail.settings.limits.max_recipients = 150;
     # One account more (a LoadCredential= more): a restart, the sockets staying open.
     account.configuration.services.rustmail.accounts."bob@example.test".hashedPasswordFile = "/etc/rustmail-test/alice.hash";
     # POP3 on another port: its socket must move.
