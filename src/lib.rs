@@ -10,7 +10,7 @@
 //! | `pop3` | POP3 as pure code: session state machine, multi-line wire encoder |
 //! | `sasl` | SASL PLAIN and LOGIN decoding, shared by SMTP AUTH and POP3 AUTH |
 //! | `storage` | the spool and the Maildirs: durable delivery, listing, deletion, mailbox locks |
-//! | `server` | the async drivers: listeners, one task per connection, reload, stop, watchdog |
+//! | `server` | the async side: admission in the accept loops, the connection core (deadlines, TLS), the protocol drivers, reload, stop, watchdog |
 //! | `systemd` | socket activation, sd_notify, watchdog interval |
 //! | `tls` | rustls: certificate and key from PEM files, TLS 1.2/1.3 |
 //! | `logging` | journald or stderr |
