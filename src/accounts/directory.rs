@@ -125,12 +125,17 @@ impl Directory {
     /// domain, only when the address is one of `address_literals`.
     pub fn route_literal(&self, local: &str, literal: &str) -> Route {
         let inner = literal.trim_start_matches('[').trim_end_matches(']');
-        let inner = inner
-            .get(..5)
-            .filter(|p| p.eq_ignore_ascii_case("IPv6:"))
-            .map_or(inner, |_| &inner[5..]);
-        match inner.parse::<std::net::IpAddr>() {
-            Ok(ip) if self.address_literals.contains(&ip) => {
+        // RFC 5321 §4.1.3: an IPv6 literal carries its "IPv6:" tag, an IPv4 one is a bare dotted
+        // quad; "[::1]" and "[IPv6:192.0.2.1]" are neither.
+        let ip: Option<std::net::IpAddr> = match inner.get(..5) {
+            Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => inner[5..]
+                .parse::<std::net::Ipv6Addr>()
+                .ok()
+                .map(Into::into),
+            _ => inner.parse::<std::net::Ipv4Addr>().ok().map(Into::into),
+        };
+        match ip {
+            Some(ip) if self.address_literals.contains(&ip) => {
                 self.route(local, &self.primary_domain)
             }
             _ => Route::NotLocal,
@@ -421,6 +426,17 @@ mod tests {
         assert_eq!(d.route_literal("alice", "[192.0.2.11]"), Route::NotLocal);
         assert_eq!(d.route_literal("nobody", "[192.0.2.10]"), Route::Unknown);
         assert_eq!(d.primary_domain(), "example.org");
+        // RFC 5321 §4.1.3: the IPv6 form needs its tag, and the tag only fits IPv6 (both were taken
+        // as local before).
+        assert_eq!(d.route_literal("bob", "[2001:db8::10]"), Route::NotLocal);
+        assert_eq!(
+            d.route_literal("alice", "[IPv6:192.0.2.10]"),
+            Route::NotLocal
+        );
+        assert!(matches!(
+            d.route_literal("bob", "[ipv6:2001:DB8::10]"),
+            Route::Local(_)
+        ));
     }
 
     #[test]
