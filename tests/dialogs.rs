@@ -1,21 +1,30 @@
 //! The dialog corpus: every file in tests/dialogs/ is one SMTP or POP3 session played against the real
-//! binary, each with a fresh server and state directory. A scenario file is a list of steps:
+//! binary, each with a fresh server and state directory, each its own test (`cargo test --test dialogs
+//! -- NAME` runs one). A scenario file is a list of steps:
 //!
 //! ```text
 //! # Guards: what this scenario protects against (free text; lines starting with # are comments)
-//! # server: default | timeouts | strict_lines   (the server profile; default: default)
+//! # config: limits.command_timeout_secs = 1   (a setting for this dialog's server; repeatable)
 //! # port: smtp | pop3                     (default: smtp)
+//! # split: bytes                          (C:/R: go out one octet per write, to test reassembly)
 //! C: EHLO client.example                  send the line with CRLF
 //! R: a\n.\nMAIL FROM:<x@y>\r\n            send raw bytes: escapes \r \n \t \0 \\ \xNN, nothing appended
 //! S: 250 2.1.0                            read one reply; its last line must start with this
-//! S: (closed)                             the server must close the connection now
+//! S= 250 2.0.0 OK                         read one reply; its last line must be exactly this
+//! S@0.8-2.5: 421 4.4.2                    the reply must arrive between 0.8 and 2.5 s after the
+//!                                         previous step ended (timeouts are timed, not just seen)
+//! S: (closed)                             the server must close the connection now (EOF or reset;
+//!                                         still open after 10 s is a failure)
 //! W: 1.5                                  wait this many seconds
+//! I: ehlo                                 the steps of tests/dialogs/include/ehlo.steps, with {1},
+//! I: relay-probe <a@b>                    {2}… replaced by the words after the name
 //! M: alice@example.test 1                 after the session: messages in that account's new/
 //! L: relay denied                         after the session: the server log contains this text
 //! ```
 //! POP3 replies are single lines, except after `C: LIST`, `C: UIDL`, `C: CAPA`, `C: RETR n`, `C: TOP n m`
 //! (multi-line when +OK), whose body is read up to the lone dot.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -48,39 +57,69 @@ struct Server {
 }
 
 impl Server {
-    fn start(profile: &str) -> Server {
+    /// A server with the corpus' base configuration, changed by `overrides` (`table.key = value` or
+    /// `key = value`, TOML values).
+    fn start(overrides: &[String]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let smtp = free_port();
         // The kernel may hand out the same free port twice in a row.
         let pop3 = std::iter::repeat_with(free_port)
             .find(|&p| p != smtp)
             .unwrap();
-        let limits = match profile {
-            "default" => "command_timeout_secs = 300\n",
-            "timeouts" => {
-                "command_timeout_secs = 1\ndata_timeout_secs = 1\nsession_timeout_secs = 3\n"
-            }
-            // The optional RFC 5321 §4.5.3.1.6 line limit (none by default).
-            "strict_lines" => "max_line_length = 1000\n",
-            other => panic!("unknown server profile {other:?}"),
-        };
         let h = hash();
-        let config = format!(
-            r#"hostname = "mx.example.test"
-domains = ["example.test", "other.test", "catchall.test", "bücher.test"]
-storage_root = "{root}"
-catch_all = {{ "catchall.test" = "bob@example.test" }}
-[listen]
-smtp = ["127.0.0.1:{smtp}"]
-pop3 = ["127.0.0.1:{pop3}"]
-[limits]
-max_message_size = 20000
-max_recipients = 100
-max_errors = 8
-{limits}
-[auth]
-failure_delay_ms = 10
-[accounts."alice@example.test"]
+        let root = dir.path().join("state");
+        let mut tables: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+        let mut set = |table: &'static str, key: &str, value: String| {
+            tables
+                .entry(table)
+                .or_default()
+                .insert(key.to_string(), value);
+        };
+        set("", "hostname", r#""mx.example.test""#.into());
+        set(
+            "",
+            "domains",
+            r#"["example.test", "other.test", "catchall.test", "bücher.test"]"#.into(),
+        );
+        set(
+            "",
+            "storage_root",
+            format!("{:?}", root.display().to_string()),
+        );
+        set(
+            "",
+            "catch_all",
+            r#"{ "catchall.test" = "bob@example.test" }"#.into(),
+        );
+        set("listen", "smtp", format!(r#"["127.0.0.1:{smtp}"]"#));
+        set("listen", "pop3", format!(r#"["127.0.0.1:{pop3}"]"#));
+        set("limits", "max_message_size", "20000".into());
+        set("limits", "max_errors", "8".into());
+        set("auth", "failure_delay_ms", "10".into());
+        for line in overrides {
+            let (key, value) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("# config: {line:?} is not key = value"));
+            let key = key.trim();
+            let (table, key) = match key.split_once('.') {
+                Some(("limits", k)) => ("limits", k),
+                Some(("auth", k)) => ("auth", k),
+                None => ("", key),
+                Some(_) => panic!("# config: only top-level, limits.* and auth.* keys: {key}"),
+            };
+            set(table, key, value.trim().to_string());
+        }
+        let mut config = String::new();
+        for (table, entries) in &tables {
+            if !table.is_empty() {
+                config.push_str(&format!("[{table}]\n"));
+            }
+            for (key, value) in entries {
+                config.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        config.push_str(&format!(
+            r#"[accounts."alice@example.test"]
 password_hash = "{h}"
 aliases = ["al@example.test", "team@example.test"]
 [accounts."bob@example.test"]
@@ -88,13 +127,15 @@ password_hash = "{h}"
 aliases = ["team@example.test"]
 [accounts."josé@bücher.test"]
 password_hash = "{h}"
-"#,
-            root = dir.path().join("state").display(),
-        );
+"#
+        ));
         let path = dir.path().join("rustmail.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(BIN)
+        // DIALOG_SERVER_BIN runs the corpus against another build (e.g. to show a check failing on
+        // an older or deliberately broken server).
+        let bin = std::env::var("DIALOG_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
+        let child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
@@ -124,7 +165,9 @@ password_hash = "{h}"
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
-    fn new_messages(&self, address: &str) -> usize {
+    /// Messages in the account's new/; an error when that Maildir does not exist (a wrong path must
+    /// not count as "no messages").
+    fn new_messages(&self, address: &str) -> Result<usize, String> {
         let (local, domain) = address.rsplit_once('@').unwrap();
         let domain = match domain {
             "bücher.test" => "xn--bcher-kva.test",
@@ -137,7 +180,9 @@ password_hash = "{h}"
             .join(domain)
             .join(local)
             .join("new");
-        std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(&dir)
+            .map(|d| d.count())
+            .map_err(|e| format!("{}: {e}", dir.display()))
     }
 }
 
@@ -250,6 +295,46 @@ fn is_reset(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
+/// The steps of a dialog file, includes expanded: (line number in the file, step kind, argument).
+fn steps(corpus: &Path, text: &str) -> Result<Vec<(usize, String, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parsed = match line.strip_prefix("S= ") {
+            Some(arg) => Some(("S=", arg)),
+            None => line
+                .split_once(": ")
+                .or_else(|| line.strip_suffix(':').map(|k| (k, ""))),
+        };
+        let Some((kind, arg)) = parsed else {
+            return Err(format!("line {n}: cannot read {line:?}"));
+        };
+        let kind = kind.to_string();
+        if kind == "I" {
+            let mut words = arg.split(' ');
+            let name = words.next().unwrap_or_default();
+            let include = corpus.join("include").join(format!("{name}.steps"));
+            let mut body = std::fs::read_to_string(&include)
+                .map_err(|e| format!("line {n}: include {}: {e}", include.display()))?;
+            for (i, word) in words.enumerate() {
+                body = body.replace(&format!("{{{}}}", i + 1), word);
+            }
+            if body.contains("{1}") {
+                return Err(format!("line {n}: include {name} needs arguments"));
+            }
+            for (_, kind, arg) in steps(corpus, &body)? {
+                out.push((n, kind, arg));
+            }
+            continue;
+        }
+        out.push((n, kind, arg.to_string()));
+    }
+    Ok(out)
+}
+
 fn run(path: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(path).unwrap();
     let header = |key: &str| {
@@ -258,13 +343,23 @@ fn run(path: &Path) -> Result<(), String> {
                 .map(|v| v.trim().to_string())
         })
     };
-    let server = Server::start(&header("server").unwrap_or_else(|| "default".into()));
+    if header("server").is_some() {
+        return Err("'# server:' profiles are gone: use '# config: key = value' lines".into());
+    }
+    let overrides: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# config:").map(|v| v.trim().to_string()))
+        .collect();
+    let steps = steps(path.parent().unwrap(), &text)?;
+    let server = Server::start(&overrides);
     let pop3 = header("port").as_deref() == Some("pop3");
+    let split = header("split").as_deref() == Some("bytes");
     let stream =
         TcpStream::connect(("127.0.0.1", if pop3 { server.pop3 } else { server.smtp })).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    stream.set_nodelay(true).unwrap();
     let mut s = Session {
         reader: BufReader::new(stream.try_clone().unwrap()),
         writer: stream,
@@ -275,52 +370,74 @@ fn run(path: &Path) -> Result<(), String> {
     if !greeting.starts_with(if pop3 { "+OK" } else { "220" }) {
         return Err(format!("greeting: {greeting}"));
     }
-    let mut after = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let n = n + 1;
-        let Some((kind, arg)) = line
-            .split_once(": ")
-            .or_else(|| line.strip_suffix(':').map(|k| (k, "")))
-        else {
-            if line.trim().is_empty() || line.starts_with('#') {
-                continue;
+    let send = |s: &mut Session, bytes: &[u8]| {
+        // A write may fail once the server has closed; the next S: step tells.
+        if split {
+            for b in bytes {
+                if s.writer.write_all(std::slice::from_ref(b)).is_err() {
+                    break;
+                }
             }
-            return Err(format!("line {n}: cannot read {line:?}"));
-        };
-        if kind.starts_with('#') {
-            continue;
+        } else {
+            let _ = s.writer.write_all(bytes);
         }
-        match kind {
+    };
+    let mut after = Vec::new();
+    let mut step_ended = Instant::now();
+    for (n, kind, arg) in steps {
+        let arg = arg.as_str();
+        match kind.as_str() {
             "C" => {
                 s.last_command = arg.to_string();
-                // A write may fail once the server has closed; the next S: step tells.
-                let _ = s.writer.write_all(format!("{arg}\r\n").as_bytes());
+                send(&mut s, format!("{arg}\r\n").as_bytes());
             }
-            "R" => {
-                let _ = s.writer.write_all(&unescape(arg));
-            }
+            "R" => send(&mut s, &unescape(arg)),
             "S" if arg == "(closed)" => s.expect_closed().map_err(|e| format!("line {n}: {e}"))?,
-            "S" => {
+            "S" | "S=" => {
                 let got = s
                     .reply()
                     .ok_or_else(|| format!("line {n}: connection closed, expected {arg:?}"))?;
-                if !got.starts_with(arg) {
+                let matches = if kind == "S=" {
+                    got == arg
+                } else {
+                    got.starts_with(arg)
+                };
+                if !matches {
                     return Err(format!("line {n}: expected {arg:?}, got {got:?}"));
                 }
             }
+            timed if timed.starts_with("S@") => {
+                let (lo, hi) = timed[2..]
+                    .split_once('-')
+                    .and_then(|(lo, hi)| Some((lo.parse::<f64>().ok()?, hi.parse::<f64>().ok()?)))
+                    .ok_or_else(|| format!("line {n}: S@LO-HI wants two numbers of seconds"))?;
+                let got = s
+                    .reply()
+                    .ok_or_else(|| format!("line {n}: connection closed, expected {arg:?}"))?;
+                let took = step_ended.elapsed().as_secs_f64();
+                if !got.starts_with(arg) {
+                    return Err(format!("line {n}: expected {arg:?}, got {got:?}"));
+                }
+                if !(lo..=hi).contains(&took) {
+                    return Err(format!(
+                        "line {n}: {got:?} came after {took:.2} s, expected between {lo} and {hi} s"
+                    ));
+                }
+            }
             "W" => std::thread::sleep(Duration::from_secs_f64(arg.parse().unwrap())),
-            "M" | "L" => after.push((n, kind, arg.to_string())),
+            "M" | "L" => after.push((n, kind.clone(), arg.to_string())),
             other => return Err(format!("line {n}: unknown step {other:?}")),
         }
+        step_ended = Instant::now();
     }
     drop(s);
     // Deliveries are durable before the 250; the log line may trail it by a moment.
     std::thread::sleep(Duration::from_millis(100));
     for (n, kind, arg) in after {
-        match kind {
+        match kind.as_str() {
             "M" => {
                 let (address, count) = arg.rsplit_once(' ').unwrap();
-                let got = server.new_messages(address);
+                let got = server.new_messages(address)?;
                 if got != count.parse::<usize>().unwrap() {
                     return Err(format!(
                         "line {n}: {address} has {got} new messages, expected {count}"
@@ -337,8 +454,9 @@ fn run(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn dialog_corpus() {
+/// One test per dialog file.
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dialogs");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
@@ -347,22 +465,14 @@ fn dialog_corpus() {
         .collect();
     files.sort();
     assert!(files.len() >= 30, "the corpus is in tests/dialogs");
-    let mut failures = Vec::new();
-    for file in &files {
-        let name = file.file_name().unwrap().to_string_lossy().into_owned();
-        match run(file) {
-            Ok(()) => println!("ok   {name}"),
-            Err(e) => {
-                println!("FAIL {name}: {e}");
-                failures.push(format!("{name}: {e}"));
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} dialogs failed:\n{}",
-        failures.len(),
-        files.len(),
-        failures.join("\n")
-    );
+    // The password hash is made once, before the tests run in parallel.
+    hash();
+    let trials = files
+        .into_iter()
+        .map(|file| {
+            let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+            libtest_mimic::Trial::test(name, move || run(&file).map_err(Into::into))
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
 }
