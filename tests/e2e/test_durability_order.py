@@ -1,0 +1,155 @@
+"""The durability order, seen in the system calls of the real binary under strace: nothing is
+acknowledged before it is on disk.
+
+- SMTP `250` after DATA: the spool file is fsynced, linked into each recipient's tmp/ and new/, and each
+  new/ directory is fsynced, all before the `250` is sent.
+- POP3 `+OK` of QUIT: the deleted files are unlinked and their directory fsynced before the `+OK`.
+"""
+
+from __future__ import annotations
+
+import poplib
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ALICE, BOB, PASSWORDS
+from e2e_helpers import make_message, wait_until
+
+SYSCALLS = "fsync,fdatasync,link,linkat,rename,renameat,renameat2,unlink,unlinkat,sendto,write,writev"
+
+LINE = re.compile(r"^(\d+) +(.*)$")
+RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)$")
+CALL = re.compile(r"^(\w+)\((.*)$")
+
+
+@dataclass
+class Call:
+    name: str
+    text: str  # the arguments as strace printed them (paths resolved with -y)
+    entered: int  # index of the line where the call began
+    finished: int  # index of the line where it returned
+
+
+def parse_strace(path: Path) -> list[Call]:
+    """Every call, with where it began and ended (strace -f splits overlapping calls into an
+    `<unfinished ...>` line and a `<... resumed>` line)."""
+    calls: list[Call] = []
+    pending: dict[tuple[str, str], Call] = {}
+    for i, raw in enumerate(path.read_text(errors="replace").splitlines()):
+        m = LINE.match(raw)
+        if not m:
+            continue
+        pid, rest = m.groups()
+        if r := RESUMED.match(rest):
+            call = pending.pop((pid, r.group(1)), None)
+            if call:
+                call.finished = i
+                call.text += r.group(2)
+            continue
+        if c := CALL.match(rest):
+            call = Call(c.group(1), c.group(2), i, i)
+            calls.append(call)
+            if rest.endswith("<unfinished ...>"):
+                pending[(pid, call.name)] = call
+    return calls
+
+
+def first(calls: list[Call], name: str | tuple[str, ...], *needles: str) -> Call:
+    names = (name,) if isinstance(name, str) else name
+    for call in calls:
+        if call.name in names and all(n in call.text for n in needles):
+            return call
+    raise AssertionError(f"no {names} call with {needles}")
+
+
+def before(a: Call, b: Call) -> bool:
+    """`a` returned before `b` began."""
+    return a.finished < b.entered
+
+
+@pytest.fixture
+def traced(server_factory, tmp_path):
+    """A running server with strace attached to all its threads (attached rather than started under
+    strace, so that the server's own exit code still counts at teardown)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    srv = server_factory()
+    srv.start()
+    trace = tmp_path / "strace.txt"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-y", "-qq", "-s", "256", "-e", f"trace={SYSCALLS}", "-o", str(trace),
+         "-p", str(srv.proc.pid)],
+        stderr=subprocess.PIPE)
+    # Attached once the status line shows a tracer.
+    wait_until(lambda: "TracerPid:\t0" not in Path(f"/proc/{srv.proc.pid}/status").read_text(),
+               timeout=10, message="strace to attach")
+    time.sleep(0.2)  # every thread, not only the first
+    yield srv, trace
+    tracer.send_signal(signal.SIGINT)  # detaches
+    tracer.wait(timeout=10)
+
+
+def test_250_only_after_spool_fsync_links_and_new_directory_fsyncs(traced):
+    srv, trace = traced
+    _, msg = make_message(ALICE, body_lines=[b"durable"] * 50)
+    with smtplib.SMTP("127.0.0.1", srv.smtp_port, timeout=30) as c:
+        c.ehlo("client.test")
+        c.mail("sender@client.test")
+        c.rcpt(ALICE)
+        c.rcpt(BOB)
+        code, reply = c.data(msg)
+    assert code == 250, reply
+    queue_id = reply.decode().rsplit(" ", 1)[1]
+
+    def acknowledged():
+        calls = parse_strace(trace)
+        return any(c.name == "sendto" and f"queued as {queue_id}" in c.text for c in calls) and calls
+
+    calls = wait_until(acknowledged, timeout=10, message="the 250 in the trace")
+    ack = first(calls, ("sendto", "write", "writev"), f"queued as {queue_id}")
+    spool_fsync = first(calls, ("fsync", "fdatasync"), f"/spool/{queue_id}")
+    assert before(spool_fsync, ack), "spool file fsynced before the 250"
+    for address in (ALICE, BOB):
+        local, domain = address.split("@")
+        maildir = f"/mail/{domain}/{local}"
+        into_tmp = first(calls, ("link", "linkat"), f"/spool/{queue_id}", f"{maildir}/tmp/")
+        into_new = first(calls, ("link", "linkat", "rename", "renameat", "renameat2"),
+                         f"{maildir}/tmp/{queue_id}", f"{maildir}/new/{queue_id}")
+        new_fsync = [c for c in calls if c.name in ("fsync", "fdatasync")
+                     and f"{maildir}/new>" in c.text and c.entered > into_new.finished]
+        assert before(spool_fsync, into_tmp), f"{address}: linked after the spool fsync"
+        assert before(into_tmp, into_new), f"{address}: tmp/ before new/"
+        assert new_fsync, f"{address}: new/ fsynced after the link"
+        assert before(new_fsync[0], ack), f"{address}: new/ fsynced before the 250"
+
+
+def test_quit_ok_only_after_deleted_files_are_unlinked_and_their_directory_fsynced(traced):
+    srv, trace = traced
+    srv.send([ALICE], make_message(ALICE, body_lines=[b"to delete"])[1])
+    p = poplib.POP3("127.0.0.1", srv.pop3_port, timeout=30)
+    p.user(ALICE)
+    p.pass_(PASSWORDS[ALICE])
+    (_, listing, _) = p.uidl()
+    assert len(listing) == 1
+    p.dele(1)
+    assert p.quit().startswith(b"+OK")
+
+    def quit_seen():
+        calls = parse_strace(trace)
+        return any(c.name == "sendto" and "signing off" in c.text for c in calls) and calls
+
+    calls = wait_until(quit_seen, timeout=10, message="the +OK of QUIT in the trace")
+    ok = first(calls, ("sendto", "write", "writev"), "signing off")
+    unlink = first(calls, ("unlink", "unlinkat"), "/mail/example.test/alice/cur/")
+    cur_fsync = [c for c in calls if c.name in ("fsync", "fdatasync")
+                 and "/mail/example.test/alice/cur>" in c.text and c.entered > unlink.finished]
+    assert before(unlink, ok), "the message is unlinked before the +OK"
+    assert cur_fsync and before(cur_fsync[0], ok), "cur/ is fsynced after the unlink, before the +OK"
