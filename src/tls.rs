@@ -1,7 +1,8 @@
 //! TLS with rustls: the certificate chain and key come from PEM files named in the configuration (paths
 //! that work with systemd credentials and ACME-managed files); TLS 1.2 and 1.3 only, with rustls' modern
-//! cipher suites (no CBC, no RSA key exchange). The acceptor is part of the validated settings, so a
-//! reload swaps it atomically and sessions keep the one they started with.
+//! cipher suites (no CBC, no RSA key exchange). The validated settings carry the rustls configuration
+//! (certificate material, not runtime state: the server makes its acceptor from it per handshake), so
+//! a reload swaps it atomically and sessions keep the one they started with.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,6 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::ConfigError;
 
@@ -18,7 +18,8 @@ pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 #[derive(Clone)]
 pub struct Tls {
-    pub acceptor: TlsAcceptor,
+    /// The rustls server configuration: this chain and key, TLS 1.3 and 1.2 only.
+    pub config: Arc<ServerConfig>,
     /// The leaf certificate's notAfter, as Unix seconds.
     pub not_after: i64,
     /// The leaf certificate's subject, for messages.
@@ -78,7 +79,7 @@ impl Tls {
                 ConfigError::invalid("tls.key", format!("does not fit the certificate ({e})"))
             })?;
         Ok(Tls {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             not_after,
             subject,
         })
@@ -142,6 +143,58 @@ mod tests {
     use super::*;
 
     use super::test_certificate as make_cert;
+
+    /// Handshakes in memory with a rustls client that offers only `version`; the version agreed on.
+    async fn handshake(
+        tls: &Tls,
+        cert: &Path,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Option<rustls::ProtocolVersion> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(cert).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("mx.example.org").unwrap();
+        let (server, client) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
+        server.ok()?;
+        client.ok()?.get_ref().1.protocol_version()
+    }
+
+    #[tokio::test]
+    async fn the_server_speaks_tls_1_3_and_1_2_and_nothing_older() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = make_cert(dir.path(), "mx.example.org", 90);
+        let tls = Tls::load(&cert, &key).unwrap();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            assert_eq!(
+                handshake(&tls, &cert, version).await,
+                Some(version.version),
+                "{:?}",
+                version.version
+            );
+        }
+        // TLS 1.0 and 1.1 cannot be configured in rustls at all (it implements neither): what a
+        // client that insists on them meets is checked end to end with openssl s_client.
+        assert_eq!(
+            rustls::ALL_VERSIONS
+                .iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            [
+                rustls::ProtocolVersion::TLSv1_3,
+                rustls::ProtocolVersion::TLSv1_2
+            ]
+        );
+    }
 
     #[test]
     fn loads_a_matching_pair() {

@@ -5,6 +5,7 @@
 //! real drivers run in tests over `tokio::io::duplex`.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -141,7 +142,7 @@ impl<S: Io> Connection<S> {
     /// `command` names what asked for TLS, for the log.
     pub async fn upgrade(
         &mut self,
-        acceptor: &TlsAcceptor,
+        config: &Arc<rustls::ServerConfig>,
         timeout: Duration,
         command: &str,
     ) -> bool {
@@ -155,6 +156,7 @@ impl<S: Io> Connection<S> {
         let Stream::Plain(plain) = std::mem::replace(&mut self.stream, Stream::Gone) else {
             return false;
         };
+        let acceptor = TlsAcceptor::from(config.clone());
         match tokio::time::timeout(timeout, acceptor.accept(plain)).await {
             Ok(Ok(tls)) => {
                 let (_, state) = tls.get_ref();

@@ -410,7 +410,7 @@ pub async fn serve<S: conn::Io>(
             return;
         };
         let timeout = Duration::from_secs(settings.limits.tls_handshake_timeout_secs);
-        if !conn.upgrade(&tls.acceptor, timeout, "connect").await {
+        if !conn.upgrade(&tls.config, timeout, "connect").await {
             return;
         }
     }

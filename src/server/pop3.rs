@@ -137,7 +137,7 @@ pub async fn serve<S: Io>(
                 }
                 let Some(tls) = &settings.tls else { return };
                 // The core discards whatever came in clear after STLS.
-                if !conn.upgrade(&tls.acceptor, handshake, "STLS").await {
+                if !conn.upgrade(&tls.config, handshake, "STLS").await {
                     return;
                 }
                 session.tls_started();

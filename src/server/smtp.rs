@@ -108,7 +108,7 @@ pub async fn serve<S: Io>(
                 session.outbox().clear();
                 let Some(tls) = &settings.tls else { return };
                 // The core discards whatever came in clear after STARTTLS (CVE-2011-0411).
-                if !conn.upgrade(&tls.acceptor, handshake, "STARTTLS").await {
+                if !conn.upgrade(&tls.config, handshake, "STARTTLS").await {
                     return;
                 }
                 session.tls_started();
