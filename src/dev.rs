@@ -23,7 +23,8 @@ pub fn add_demo_account(config: &mut Config, announce: bool) -> io::Result<()> {
         .cloned()
         .unwrap_or_else(|| "localhost".into());
     let address = format!("demo@{domain}");
-    std::fs::create_dir_all(&config.storage_root)?;
+    // Owner-only like everything the store creates (the demo state holds a password hash and mail).
+    crate::storage::ensure_dir_all(&config.storage_root)?;
     let path = config.storage_root.join(HASH_FILE);
     let new_password = match OpenOptions::new()
         .write(true)
@@ -72,4 +73,25 @@ pub fn add_demo_account(config: &mut Config, announce: bool) -> io::Result<()> {
         },
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn demo_state_is_owner_only() {
+        // Before: the storage root was made with create_dir_all (0755 under the usual umask).
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            storage_root: dir.path().join("a/rustmail-data"),
+            ..Config::default()
+        };
+        add_demo_account(&mut config, false).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&config.storage_root), 0o700);
+        assert_eq!(mode(&config.storage_root.join(HASH_FILE)), 0o600);
+        assert!(config.accounts.contains_key("demo@localhost"));
+    }
 }

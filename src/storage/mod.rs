@@ -181,8 +181,9 @@ fn ensure_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-/// [`ensure_dir`] for `path` and its missing ancestors (the storage root may be new).
-fn ensure_dir_all(path: &Path) -> io::Result<()> {
+/// [`ensure_dir`] for `path` and its missing ancestors (the storage root may be new): owner-only (0700)
+/// and durable.
+pub fn ensure_dir_all(path: &Path) -> io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
