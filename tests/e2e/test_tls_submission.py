@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ALICE, ALICE_ALIAS, BOB, PASSWORDS
-from e2e_helpers import make_message, wait_until
+from e2e_helpers import child_env, make_message, wait_until
 
 TLS_LISTENERS = ("submission", "submissions", "pop3s")
 
@@ -220,12 +220,12 @@ def test_check_config_verifies_the_pair_and_warns_about_expiry(server_factory, t
     _, other_key = make_cert(tmp_path, "other")
     srv = server_factory(tls={"certificate": cert, "key": key})
     out = subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=child_env())
     assert out.returncode == 0 and "expires in" in out.stderr, out.stderr
     srv.tls = {"certificate": cert, "key": other_key}
     srv.write_config({ALICE: srv.account(ALICE)})
     out = subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=child_env())
     assert out.returncode != 0 and "tls.key" in out.stderr, out.stderr
 
 
