@@ -402,3 +402,39 @@ fn sigint_stops_cleanly_and_logs_the_adopted_socket() {
         .unwrap();
     assert!(log.contains("using socket passed by systemd"), "{log}");
 }
+
+#[test]
+fn watchdog_pings_stop_while_storage_fails_and_resume_after() {
+    // The health check writes and fsyncs a probe file in the spool: with the spool gone (even root
+    // cannot write there then), pings must stop so that systemd restarts a server that cannot store
+    // mail; once it is back, they resume.
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = listener();
+    let config = write_config(dir.path(), "[listen]\nsmtp = [\"systemd:smtp\"]\npop3 = []\n");
+    let mut server = start(dir.path(), &config, &[&smtp], "smtp", Some(400_000));
+    drop(smtp);
+    server.wait_notify("READY=1", Duration::from_secs(10));
+    server.wait_notify("WATCHDOG=1", Duration::from_secs(2));
+    let spool = dir.path().join("state/spool");
+    std::fs::remove_dir_all(&spool).unwrap();
+    // Pings already on their way may still arrive; after that, none for several intervals.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut buf = [0u8; 4096];
+    while server.notify.recv(&mut buf).is_ok() {}
+    let quiet_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < quiet_until {
+        if let Ok(n) = server.notify.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(!msg.contains("WATCHDOG=1"), "pinged while storage fails: {msg}");
+        }
+    }
+    assert!(
+        server.log_text().contains("health check failed: storage not writable"),
+        "{}",
+        server.log_text()
+    );
+    std::fs::create_dir(&spool).unwrap();
+    server.wait_notify("WATCHDOG=1", Duration::from_secs(3));
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}

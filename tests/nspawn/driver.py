@@ -45,6 +45,15 @@ def retry(check, timeout, what):
         raise AssertionError(f"action timed out after {timeout} s: {what}")
 
 
+def _alive(pid):
+    """Running (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:\tZ") for line in f)
+    except FileNotFoundError:
+        return False
+
+
 class Machine:
     """The server: a booted container with systemd as PID 1."""
 
@@ -105,6 +114,19 @@ class Machine:
         """Power loss, as far as a container can have one: every process is killed at once."""
         log(f"{self.name}: crash")
         if self.proc:
+            # The container's init runs in its own session: killing nspawn's process group alone left
+            # every process of the container running (the old rustmail kept its storage lock, and
+            # before the lock two servers shared one storage root). SIGKILL to the PID namespace's
+            # init makes the kernel kill everything in it at once, as a power cut would.
+            if self.leader:
+                try:
+                    os.kill(self.leader, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                # The kernel makes the namespace empty before its init turns into a zombie.
+                deadline = time.time() + 30
+                while _alive(self.leader) and time.time() < deadline:
+                    time.sleep(0.05)
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
