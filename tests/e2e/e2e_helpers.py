@@ -6,6 +6,7 @@ using only the Python standard library (subprocess, socket, smtplib, poplib).
 
 from __future__ import annotations
 
+import email.utils
 import os
 import poplib
 import re
@@ -550,6 +551,48 @@ def split_prepended_headers(
             i += 1
         fields.append((name, value.strip()))
     return fields, lines[i:]
+
+
+def match_trace_headers(
+    data: bytes,
+    *,
+    rcpt: str | None,
+    sender: str = SENDER,
+    helo: str = "client.test",
+    peer: str = "127.0.0.1",
+    host: str = HOSTNAME,
+    protocol: str = "ESMTP",
+    eol: bytes = b"\r\n",
+) -> tuple[dict[str, str], bytes]:
+    """Match the Return-Path: and Received: fields the server prepends (README, "Trace headers") at the
+    start of `data`, field by field; returns ({"id": queue id, "date": date}, the rest of `data`).
+
+    `rcpt` is the recipient the Received: field names (None: there must be no `for` clause);
+    `eol` is the line ending of `data` (CRLF as POP3 sends it, LF as stored).
+    """
+    e = re.escape(eol)
+    fws = rb"(?:" + e + rb")?[ \t]+"  # folding white space
+
+    def text(s: str) -> bytes:
+        return re.escape(s.encode())
+
+    for_clause = fws + rb"for <" + text(rcpt) + rb">" if rcpt is not None else b""
+    pattern = (
+        rb"Return-Path: <" + text(sender) + rb">" + e
+        + rb"Received:" + fws + rb"from " + text(helo) + fws + rb"\(\[" + text(peer) + rb"\]\)"
+        + fws + rb"by " + text(host) + fws + rb"\(rustmail\)" + fws + rb"with " + text(protocol)
+        + fws + rb"id (?P<id>[A-Za-z0-9._-]+)" + for_clause + rb";" + fws
+        + rb"(?P<date>[^\r\n]+)" + e
+    )
+    m = re.match(pattern, data)
+    assert m, (
+        f"the message does not start with the expected trace headers (Return-Path <{sender}>, Received "
+        f"from {helo} [{peer}] by {host} with {protocol}, for {rcpt}):\n{data[:400]!r}"
+    )
+    fields = {"id": m.group("id").decode(), "date": m.group("date").decode()}
+    parsed = email.utils.parsedate_to_datetime(fields["date"])
+    assert parsed.tzinfo is not None, f"Received: date without a zone: {fields['date']!r}"
+    return fields, data[m.end():]
 
 
 def subject_of(lines: list[bytes]) -> str | None:

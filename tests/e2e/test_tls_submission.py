@@ -3,7 +3,10 @@ openssl s_client, swaks; injection across the TLS boundary; sending rights; cert
 
 from __future__ import annotations
 
+import base64
+import email.utils
 import poplib
+import re
 import shutil
 import signal
 import smtplib
@@ -11,12 +14,14 @@ import socket
 import ssl
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from conftest import ALICE, ALICE_ALIAS, BOB, PASSWORDS
-from e2e_helpers import make_message, wait_until
+from e2e_helpers import (HOSTNAME, child_env, free_port, make_message, match_trace_headers, port_accepts,
+                         wait_until)
 
 TLS_LISTENERS = ("submission", "submissions", "pop3s")
 
@@ -57,8 +62,10 @@ def stored_text(server, address) -> str:
 
 
 def test_submission_starttls_login_and_send_adds_message_id_and_date(tls_server, certs):
-    msg = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: submitted\r\n\r\nhello bob\r\n".encode()
-    with smtplib.SMTP("127.0.0.1", tls_server.ports["submission"], timeout=10) as s:
+    header = [f"From: {ALICE}", f"To: {BOB}", "Subject: submitted"]
+    msg = ("\r\n".join(header) + "\r\n\r\nhello bob\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", tls_server.ports["submission"], local_hostname="client.test",
+                      timeout=10) as s:
         s.ehlo()
         assert s.has_extn("starttls") and not s.has_extn("auth"), "no AUTH offered before TLS"
         s.starttls(context=context(certs[0]))
@@ -66,10 +73,19 @@ def test_submission_starttls_login_and_send_adds_message_id_and_date(tls_server,
         assert "PLAIN" in s.esmtp_features["auth"] and not s.has_extn("starttls")
         s.login(ALICE, PASSWORDS[ALICE])
         assert s.sendmail(ALICE, [BOB], msg) == {}
-    text = stored_text(tls_server, BOB)
-    assert "with ESMTPSA" in text
-    assert "\nMessage-ID: <" in text and "\nDate: " in text
-    assert text.endswith("Subject: submitted\n" + text.split("Subject: submitted\n")[1])
+    (path,) = tls_server.stored_messages(BOB)
+    stored = path.read_bytes()
+    trace, rest = match_trace_headers(stored, sender=ALICE, rcpt=BOB, protocol="ESMTPSA", eol=b"\n")
+    # What was sent follows the trace headers unchanged, but for the two fields RFC 6409 §8.3 has the
+    # server add at the end of the header: a Message-ID made of the queue id, and the date.
+    head, blank, body = rest.decode().partition("\n\n")
+    assert blank and body == "hello bob\n", rest
+    fields = head.split("\n")
+    assert fields[:3] == header and len(fields) == 5, fields
+    assert fields[3] == f"Message-ID: <{trace['id']}@{HOSTNAME}>", fields
+    assert fields[4].startswith("Date: "), fields
+    date = email.utils.parsedate_to_datetime(fields[4].removeprefix("Date: "))
+    assert abs(datetime.now(timezone.utc) - date) < timedelta(hours=1), (fields[4], "not the time of submission")
 
 
 def test_implicit_tls_submission_on_465(tls_server, certs):
