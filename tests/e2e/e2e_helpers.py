@@ -96,13 +96,18 @@ def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
 # --------------------------------------------------------------------------- binary
 
 
-def child_env() -> dict[str, str]:
+def child_env(rust_log: str | None = None) -> dict[str, str]:
     """The environment for rustmail processes: ours without RUSTMAIL_* variables.
 
     rustmail reads RUSTMAIL_* environment variables as config overrides and rejects
     unknown ones, so the test runner's own RUSTMAIL_BIN must not leak into it.
+    `rust_log` sets RUST_LOG (the log level); without it the runner's RUST_LOG, if any, is
+    passed on, and rustmail logs at `info`.
     """
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith("RUSTMAIL_")}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RUSTMAIL_")}
+    if rust_log is not None:
+        env["RUST_LOG"] = rust_log
+    return env
 
 
 def hash_password(binary: Path, password: str) -> str:
@@ -230,8 +235,12 @@ class RustmailServer:
         auth: dict | None = None,
         tls: dict | None = None,
         extra_listeners: Iterable[str] = (),
+        rust_log: str | None = None,
     ) -> None:
         self.binary = binary
+        # RUST_LOG for the server, e.g. "trace" to check that not even the most verbose level
+        # logs a secret.
+        self.rust_log = rust_log
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.config_path = workdir / "rustmail.toml"
@@ -332,7 +341,7 @@ class RustmailServer:
                 stdout=log,
                 stderr=log,
                 cwd=self.workdir,
-                env=child_env(),
+                env=child_env(self.rust_log),
             )
 
         def ready() -> bool:
