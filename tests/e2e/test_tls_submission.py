@@ -242,21 +242,62 @@ def test_pop3_plaintext_after_stls_is_discarded(tls_server, certs):
     tls.close()
 
 
-@pytest.mark.parametrize("starttls,port_name", [("smtp", "submission"), ("pop3", None)])
+# A client that would accept TLS 1.0 and 1.1: OpenSSL 3 at its default security level refuses them on
+# its own, so a check with it would pass against a server that offers them.
+OLD_TLS_CLIENT = ["-cipher", "DEFAULT:@SECLEVEL=0"]
+OLD_VERSIONS = (("-tls1_1", "TLSv1.1"), ("-tls1", "TLSv1"))
+
+
+def openssl_client(port: int, *options: str) -> str:
+    out = subprocess.run(
+        ["openssl", "s_client", "-brief", "-connect", f"127.0.0.1:{port}", *options],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    return out.stdout + out.stderr
+
+
+def test_the_old_tls_client_speaks_tls10_and_tls11_to_a_server_that_allows_them(tmp_path):
+    # The control for the refusals below: against `openssl s_server` offering only that version, the
+    # very client they use completes a TLS 1.1 (1.0) handshake.
+    cert, key = make_cert(tmp_path, "old")
+    for option, version in OLD_VERSIONS:
+        port = free_port()
+        log = tmp_path / f"s_server{option}.log"
+        with open(log, "wb") as server_out:
+            # s_server ends when its stdin does: a pipe keeps it open until the process is killed.
+            server = subprocess.Popen(
+                ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert), "-key", str(key),
+                 option, *OLD_TLS_CLIENT],
+                stdin=subprocess.PIPE, stdout=server_out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: port_accepts(port), timeout=10, message="openssl s_server to listen")
+            out = openssl_client(port, option, *OLD_TLS_CLIENT)
+        finally:
+            server.kill()
+            server.wait(timeout=10)
+        assert f"Protocol version: {version}\n" in out, out + log.read_text(errors="replace")
+
+
+# openssl prints an alert it received as "... alert <description> ... SSL alert number <n>"; one it
+# sends itself (a client that refuses by itself) is not reported so. rustls refuses a TLS 1.0/1.1
+# ClientHello with handshake_failure (40; it lacks the signature_algorithms extension TLS 1.2 needs)
+# or protocol_version (70).
+SERVER_REFUSED = re.compile(r"alert (handshake failure|protocol version):.*SSL alert number (40|70)\b")
+
+
+@pytest.mark.parametrize("starttls,port_name", [("smtp", "submission"), ("pop3", None), (None, "submissions"),
+                                                (None, "pop3s")])
 def test_openssl_offers_tls12_and_tls13_only(tls_server, starttls, port_name):
     port = tls_server.ports[port_name] if port_name else tls_server.pop3_port
-
-    def handshake(version: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["openssl", "s_client", "-brief", "-starttls", starttls, "-connect", f"127.0.0.1:{port}", version],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
-
+    options = ["-starttls", starttls] if starttls else []
     for version, expect in (("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")):
-        out = handshake(version)
-        assert f"Protocol version: {expect}" in out.stdout + out.stderr, out.stdout + out.stderr
-    for old in ("-tls1_1", "-tls1"):
-        out = handshake(old)
-        assert "Protocol version" not in out.stdout + out.stderr
+        out = openssl_client(port, *options, version)
+        assert f"Protocol version: {expect}\n" in out, out
+    for option, _ in OLD_VERSIONS:
+        refusals = tls_server.log_text().count("TLS handshake failed")
+        out = openssl_client(port, *options, option, *OLD_TLS_CLIENT)
+        assert "Protocol version" not in out and SERVER_REFUSED.search(out), out
+        wait_until(lambda: tls_server.log_text().count("TLS handshake failed") > refusals, timeout=10,
+                   message="the server to log the refused handshake")
 
 
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
