@@ -342,14 +342,18 @@ def test_check_config_verifies_the_pair_and_warns_about_expiry(server_factory, t
     cert, key = make_cert(tmp_path, "soon", days=5)
     _, other_key = make_cert(tmp_path, "other")
     srv = server_factory(tls={"certificate": cert, "key": key})
-    out = subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
-                         capture_output=True, text=True)
+
+    def check_config() -> subprocess.CompletedProcess:
+        # child_env: the runner's RUSTMAIL_BIN would be refused as an unknown configuration key.
+        return subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
+                              capture_output=True, text=True, env=child_env())
+
+    out = check_config()
     assert out.returncode == 0 and "expires in" in out.stderr, out.stderr
     srv.tls = {"certificate": cert, "key": other_key}
     srv.write_config({ALICE: srv.account(ALICE)})
-    out = subprocess.run([str(rustmail_bin), "check-config", "--config", str(srv.config_path)],
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and "tls.key" in out.stderr, out.stderr
+    out = check_config()
+    assert out.returncode == 1 and "tls.key" in out.stderr, (out.returncode, out.stderr)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
