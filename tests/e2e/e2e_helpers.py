@@ -527,6 +527,22 @@ def make_message(
     return subject, msg
 
 
+def make_message_of_size(to: str, size: int) -> bytes:
+    """A message of exactly `size` octets as sent (CRLF line endings, before dot-stuffing, which its
+    lines of 'y' never need): the size the server counts against limits.max_message_size."""
+    _, head = make_message(to, body_lines=[])
+    head = head[: -len(b"\r\n")]  # make_message ends an empty body with one CRLF
+    room = size - len(head)
+    assert room >= 2, f"a message of {size} octets cannot hold the headers ({len(head)} octets)"
+    full, rest = divmod(room, 80)
+    if rest == 1:  # a line takes at least its CRLF
+        full, rest = full - 1, 81
+    lines = [b"y" * 78 + b"\r\n"] * full + ([b"y" * (rest - 2) + b"\r\n"] if rest else [])
+    msg = head + b"".join(lines)
+    assert len(msg) == size
+    return msg
+
+
 def pop3_message_bytes(lines: list[bytes]) -> bytes:
     """Re-assemble poplib's line list (un-dot-stuffed, CRLF stripped) into message bytes."""
     return b"".join(line + b"\r\n" for line in lines)
