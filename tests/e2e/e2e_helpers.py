@@ -426,9 +426,10 @@ class RustmailServer:
         return self.state_dir / "mail" / domain / local
 
     def maildir_files(self, address: str, sub: str = "new") -> list[Path]:
+        # The server makes every account's Maildir at start: a missing directory means the test
+        # looks in the wrong place, and counting its files would give 0 whatever was delivered.
         d = self.maildir(address) / sub
-        if not d.is_dir():
-            return []
+        assert d.is_dir(), f"{d} is not a directory: wrong path, or not an account's Maildir"
         return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
 
     def stored_messages(self, address: str) -> list[Path]:
@@ -436,8 +437,7 @@ class RustmailServer:
 
     def all_stored_files(self) -> list[Path]:
         root = self.state_dir / "mail"
-        if not root.is_dir():
-            return []
+        assert root.is_dir(), f"{root} is not a directory: the Maildirs are not where the test looks"
         return sorted(
             p for p in root.rglob("*") if p.is_file() and p.parent.name in ("new", "cur", "tmp")
         )
