@@ -6,6 +6,7 @@ using only the Python standard library (subprocess, socket, smtplib, poplib).
 
 from __future__ import annotations
 
+import email.utils
 import os
 import poplib
 import re
@@ -95,13 +96,18 @@ def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
 # --------------------------------------------------------------------------- binary
 
 
-def child_env() -> dict[str, str]:
+def child_env(rust_log: str | None = None) -> dict[str, str]:
     """The environment for rustmail processes: ours without RUSTMAIL_* variables.
 
     rustmail reads RUSTMAIL_* environment variables as config overrides and rejects
     unknown ones, so the test runner's own RUSTMAIL_BIN must not leak into it.
+    `rust_log` sets RUST_LOG (the log level); without it the runner's RUST_LOG, if any, is
+    passed on, and rustmail logs at `info`.
     """
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith("RUSTMAIL_")}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RUSTMAIL_")}
+    if rust_log is not None:
+        env["RUST_LOG"] = rust_log
+    return env
 
 
 def hash_password(binary: Path, password: str) -> str:
@@ -229,8 +235,12 @@ class RustmailServer:
         auth: dict | None = None,
         tls: dict | None = None,
         extra_listeners: Iterable[str] = (),
+        rust_log: str | None = None,
     ) -> None:
         self.binary = binary
+        # RUST_LOG for the server, e.g. "trace" to check that not even the most verbose level
+        # logs a secret.
+        self.rust_log = rust_log
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.config_path = workdir / "rustmail.toml"
@@ -331,7 +341,7 @@ class RustmailServer:
                 stdout=log,
                 stderr=log,
                 cwd=self.workdir,
-                env=child_env(),
+                env=child_env(self.rust_log),
             )
 
         def ready() -> bool:
@@ -416,9 +426,10 @@ class RustmailServer:
         return self.state_dir / "mail" / domain / local
 
     def maildir_files(self, address: str, sub: str = "new") -> list[Path]:
+        # The server makes every account's Maildir at start: a missing directory means the test
+        # looks in the wrong place, and counting its files would give 0 whatever was delivered.
         d = self.maildir(address) / sub
-        if not d.is_dir():
-            return []
+        assert d.is_dir(), f"{d} is not a directory: wrong path, or not an account's Maildir"
         return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
 
     def stored_messages(self, address: str) -> list[Path]:
@@ -426,8 +437,7 @@ class RustmailServer:
 
     def all_stored_files(self) -> list[Path]:
         root = self.state_dir / "mail"
-        if not root.is_dir():
-            return []
+        assert root.is_dir(), f"{root} is not a directory: the Maildirs are not where the test looks"
         return sorted(
             p for p in root.rglob("*") if p.is_file() and p.parent.name in ("new", "cur", "tmp")
         )
@@ -517,6 +527,22 @@ def make_message(
     return subject, msg
 
 
+def make_message_of_size(to: str, size: int) -> bytes:
+    """A message of exactly `size` octets as sent (CRLF line endings, before dot-stuffing, which its
+    lines of 'y' never need): the size the server counts against limits.max_message_size."""
+    _, head = make_message(to, body_lines=[])
+    head = head[: -len(b"\r\n")]  # make_message ends an empty body with one CRLF
+    room = size - len(head)
+    assert room >= 2, f"a message of {size} octets cannot hold the headers ({len(head)} octets)"
+    full, rest = divmod(room, 80)
+    if rest == 1:  # a line takes at least its CRLF
+        full, rest = full - 1, 81
+    lines = [b"y" * 78 + b"\r\n"] * full + ([b"y" * (rest - 2) + b"\r\n"] if rest else [])
+    msg = head + b"".join(lines)
+    assert len(msg) == size
+    return msg
+
+
 def pop3_message_bytes(lines: list[bytes]) -> bytes:
     """Re-assemble poplib's line list (un-dot-stuffed, CRLF stripped) into message bytes."""
     return b"".join(line + b"\r\n" for line in lines)
@@ -550,6 +576,48 @@ def split_prepended_headers(
             i += 1
         fields.append((name, value.strip()))
     return fields, lines[i:]
+
+
+def match_trace_headers(
+    data: bytes,
+    *,
+    rcpt: str | None,
+    sender: str = SENDER,
+    helo: str = "client.test",
+    peer: str = "127.0.0.1",
+    host: str = HOSTNAME,
+    protocol: str = "ESMTP",
+    eol: bytes = b"\r\n",
+) -> tuple[dict[str, str], bytes]:
+    """Match the Return-Path: and Received: fields the server prepends (README, "Trace headers") at the
+    start of `data`, field by field; returns ({"id": queue id, "date": date}, the rest of `data`).
+
+    `rcpt` is the recipient the Received: field names (None: there must be no `for` clause);
+    `eol` is the line ending of `data` (CRLF as POP3 sends it, LF as stored).
+    """
+    e = re.escape(eol)
+    fws = rb"(?:" + e + rb")?[ \t]+"  # folding white space
+
+    def text(s: str) -> bytes:
+        return re.escape(s.encode())
+
+    for_clause = fws + rb"for <" + text(rcpt) + rb">" if rcpt is not None else b""
+    pattern = (
+        rb"Return-Path: <" + text(sender) + rb">" + e
+        + rb"Received:" + fws + rb"from " + text(helo) + fws + rb"\(\[" + text(peer) + rb"\]\)"
+        + fws + rb"by " + text(host) + fws + rb"\(rustmail\)" + fws + rb"with " + text(protocol)
+        + fws + rb"id (?P<id>[A-Za-z0-9._-]+)" + for_clause + rb";" + fws
+        + rb"(?P<date>[^\r\n]+)" + e
+    )
+    m = re.match(pattern, data)
+    assert m, (
+        f"the message does not start with the expected trace headers (Return-Path <{sender}>, Received "
+        f"from {helo} [{peer}] by {host} with {protocol}, for {rcpt}):\n{data[:400]!r}"
+    )
+    fields = {"id": m.group("id").decode(), "date": m.group("date").decode()}
+    parsed = email.utils.parsedate_to_datetime(fields["date"])
+    assert parsed.tzinfo is not None, f"Received: date without a zone: {fields['date']!r}"
+    return fields, data[m.end():]
 
 
 def subject_of(lines: list[bytes]) -> str | None:

@@ -21,30 +21,54 @@ def read_reply(f) -> bytes:
             return line
 
 
+IDLE_SECS = 3
+
+
 def test_client_that_stops_reading_loses_its_session_and_pop3_lock(server_factory):
-    srv = server_factory(limits={"pop3_idle_timeout_secs": 2, "max_message_size": 8_000_000})
+    # README: "a client that stops reading its replies is disconnected after the same time, so it cannot
+    # hold a session (or a POP3 mailbox) open". A RETR whose writes stall is cut after
+    # pop3_idle_timeout_secs; the whole download is also capped at idle + 2 * size / min_data_rate,
+    # here 3 s + 12 MB / 500 B/s, hours away: only the stall deadline can end this session in time.
+    srv = server_factory(limits={"pop3_idle_timeout_secs": IDLE_SECS, "max_message_size": 8_000_000})
     srv.start()
-    _, msg = make_message(ALICE, body_lines=[b"z" * 990] * 6000)  # about 6 MB
+    _, msg = make_message(ALICE, body_lines=[b"z" * 990] * 6000)  # about 6 MB, far more than buffers hold
     srv.send([ALICE], msg)
     stalled = socket.create_connection(("127.0.0.1", srv.pop3_port))
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     f = stalled.makefile("rb")
-    f.readline()
-    stalled.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
-    assert f.readline().startswith(b"+OK") and f.readline().startswith(b"+OK")
-    stalled.sendall(b"RETR 1\r\n")  # and never read the answer
     try:
-        # While the stalled session holds the mailbox, a second one is refused; once the write
-        # timeout ends it, the lock is free again.
-        def second_login_works():
+        f.readline()
+        stalled.sendall(f"USER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
+        assert f.readline().startswith(b"+OK") and f.readline().startswith(b"+OK")
+        stalled.sendall(b"RETR 1\r\n")  # and never read the answer
+        retr_sent = time.monotonic()
+
+        # Right after the RETR, the stalled session holds the mailbox: a second login is refused.
+        with pytest.raises(poplib.error_proto) as refused:
+            srv.pop3(ALICE)
+        assert refused.value.args[0].startswith(b"-ERR [IN-USE]"), refused.value
+
+        # Then the write deadline ends the session and frees the lock: not at once, and not never.
+        def second_login() -> bool:
             try:
                 srv.pop3(ALICE).quit()
                 return True
             except poplib.error_proto as e:
-                assert b"[IN-USE]" in e.args[0], e
+                # Only "still locked" is a reason to try again; any other refusal fails the test.
+                assert e.args[0].startswith(b"-ERR [IN-USE]"), e
                 return False
 
-        wait_until(second_login_works, timeout=20, message="the stalled session to release the mailbox")
+        deadline = retr_sent + IDLE_SECS + 20
+        while not second_login():
+            assert time.monotonic() < deadline, (
+                f"the mailbox is still locked {time.monotonic() - retr_sent:.1f} s after the stalled RETR "
+                f"(pop3_idle_timeout_secs = {IDLE_SECS})\n{srv.log_tail()}")
+            time.sleep(0.2)
+        released = time.monotonic() - retr_sent
+        assert released >= IDLE_SECS - 0.5, (
+            f"released {released:.1f} s after the RETR: before a write could have stalled for "
+            f"{IDLE_SECS} s, so not by the write deadline\n{srv.log_tail()}")
+        assert "peer does not read fast enough" in srv.log_text()
     finally:
         stalled.close()
 

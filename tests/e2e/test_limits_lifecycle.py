@@ -7,42 +7,57 @@ import smtplib
 
 import pytest
 
-from conftest import ALICE, BOB, CAROL
-from e2e_helpers import SENDER, STOP_TIMEOUT, make_message, retr_all_subjects
+from conftest import ALICE, ALICE_ALIAS, BOB, CAROL
+from e2e_helpers import SENDER, STOP_TIMEOUT, make_message, make_message_of_size, retr_all_subjects
+
+
+# README: "largest message in octets (CRLF form), advertised as SIZE; larger → 552 5.3.4", and
+# "recipients per message; more → 452 4.5.3".
+MAX_SIZE = 10_000
 
 
 def test_message_over_max_message_size_refused_with_size_declared(server_factory):
-    srv = server_factory(limits={"max_message_size": 10_000})
+    srv = server_factory(limits={"max_message_size": MAX_SIZE})
     srv.start()
-    _, msg = make_message(ALICE, body_lines=[b"y" * 70] * 300)  # ~21 kB
-    with pytest.raises((smtplib.SMTPSenderRefused, smtplib.SMTPDataError)) as excinfo:
-        srv.send([ALICE], msg)  # smtplib declares SIZE= when the server advertises SIZE
-    assert 500 <= excinfo.value.smtp_code < 600, excinfo.value
+    msg = make_message_of_size(ALICE, MAX_SIZE + 1)
+    with srv.smtp() as s:
+        s.ehlo()
+        assert s.has_extn("size") and s.esmtp_features["size"] == str(MAX_SIZE)
+        with pytest.raises(smtplib.SMTPSenderRefused) as excinfo:
+            s.sendmail(SENDER, [ALICE], msg)  # smtplib declares SIZE=10001 in MAIL FROM
+    assert excinfo.value.smtp_code == 552, excinfo.value
+    assert excinfo.value.smtp_error.startswith(b"5.3.4 "), excinfo.value
     assert srv.all_stored_files() == []
 
 
 def test_message_over_max_message_size_refused_without_size_declared(server_factory):
-    srv = server_factory(limits={"max_message_size": 10_000})
+    srv = server_factory(limits={"max_message_size": MAX_SIZE})
     srv.start()
-    _, msg = make_message(ALICE, body_lines=[b"y" * 70] * 300)
+    msg = make_message_of_size(ALICE, MAX_SIZE + 1)
     with srv.smtp() as s:
         s.ehlo()
         assert s.mail(SENDER)[0] == 250  # no SIZE parameter: the limit must be enforced during DATA
         assert s.rcpt(ALICE)[0] == 250
         code, text = s.data(msg)
-        assert 500 <= code < 600, f"oversized DATA answered {code} {text!r}"
+        assert (code, text[:6]) == (552, b"5.3.4 "), f"oversized DATA answered {code} {text!r}"
         # The session stays usable after a refused message.
         _, small = make_message(ALICE)
         assert s.sendmail(SENDER, [ALICE], small) == {}
     assert len(srv.maildir_files(ALICE, "new")) == 1
 
 
-def test_message_at_limit_accepted(server_factory):
-    srv = server_factory(limits={"max_message_size": 100_000})
+def test_message_exactly_at_max_message_size_accepted(server_factory):
+    srv = server_factory(limits={"max_message_size": MAX_SIZE})
     srv.start()
-    _, msg = make_message(ALICE, body_lines=[b"z" * 70] * 1000)  # ~72 kB
-    assert srv.send([ALICE], msg) == {}
-    assert len(srv.maildir_files(ALICE, "new")) == 1
+    msg = make_message_of_size(ALICE, MAX_SIZE)
+    assert srv.send([ALICE], msg) == {}  # with SIZE=10000 declared
+    with srv.smtp() as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt(ALICE)[0] == 250
+        code, text = s.data(msg)  # counted during DATA
+        assert code == 250, (code, text)
+    assert len(srv.maildir_files(ALICE, "new")) == 2
 
 
 def test_recipients_over_max_recipients_refused(server_factory):
@@ -53,8 +68,8 @@ def test_recipients_over_max_recipients_refused(server_factory):
     tagged = [ALICE.replace("@", f"+{i}@") for i in range(100)]
     refused = srv.send(tagged + [BOB], msg)
     assert list(refused) == [BOB], refused
-    code = refused[BOB][0]
-    assert 400 <= code < 600, refused
+    code, text = refused[BOB]
+    assert (code, text[:6]) == (452, b"4.5.3 "), refused
     assert len(srv.maildir_files(ALICE, "new")) == 1
     assert len(srv.maildir_files(BOB, "new")) == 0
 

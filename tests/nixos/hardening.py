@@ -1,5 +1,5 @@
 # Proves: the running service has no capabilities at all and systemd-analyze rates its exposure at
-# 1.5 or lower.
+# 0.4 or lower, the rating README.md states.
 target = globals().get("SERVER_ADDRESS", "server")
 
 start_all()
@@ -15,9 +15,10 @@ with subtest("no capabilities in the running process"):
         assert int(caps[name], 16) == 0, (name, caps[name])
     assert server.succeed(f"stat -c %U /proc/{pid}").strip() != "root"
 
-with subtest("systemd-analyze security exposure at most 1.5"):
+with subtest("systemd-analyze security exposure at most 0.4"):
     out = server.succeed("systemd-analyze security --no-pager rustmail.service")
     last = [l for l in out.splitlines() if "Overall exposure level" in l][-1]
     exposure = float(last.split(":")[1].split()[0])
     print(f"exposure: {exposure}")
-    assert exposure <= 1.5, out
+    # systemd-analyze prints one decimal; the tolerance only absorbs float rounding.
+    assert exposure <= 0.4 + 1e-9, out

@@ -6,13 +6,19 @@
   mailclient --host H fetch --user U --password P [--stls | --ssl --pop3-port 995] [--cafile CERT]
                                                             print every message (RETR), one after another
   mailclient --host H uidl --user U --password P           print "n uid" lines
-  mailclient --host H hammer --seconds N --out FILE        connect/QUIT in a loop, write counts as JSON
+  mailclient --host H closed --port N                      succeed only if nothing accepts a connection there
+  mailclient --host H hammer --out FILE [--seconds N] [--stop-file F] [--progress F]
+                         connect/QUIT in a loop until F exists (at most N s), write counts as JSON to
+                         FILE at the end, and the count of sessions served so far to the progress file
 
 Exit status 0 when the exchange went as expected, 1 otherwise (with the reason on stderr).
+--expect-code N: the exchange is expected to end in an N refusal, of the sender (MAIL FROM), a recipient
+or the message (after DATA).
 """
 
 import argparse
 import json
+import os
 import poplib
 import smtplib
 import socket
@@ -41,6 +47,10 @@ def send(args):
             refused = s.send_message(msg)
         except smtplib.SMTPRecipientsRefused as e:
             refused = e.recipients
+        except smtplib.SMTPSenderRefused as e:
+            refused = {f"MAIL FROM:<{e.sender}>": (e.smtp_code, e.smtp_error)}
+        except smtplib.SMTPDataError as e:
+            refused = {"DATA": (e.smtp_code, e.smtp_error)}
         codes = sorted({code for code, _ in refused.values()})
     if args.expect_code:
         if args.expect_code not in codes:
@@ -83,12 +93,30 @@ def uidl(args):
     p.quit()
 
 
+def closed(args):
+    """Succeeds when the port accepts no TCP connection: refused, or (behind a firewall that drops) no
+    answer. A listener that accepts and then says nothing counts as open."""
+    try:
+        socket.create_connection((args.host, args.port), timeout=args.timeout).close()
+    except (ConnectionRefusedError, TimeoutError) as e:
+        print(f"closed: {args.host}:{args.port}: {e}")
+        return
+    sys.exit(f"{args.host}:{args.port} accepts connections")
+
+
+def write_atomically(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def hammer(args):
-    """Opens SMTP sessions back to back; every connection must be accepted and greeted."""
+    """Opens SMTP sessions back to back; every connection must be accepted and greeted. The progress
+    file lets a test see that the load runs before, and still runs after, what it does meanwhile."""
     ok = failed = 0
     errors = []
     deadline = time.time() + args.seconds
-    while time.time() < deadline:
+    while time.time() < deadline and not (args.stop_file and os.path.exists(args.stop_file)):
         try:
             with socket.create_connection((args.host, args.smtp_port), timeout=30) as c:
                 f = c.makefile("rb")
@@ -104,9 +132,10 @@ def hammer(args):
         except OSError as e:
             failed += 1
             errors.append(str(e))
+        if args.progress:
+            write_atomically(args.progress, f"{ok}\n")
         time.sleep(0.02)
-    with open(args.out, "w") as f:
-        json.dump({"ok": ok, "failed": failed, "errors": errors[:20]}, f)
+    write_atomically(args.out, json.dumps({"ok": ok, "failed": failed, "errors": errors[:20]}))
 
 
 def main():
@@ -127,6 +156,10 @@ def main():
     s.add_argument("--starttls", action="store_true")
     s.add_argument("--login", help="USER:PASSWORD for AUTH")
     s.set_defaults(run=send)
+    c = sub.add_parser("closed")
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--timeout", type=float, default=5)
+    c.set_defaults(run=closed)
     for name, run in (("fetch", fetch), ("uidl", uidl)):
         p = sub.add_parser(name)
         p.add_argument("--user", required=True)
@@ -134,8 +167,10 @@ def main():
         p.add_argument("--stls", action="store_true")
         p.set_defaults(run=run)
     h = sub.add_parser("hammer")
-    h.add_argument("--seconds", type=float, default=5)
+    h.add_argument("--seconds", type=float, default=5, help="at most this long")
     h.add_argument("--out", required=True)
+    h.add_argument("--stop-file", help="stop as soon as this file exists")
+    h.add_argument("--progress", help="file holding the count of sessions served so far")
     h.set_defaults(run=hammer)
     args = ap.parse_args()
     args.run(args)

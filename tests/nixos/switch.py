@@ -21,16 +21,31 @@ def main_pid():
     return server.succeed("systemctl show -p MainPID --value rustmail.service").strip()
 
 
+def served_at_least(n):
+    """Waits until the load has been served n sessions; returns the count then."""
+    client.wait_until_succeeds(f'test "$(cat /tmp/hammer.ok)" -ge {n}', 60)
+    return int(client.succeed("cat /tmp/hammer.ok"))
+
+
 def without_refusals(action):
-    """Runs action() while the client opens SMTP sessions back to back; none may be refused."""
-    client.succeed(f"rm -f /tmp/hammer.json; {mc} hammer --seconds 6 --out /tmp/hammer.json > /tmp/hammer.log 2>&1 &")
-    import time
-    time.sleep(1)
+    """Runs action() while the client opens SMTP sessions back to back; none may be refused. The load
+    is running when action() starts and is still being served after it returns."""
+    client.succeed(f"rm -f /tmp/hammer.*; {mc} hammer --seconds 300 --stop-file /tmp/hammer.stop"
+                   " --progress /tmp/hammer.ok --out /tmp/hammer.json > /tmp/hammer.log 2>&1 &")
+    served_at_least(5)
     action()
+    served = served_at_least(int(client.succeed("cat /tmp/hammer.ok")) + 5)
+    client.succeed("touch /tmp/hammer.stop")
     client.wait_until_succeeds("test -s /tmp/hammer.json", 60)
     import json
     result = json.loads(client.succeed("cat /tmp/hammer.json"))
-    assert result["failed"] == 0 and result["ok"] > 20, result
+    assert result["failed"] == 0 and result["ok"] >= served, result
+
+
+def closed(port):
+    """Nothing accepts a connection on the port (refused, or dropped by the firewall): not merely a
+    failed login, which a server still listening there would also give."""
+    client.succeed(f"{mc} closed --port {port}")
 
 
 def pop3_works(port):
@@ -63,17 +78,18 @@ with subtest("a changed unit restarts the service, the sockets stay open"):
 with subtest("a listener moved to another port"):
     switch("moved")
     pop3_works(1110)
-    client.fail(f"{mc} --pop3-port 110 uidl {login}")
+    closed(110)
     client.succeed(f"{mc} send --sender a@remote.test --to alice@example.test")
 
 with subtest("a disabled listener is closed and the switch succeeds"):
     switch("nopop3")
-    client.fail(f"{mc} --pop3-port 110 uidl {login}")
-    client.fail(f"{mc} --pop3-port 1110 uidl {login}")
+    # rustmail itself still serves (SMTP), only POP3 is gone.
     client.succeed(f"{mc} send --sender a@remote.test --to alice@example.test")
+    closed(110)
+    closed(1110)
 
 with subtest("switching back restores the first configuration"):
     switch()
     pop3_works(110)
-    client.fail(f"{mc} --pop3-port 1110 uidl {login}")
+    closed(1110)
     client.succeed(f"{mc} send --sender a@remote.test {many} --expect-code 452")

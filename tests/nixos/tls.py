@@ -1,6 +1,7 @@
 # Proves: with a certificate, mail is submitted on 587 (STARTTLS + AUTH) and 465 (implicit TLS) and
 # fetched with POP3 STLS and POP3S, through the socket units of the TLS listeners; the sender must be
-# the account's own; non-local recipients get a temporary refusal until outbound delivery exists.
+# the account's own; non-local recipients get a temporary refusal until outbound delivery exists; the
+# password, in clear or base64 as AUTH sends it, never reaches the journal.
 target = globals().get("SERVER_ADDRESS", "server")
 ca = globals().get("CA_FILE", "/etc/rustmail-test/cert.pem")
 mc = f"mailclient --host {target} --cafile {ca}"
@@ -21,5 +22,20 @@ with subtest("POP3 with STLS and POP3S"):
     client.succeed(f"{mc} --pop3-port 995 --ssl fetch --user alice@example.test --password alice-password")
 
 with subtest("submission rules"):
-    client.fail(f"{mc} send --port 587 --starttls --login {login} --sender bob@example.test --to alice@example.test")
+    # The refusal itself (553 to MAIL FROM after TLS and a good login), not any failure: a fail() here
+    # would also pass with nothing listening on 587.
+    client.succeed(f"{mc} send --port 587 --starttls --login {login} --sender bob@example.test --to alice@example.test --expect-code 553")
     client.succeed(f"{mc} --ssl send --port 465 --login {login} --sender alice@example.test --to friend@remote.test --expect-code 451")
+
+with subtest("AUTH data never reaches the journal"):
+    import base64
+    forms = {
+        "clear": "alice-password",
+        "AUTH PLAIN, base64": base64.b64encode(b"\0alice@example.test\0alice-password").decode(),
+        "the password alone, base64": base64.b64encode(b"alice-password").decode(),
+    }
+    server.succeed("journalctl -u 'rustmail*' -o verbose --no-pager > /tmp/journal.txt", "test -s /tmp/journal.txt")
+    for form, secret in forms.items():
+        # grep -c prints 0 (and exits 1) when nothing matches, and nothing at all when it cannot read.
+        count = server.succeed(f"grep -cF -- '{secret}' /tmp/journal.txt || true").strip()
+        assert count == "0", f"{form} in the journal: {count} lines"
