@@ -24,8 +24,6 @@
 //! POP3 replies are single lines, except after `C: LIST`, `C: UIDL`, `C: CAPA`, `C: RETR n`, `C: TOP n m`
 //! (multi-line when +OK), whose body is read up to the lone dot.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -33,6 +31,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::BIN;
+use common::client::LineClient;
+use common::config::Config;
 
 const PASSWORD: &str = "dialog-password";
 
@@ -67,70 +67,28 @@ impl Server {
             .find(|&p| p != smtp)
             .unwrap();
         let h = hash();
-        let root = dir.path().join("state");
-        let mut tables: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
-        let mut set = |table: &'static str, key: &str, value: String| {
-            tables
-                .entry(table)
-                .or_default()
-                .insert(key.to_string(), value);
-        };
-        set("", "hostname", r#""mx.example.test""#.into());
-        set(
-            "",
-            "domains",
-            r#"["example.test", "other.test", "catchall.test", "bücher.test"]"#.into(),
+        let mut config = Config::new(
+            dir.path(),
+            &["example.test", "other.test", "catchall.test", "bücher.test"],
         );
-        set(
-            "",
-            "storage_root",
-            format!("{:?}", root.display().to_string()),
-        );
-        set(
-            "",
-            "catch_all",
-            r#"{ "catchall.test" = "bob@example.test" }"#.into(),
-        );
-        set("listen", "smtp", format!(r#"["127.0.0.1:{smtp}"]"#));
-        set("listen", "pop3", format!(r#"["127.0.0.1:{pop3}"]"#));
-        set("limits", "max_message_size", "20000".into());
-        set("limits", "max_errors", "8".into());
-        set("auth", "failure_delay_ms", "10".into());
+        config
+            .set("catch_all", r#"{ "catchall.test" = "bob@example.test" }"#)
+            .set("listen.smtp", &format!(r#"["127.0.0.1:{smtp}"]"#))
+            .set("listen.pop3", &format!(r#"["127.0.0.1:{pop3}"]"#))
+            .set("limits.max_message_size", "20000")
+            .set("limits.max_errors", "8");
         for line in overrides {
-            let (key, value) = line
-                .split_once('=')
-                .unwrap_or_else(|| panic!("# config: {line:?} is not key = value"));
-            let key = key.trim();
-            let (table, key) = match key.split_once('.') {
-                Some(("limits", k)) => ("limits", k),
-                Some(("auth", k)) => ("auth", k),
-                None => ("", key),
-                Some(_) => panic!("# config: only top-level, limits.* and auth.* keys: {key}"),
-            };
-            set(table, key, value.trim().to_string());
+            config.set_line(line);
         }
-        let mut config = String::new();
-        for (table, entries) in &tables {
-            if !table.is_empty() {
-                config.push_str(&format!("[{table}]\n"));
-            }
-            for (key, value) in entries {
-                config.push_str(&format!("{key} = {value}\n"));
-            }
-        }
-        config.push_str(&format!(
-            r#"[accounts."alice@example.test"]
-password_hash = "{h}"
-aliases = ["al@example.test", "team@example.test"]
-[accounts."bob@example.test"]
-password_hash = "{h}"
-aliases = ["team@example.test"]
-[accounts."josé@bücher.test"]
-password_hash = "{h}"
-"#
-        ));
-        let path = dir.path().join("rustmail.toml");
-        std::fs::write(&path, config).unwrap();
+        config
+            .account(
+                "alice@example.test",
+                h,
+                &["al@example.test", "team@example.test"],
+            )
+            .account("bob@example.test", h, &["team@example.test"])
+            .account("josé@bücher.test", h, &[]);
+        let path = config.write(dir.path());
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         // DIALOG_SERVER_BIN runs the corpus against another build (e.g. to show a check failing on
         // an older or deliberately broken server).
@@ -221,78 +179,36 @@ fn unescape(text: &str) -> Vec<u8> {
     out
 }
 
+/// The client side of a dialog: the shared line client, plus what it takes to know where a POP3
+/// reply ends.
 struct Session {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    client: LineClient,
     pop3: bool,
     /// The last command sent, to know whether a POP3 reply is multi-line.
     last_command: String,
 }
 
 impl Session {
-    fn read_line(&mut self) -> Option<String> {
-        let mut line = Vec::new();
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => None,
-            Ok(_) => Some(String::from_utf8_lossy(&line).into_owned()),
-        }
-    }
-
     /// One whole reply; returns its last line (without CRLF), or None on EOF.
     fn reply(&mut self) -> Option<String> {
-        if self.pop3 {
-            let first = self.read_line()?;
-            let verb = self
-                .last_command
-                .split(' ')
-                .next()
-                .unwrap_or("")
-                .to_ascii_uppercase();
-            let args = self
-                .last_command
-                .split(' ')
-                .filter(|a| !a.is_empty())
-                .count()
-                .saturating_sub(1);
-            let multi = match verb.as_str() {
-                "LIST" | "UIDL" => args == 0,
-                "CAPA" | "RETR" | "TOP" => true,
-                _ => false,
-            };
-            if multi && first.starts_with("+OK") {
-                while self.read_line()? != ".\r\n" {}
-            }
-            return Some(first.trim_end().to_string());
+        if !self.pop3 {
+            let reply = self.client.read_smtp_reply()?;
+            return reply.lines().last().map(|l| l.trim_end().to_string());
         }
-        loop {
-            let line = self.read_line()?;
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return Some(line.trim_end().to_string());
-            }
+        let first = self.client.read_line()?;
+        let mut words = self.last_command.split(' ').filter(|a| !a.is_empty());
+        let verb = words.next().unwrap_or("").to_ascii_uppercase();
+        let args = words.count();
+        let multi = match verb.as_str() {
+            "LIST" | "UIDL" => args == 0,
+            "CAPA" | "RETR" | "TOP" => true,
+            _ => false,
+        };
+        if multi && first.starts_with("+OK") {
+            while self.client.read_line()? != ".\r\n" {}
         }
+        Some(first.trim_end().to_string())
     }
-
-    fn expect_closed(&mut self) -> Result<(), String> {
-        let mut rest = Vec::new();
-        match self.reader.read_to_end(&mut rest) {
-            Ok(_) if rest.is_empty() => Ok(()),
-            Ok(_) => Err(format!(
-                "expected the connection closed, got {:?}",
-                String::from_utf8_lossy(&rest)
-            )),
-            // A reset after the server closed with unread input is a close too; a timeout is not: the
-            // server kept the connection open.
-            Err(e) if is_reset(&e) => Ok(()),
-            Err(e) => Err(format!(
-                "expected the connection closed, but it stayed open ({e})"
-            )),
-        }
-    }
-}
-
-fn is_reset(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
 /// The steps of a dialog file, includes expanded: (line number in the file, step kind, argument).
@@ -354,15 +270,9 @@ fn run(path: &Path) -> Result<(), String> {
     let server = Server::start(&overrides);
     let pop3 = header("port").as_deref() == Some("pop3");
     let split = header("split").as_deref() == Some("bytes");
-    let stream =
-        TcpStream::connect(("127.0.0.1", if pop3 { server.pop3 } else { server.smtp })).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.set_nodelay(true).unwrap();
+    let port = if pop3 { server.pop3 } else { server.smtp };
     let mut s = Session {
-        reader: BufReader::new(stream.try_clone().unwrap()),
-        writer: stream,
+        client: LineClient::connect(([127, 0, 0, 1], port)),
         pop3,
         last_command: String::new(),
     };
@@ -374,12 +284,12 @@ fn run(path: &Path) -> Result<(), String> {
         // A write may fail once the server has closed; the next S: step tells.
         if split {
             for b in bytes {
-                if s.writer.write_all(std::slice::from_ref(b)).is_err() {
+                if !s.client.send_bytes(std::slice::from_ref(b)) {
                     break;
                 }
             }
         } else {
-            let _ = s.writer.write_all(bytes);
+            s.client.send_bytes(bytes);
         }
     };
     let mut after = Vec::new();
@@ -392,7 +302,10 @@ fn run(path: &Path) -> Result<(), String> {
                 send(&mut s, format!("{arg}\r\n").as_bytes());
             }
             "R" => send(&mut s, &unescape(arg)),
-            "S" if arg == "(closed)" => s.expect_closed().map_err(|e| format!("line {n}: {e}"))?,
+            "S" if arg == "(closed)" => s
+                .client
+                .expect_closed()
+                .map_err(|e| format!("line {n}: {e}"))?,
             "S" | "S=" => {
                 let got = s
                     .reply()

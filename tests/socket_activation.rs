@@ -3,8 +3,8 @@
 //! The configured SMTP address is unusable (TEST-NET-1, not on this host), so the test passes only if
 //! the inherited sockets are what serves.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
@@ -13,20 +13,20 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::client::LineClient;
+use common::config::Config;
 use common::{BIN, hash_password as hash};
 
 const PASSWORD: &str = "correct horse battery staple";
 
+/// The test configuration with `listen` (a `[listen]` table, or nothing) appended.
 fn write_config(dir: &Path, listen: &str) -> PathBuf {
-    let path = dir.join("rustmail.toml");
-    let text = format!(
-        "hostname = \"mx.example.test\"\ndomains = [\"example.test\"]\nstorage_root = \"{}\"\n{listen}\n\
-         [auth]\nfailure_delay_ms = 10\n[accounts.\"alice@example.test\"]\npassword_hash = \"{}\"\n",
-        dir.join("state").display(),
-        hash(PASSWORD)
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+    let mut config = Config::new(dir, &["example.test"]);
+    for line in listen.lines().filter(|l| l.contains('=')) {
+        config.set_line(&format!("listen.{line}"));
+    }
+    config.account("alice@example.test", &hash(PASSWORD), &[]);
+    config.write(dir)
 }
 
 struct Server {
@@ -155,70 +155,6 @@ impl Drop for Server {
     }
 }
 
-/// A line-based client: sends `line`, returns the full reply (all continuation lines).
-struct Client {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Client {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        line
-    }
-
-    /// Reads one SMTP reply (through its last `NNN ` line).
-    fn smtp_reply(&mut self) -> String {
-        let mut reply = String::new();
-        loop {
-            let line = self.line();
-            assert!(!line.is_empty(), "connection closed; got so far {reply:?}");
-            reply.push_str(&line);
-            if line.as_bytes().get(3) == Some(&b' ') {
-                return reply;
-            }
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        self.writer.write_all(text.as_bytes()).unwrap();
-    }
-
-    fn smtp(&mut self, command: &str) -> String {
-        self.send(&format!("{command}\r\n"));
-        self.smtp_reply()
-    }
-
-    fn pop3(&mut self, command: &str) -> String {
-        self.send(&format!("{command}\r\n"));
-        self.line()
-    }
-
-    /// Reads a POP3 multi-line body up to the lone dot.
-    fn pop3_body(&mut self) -> String {
-        let mut body = String::new();
-        loop {
-            let line = self.line();
-            if line == ".\r\n" || line.is_empty() {
-                return body;
-            }
-            body.push_str(&line);
-        }
-    }
-}
-
 fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").unwrap()
 }
@@ -247,7 +183,7 @@ fn inherited_sockets_serve_with_readiness_watchdog_reload_and_clean_stop() {
     server.wait_notify("WATCHDOG=1", Duration::from_secs(2));
     server.wait_notify("WATCHDOG=1", Duration::from_secs(2));
 
-    let mut c = Client::connect(smtp_addr);
+    let mut c = LineClient::connect(smtp_addr);
     assert!(c.smtp_reply().starts_with("220 mx.example.test"));
     assert!(
         c.smtp("EHLO client.test")
@@ -260,7 +196,7 @@ fn inherited_sockets_serve_with_readiness_watchdog_reload_and_clean_stop() {
     assert!(c.smtp(".").starts_with("250 2.0.0"));
     assert!(c.smtp("QUIT").starts_with("221"));
 
-    let mut p = Client::connect(pop3_addr);
+    let mut p = LineClient::connect(pop3_addr);
     assert!(p.line().starts_with("+OK"));
     assert!(p.pop3("USER alice@example.test").starts_with("+OK"));
     assert!(
@@ -309,7 +245,7 @@ fn stop_waits_for_the_message_in_progress_then_answers_421() {
     let mut server = start(dir.path(), &config, &[&smtp], "smtp", None);
     server.wait_notify("READY=1", Duration::from_secs(10));
 
-    let mut c = Client::connect(addr);
+    let mut c = LineClient::connect(addr);
     c.smtp_reply();
     c.smtp("EHLO client.test");
     c.smtp("MAIL FROM:<>");
@@ -410,7 +346,10 @@ fn watchdog_pings_stop_while_storage_fails_and_resume_after() {
     // mail; once it is back, they resume.
     let dir = tempfile::tempdir().unwrap();
     let smtp = listener();
-    let config = write_config(dir.path(), "[listen]\nsmtp = [\"systemd:smtp\"]\npop3 = []\n");
+    let config = write_config(
+        dir.path(),
+        "[listen]\nsmtp = [\"systemd:smtp\"]\npop3 = []\n",
+    );
     let mut server = start(dir.path(), &config, &[&smtp], "smtp", Some(400_000));
     drop(smtp);
     server.wait_notify("READY=1", Duration::from_secs(10));
@@ -425,11 +364,16 @@ fn watchdog_pings_stop_while_storage_fails_and_resume_after() {
     while Instant::now() < quiet_until {
         if let Ok(n) = server.notify.recv(&mut buf) {
             let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            assert!(!msg.contains("WATCHDOG=1"), "pinged while storage fails: {msg}");
+            assert!(
+                !msg.contains("WATCHDOG=1"),
+                "pinged while storage fails: {msg}"
+            );
         }
     }
     assert!(
-        server.log_text().contains("health check failed: storage not writable"),
+        server
+            .log_text()
+            .contains("health check failed: storage not writable"),
         "{}",
         server.log_text()
     );

@@ -1,4 +1,10 @@
-//! Helpers shared by the integration tests that run the real binary.
+//! The test-support layer shared by the integration tests that run the real binary: the binary, a
+//! password hash, one way to write a configuration ([`config::Config`]) and one line client
+//! ([`client::LineClient`]). (Each test crate uses a part of it.)
+#![allow(dead_code)]
+
+pub mod client;
+pub mod config;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
