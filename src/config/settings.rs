@@ -193,6 +193,9 @@ pub const MIN_RECIPIENTS: usize = 100;
 /// for minutes: a lock-out in disguise, better configured as `auth.max_failures_per_ip`.
 pub const MAX_FAILURE_DELAY_MS: u64 = 60_000;
 
+/// The longest timeout accepted: one year.
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
     let positive: [(&str, u64); 12] = [
         ("limits.max_connections", l.max_connections as u64),
@@ -217,6 +220,14 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
     for (key, value) in positive {
         if value == 0 {
             return Err(ConfigError::invalid(key, "must be greater than 0"));
+        }
+        // A timeout beyond any sensible wait is a mistake (and near 2^63 s it cannot be added to a
+        // clock at all).
+        if key.ends_with("_secs") && value > MAX_TIMEOUT_SECS {
+            return Err(ConfigError::invalid(
+                key,
+                format!("must be at most {MAX_TIMEOUT_SECS} (one year)"),
+            ));
         }
     }
     // RFC 5321 §4.5.3.1: the minimum maximums every SMTP server must accept.
@@ -414,6 +425,16 @@ mod tests {
         let mut c = config();
         c.tls.certificate = Some("/etc/ssl/cert.pem".into());
         assert_eq!(invalid_key(c), "tls.key");
+    }
+
+    #[test]
+    fn timeouts_over_a_year_are_refused() {
+        let mut c = config();
+        c.limits.command_timeout_secs = 1 << 62;
+        assert_eq!(invalid_key(c), "limits.command_timeout_secs");
+        let mut c = config();
+        c.limits.session_timeout_secs = 365 * 24 * 3600;
+        assert!(Settings::from_config(c).is_ok());
     }
 
     #[test]

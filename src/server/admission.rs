@@ -20,6 +20,9 @@ pub fn refusal_allowance(limits: &Limits) -> usize {
     (limits.max_connections / 8).clamp(8, 64)
 }
 
+/// Refusals under way for one address at most: one flooding address cannot take every refusal slot.
+pub const REFUSALS_PER_ADDRESS: usize = 2;
+
 /// Client sockets open at most, served and refused together.
 pub fn socket_cap(limits: &Limits) -> usize {
     limits.max_connections + refusal_allowance(limits)
@@ -36,6 +39,8 @@ struct Counts {
     refusing: usize,
     /// Served connections per address key.
     per_ip: HashMap<IpAddr, usize>,
+    /// Refusals under way per address key.
+    refusing_per_ip: HashMap<IpAddr, usize>,
 }
 
 /// What to do with an accepted socket. A ticket keeps its place counted until it is dropped.
@@ -47,8 +52,8 @@ pub enum Verdict {
 
 pub struct Ticket {
     admission: Arc<Admission>,
-    /// The address key a served ticket counts against; `None` for a refusal.
-    served_ip: Option<IpAddr>,
+    ip: IpAddr,
+    served: bool,
 }
 
 impl Admission {
@@ -61,11 +66,14 @@ impl Admission {
             *c.per_ip.entry(ip).or_insert(0) += 1;
             return Verdict::Serve(Ticket {
                 admission: self.clone(),
-                served_ip: Some(ip),
+                ip,
+                served: true,
             });
         }
-        if c.refusing < refusal_allowance(limits) {
+        let refusing_here = c.refusing_per_ip.get(&ip).copied().unwrap_or(0);
+        if c.refusing < refusal_allowance(limits) && refusing_here < REFUSALS_PER_ADDRESS {
             c.refusing += 1;
+            *c.refusing_per_ip.entry(ip).or_insert(0) += 1;
             tracing::warn!(
                 served = c.served,
                 from_ip,
@@ -73,7 +81,8 @@ impl Admission {
             );
             return Verdict::Refuse(Ticket {
                 admission: self.clone(),
-                served_ip: None,
+                ip,
+                served: false,
             });
         }
         Verdict::Close
@@ -92,17 +101,18 @@ impl Drop for Ticket {
             .counts
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match self.served_ip {
-            Some(ip) => {
-                c.served -= 1;
-                if let Some(n) = c.per_ip.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        c.per_ip.remove(&ip);
-                    }
-                }
+        let map = if self.served {
+            c.served -= 1;
+            &mut c.per_ip
+        } else {
+            c.refusing -= 1;
+            &mut c.refusing_per_ip
+        };
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
             }
-            None => c.refusing -= 1,
         }
     }
 }
@@ -126,11 +136,12 @@ mod tests {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let served: Vec<_> = (0..2).map(|_| a.admit(ip, &l)).collect();
         assert!(served.iter().all(|v| matches!(v, Verdict::Serve(_))));
-        let refused: Vec<_> = (0..refusal_allowance(&l))
-            .map(|_| a.admit(ip, &l))
-            .collect();
+        let refused: Vec<_> = (0..REFUSALS_PER_ADDRESS).map(|_| a.admit(ip, &l)).collect();
         assert!(refused.iter().all(|v| matches!(v, Verdict::Refuse(_))));
-        assert!(matches!(a.admit(ip, &l), Verdict::Close));
+        assert!(
+            matches!(a.admit(ip, &l), Verdict::Close),
+            "one address takes at most {REFUSALS_PER_ADDRESS} refusal slots"
+        );
         let other: IpAddr = "192.0.2.8".parse().unwrap();
         assert!(
             matches!(a.admit(other, &l), Verdict::Serve(_)),
@@ -143,9 +154,24 @@ mod tests {
     }
 
     #[test]
+    fn one_flooding_address_leaves_refusal_slots_for_others() {
+        let a = Arc::new(Admission::default());
+        let l = limits(1, 1);
+        let flood: IpAddr = "192.0.2.66".parse().unwrap();
+        let _served = a.admit(flood, &l);
+        let _held: Vec<_> = (0..100).map(|_| a.admit(flood, &l)).collect();
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        assert!(
+            matches!(a.admit(other, &l), Verdict::Refuse(_)),
+            "another client over the limit still hears why"
+        );
+    }
+
+    #[test]
     fn sockets_never_exceed_the_cap() {
         let a = Arc::new(Admission::default());
         let l = limits(10, 1000);
+        // Every address its own: the total cap is what binds.
         let tickets: Vec<_> = (0..1000u32)
             .map(|i| a.admit(IpAddr::from(i.to_be_bytes()), &l))
             .filter(|v| !matches!(v, Verdict::Close))

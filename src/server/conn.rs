@@ -17,8 +17,8 @@ use tokio_rustls::server::TlsStream;
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-/// A TLS shutdown (close_notify) waits no longer than this for a peer that does not read.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Closing (TLS close_notify, then the linger) takes no longer than this.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 enum Stream<S> {
     Plain(S),
@@ -44,8 +44,9 @@ pub enum Input {
 
 pub struct Connection<S> {
     stream: Stream<S>,
-    /// Bytes read and not yet consumed by the session.
-    pub input: Vec<u8>,
+    /// Bytes read; those before `start` were consumed by the session already.
+    input: Vec<u8>,
+    start: usize,
     /// Bytes read in all.
     pub received: u64,
 }
@@ -55,6 +56,7 @@ impl<S: Io> Connection<S> {
         Connection {
             stream: Stream::Plain(stream),
             input: Vec::with_capacity(8192),
+            start: 0,
             received: 0,
         }
     }
@@ -71,13 +73,27 @@ impl<S: Io> Connection<S> {
         }
     }
 
-    /// Drops the first `n` input bytes (what the session consumed).
+    /// The input not yet consumed.
+    pub fn pending(&self) -> &[u8] {
+        &self.input[self.start..]
+    }
+
+    /// Marks the first `n` pending bytes as consumed. (They are dropped at the next read, in one
+    /// move: dropping them here, per line, would move the rest of the buffer once per line.)
     pub fn consume(&mut self, n: usize) {
-        self.input.drain(..n);
+        self.start += n;
+        if self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+        }
     }
 
     /// Reads more input, until `deadline` or until `stop` resolves.
     pub async fn read(&mut self, deadline: Instant, stop: impl Future<Output = ()>) -> Input {
+        if self.start > 0 {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
         self.input.reserve(8192);
         let read = async {
             match &mut self.stream {
@@ -146,12 +162,13 @@ impl<S: Io> Connection<S> {
         timeout: Duration,
         command: &str,
     ) -> bool {
-        if !self.input.is_empty() {
+        if !self.pending().is_empty() {
             tracing::info!(
-                octets = self.input.len(),
+                octets = self.pending().len(),
                 "discarding plaintext sent after {command}"
             );
             self.input.clear();
+            self.start = 0;
         }
         let Stream::Plain(plain) = std::mem::replace(&mut self.stream, Stream::Gone) else {
             return false;
@@ -175,22 +192,44 @@ impl<S: Io> Connection<S> {
         }
     }
 
-    /// Writes the last reply and closes, both bounded: a peer that stops reading cannot hold the
-    /// task (nor a server stop) in `write` or in the TLS close_notify.
+    /// Writes the last reply and closes, all bounded: a peer that stops reading cannot hold the task
+    /// (nor a server stop) in `write` or in the TLS close_notify. After our side is shut, what the
+    /// client still sends is read and dropped for a moment (at most [`LINGER`] octets, within
+    /// [`CLOSE_TIMEOUT`]): closing with unread input would make the kernel answer with a reset, and a
+    /// client still writing (a refused BDAT chunk, a pipelined group) might never read our reply.
     pub async fn close(mut self, last: &[u8], deadline: Instant) {
         if !self.write(last, deadline).await {
             return;
         }
-        let shutdown = async {
-            match &mut self.stream {
+        let linger = async {
+            let shut = match &mut self.stream {
                 Stream::Plain(s) => s.shutdown().await,
                 Stream::Tls(s) => s.shutdown().await,
-                Stream::Gone => Ok(()),
+                Stream::Gone => return,
+            };
+            if shut.is_err() {
+                return;
+            }
+            let mut drained = 0;
+            let mut buf = [0u8; 8192];
+            while drained < LINGER {
+                let n = match &mut self.stream {
+                    Stream::Plain(s) => s.read(&mut buf).await,
+                    Stream::Tls(s) => s.read(&mut buf).await,
+                    Stream::Gone => return,
+                };
+                match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => drained += n,
+                }
             }
         };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, shutdown).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, linger).await;
     }
 }
+
+/// Octets read and dropped at most after our side of a connection is closed.
+const LINGER: usize = 64 * 1024;
 
 /// The per-request deadlines of one session (Postfix's `smtpd_per_request_deadline` and
 /// `smtpd_min_data_rate`): a command must arrive whole within the command timeout of when the server
@@ -243,14 +282,22 @@ impl Deadlines {
         let end = if in_transfer {
             let (start, at_start) = *self.transfer_start.get_or_insert((now, received));
             let allowed = start
-                .checked_add(self.transfer + transfer_allowance(received - at_start, self.min_rate))
+                .checked_add(
+                    self.transfer
+                        .saturating_add(transfer_allowance(received - at_start, self.min_rate)),
+                )
                 .unwrap_or(self.session_end);
-            allowed.min(self.progress.1 + self.transfer)
+            allowed.min(
+                self.progress
+                    .1
+                    .checked_add(self.transfer)
+                    .unwrap_or(self.session_end),
+            )
         } else {
             self.transfer_start = None;
             if self.request != Some(requests) {
                 self.request = Some(requests);
-                self.command_end = now + self.command;
+                self.command_end = now.checked_add(self.command).unwrap_or(self.session_end);
             }
             self.command_end
         };
@@ -260,6 +307,12 @@ impl Deadlines {
         }
     }
 
+    /// A new message begins (DATA accepted, or a first BDAT chunk): its transfer allowance starts now,
+    /// even when it was pipelined behind the previous message with no command read in between.
+    pub fn new_transfer(&mut self) {
+        self.transfer_start = None;
+    }
+
     /// For a reply: the command timeout, within the session limit.
     pub fn reply(&self) -> Instant {
         after(self.command).min(self.session_end)
@@ -267,7 +320,11 @@ impl Deadlines {
 
     /// For sending `octets` of a download: the timeout plus the minimum-rate allowance.
     pub fn download(&self, octets: u64) -> Instant {
-        after(self.transfer + transfer_allowance(octets, self.min_rate)).min(self.session_end)
+        after(
+            self.transfer
+                .saturating_add(transfer_allowance(octets, self.min_rate)),
+        )
+        .min(self.session_end)
     }
 
     /// For one write of a download that must end by `whole`: it must also not stall longer than the
@@ -403,6 +460,21 @@ mod tests {
         let deadline = d.next_read(0, false, 0);
         assert!(deadline.session_limit);
         assert_eq!(deadline.at, Instant::now() + Duration::from_secs(100));
+    }
+
+    #[tokio::test]
+    async fn huge_configured_timeouts_do_not_panic_the_deadlines() {
+        // Found in review: now + timeout overflowed for a timeout near 2^63 s.
+        let huge = Duration::from_secs(u64::MAX / 2);
+        let mut d = Deadlines::new(huge, huge, huge, 1);
+        let _ = d.next_read(0, false, 0);
+        let _ = d.next_read(1, true, 10);
+        let _ = d.next_read(1, true, 20);
+        let _ = (
+            d.reply(),
+            d.download(u64::MAX),
+            d.download_step(after(huge)),
+        );
     }
 
     #[test]

@@ -265,8 +265,9 @@ fn raise_fd_limit(sockets: usize) {
         tracing::warn!(soft, hard, "cannot raise the open-files limit");
     }
     let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
-    // Each session may hold a spool file or a mailbox lock besides its socket, plus listeners and logs.
-    let needed = 2 * sockets as u64 + 64;
+    // Each session may hold a spool file and a Maildir file (a copy) or a mailbox lock and a message
+    // besides its socket, plus listeners and logs.
+    let needed = 3 * sockets as u64 + 64;
     if limit < needed {
         tracing::warn!(
             limit,
@@ -366,6 +367,9 @@ async fn accept_loop(
     }
 }
 
+/// The handshake of a refused implicit-TLS connection (to send its 421) gets no longer than this.
+const REFUSAL_HANDSHAKE: Duration = Duration::from_secs(3);
+
 /// Dual-stack sockets (systemd's default for `[::]:25`) show IPv4 clients as `::ffff:a.b.c.d`: use
 /// the plain IPv4 form everywhere (Received:, logs, limits).
 fn client_address(peer: SocketAddr) -> SocketAddr {
@@ -409,7 +413,11 @@ pub async fn serve<S: conn::Io>(
             tracing::error!("TLS listener without a certificate (tls.certificate, tls.key)");
             return;
         };
-        let timeout = Duration::from_secs(settings.limits.tls_handshake_timeout_secs);
+        let mut timeout = Duration::from_secs(settings.limits.tls_handshake_timeout_secs);
+        if busy {
+            // A refusal is worth a short handshake only.
+            timeout = timeout.min(REFUSAL_HANDSHAKE);
+        }
         if !conn.upgrade(&tls.config, timeout, "connect").await {
             return;
         }

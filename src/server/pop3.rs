@@ -101,7 +101,7 @@ pub async fn serve<S: Io>(
     let handshake = Duration::from_secs(limits.tls_handshake_timeout_secs);
     let mut maildrop: Option<Maildrop> = None;
     loop {
-        let (used, event) = session.advance(&conn.input);
+        let (used, event) = session.advance(conn.pending());
         conn.consume(used);
         match event {
             Event::NeedInput => {}

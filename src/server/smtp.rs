@@ -57,7 +57,7 @@ pub async fn serve<S: Io>(
             stop_seen = true;
             session.request_shutdown();
         }
-        let (used, event) = session.advance(&conn.input);
+        let (used, event) = session.advance(conn.pending());
         match event {
             Event::MessageLine(bytes) | Event::MessagePartial(bytes) => {
                 message.append_content(bytes);
@@ -73,6 +73,7 @@ pub async fn serve<S: Io>(
             Event::NeedInput => {}
             Event::MessageStart => {
                 conn.consume(used);
+                deadlines.new_transfer();
                 message.start(&shared, &session).await;
                 continue;
             }
@@ -216,7 +217,7 @@ impl Message {
             (spool, r)
         })
         .await
-        .expect("spool writes do not panic");
+        .unwrap_or_else(|e| panic!("a spool write task failed: {e}"));
         match result {
             Ok(()) => self.spool = Some(spool),
             Err(e) => {

@@ -29,6 +29,10 @@ pub struct MissingHeaders {
     name: Vec<u8>,
     /// The colon of the current field was seen.
     named: bool,
+    /// White space followed the name: only the colon may come now.
+    name_ended: bool,
+    /// The name is longer than any we look for.
+    name_too_long: bool,
     saw_message_id: bool,
     saw_date: bool,
     message_id: String,
@@ -49,11 +53,15 @@ pub struct SenderFields {
     pub sender_count: usize,
     /// A value was too long to keep.
     pub oversized: bool,
+    /// A header line was no `name: value` field (nor a continuation).
+    pub malformed: bool,
 }
 
 /// Why a submitted message's originator fields are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SenderProblem {
+    /// A header line that is not a field (a bad name, no colon, control characters).
+    BadHeader,
     /// Not exactly one `From:` with at least one mailbox, more than one `Sender:`, or unreadable.
     Malformed,
     /// An address there does not belong to the account.
@@ -64,6 +72,9 @@ impl SenderFields {
     /// RFC 5322 §3.6: exactly one `From:` holding at least one mailbox, at most one `Sender:`, both
     /// readable; and every address in them must satisfy `owned(local, domain)`.
     pub fn check(&self, owned: impl Fn(&str, &str) -> bool) -> Result<(), SenderProblem> {
+        if self.malformed {
+            return Err(SenderProblem::BadHeader);
+        }
         if self.oversized || self.from_count != 1 || self.sender_count > 1 {
             return Err(SenderProblem::Malformed);
         }
@@ -119,6 +130,8 @@ impl MissingHeaders {
             line_len: 0,
             name: Vec::with_capacity(MAX_NAME),
             named: false,
+            name_ended: false,
+            name_too_long: false,
             saw_message_id: false,
             saw_date: false,
             message_id,
@@ -148,6 +161,10 @@ impl MissingHeaders {
                     self.in_header = false;
                     return;
                 }
+                if !self.named {
+                    // A header line without a colon is no field at all.
+                    self.senders.malformed = true;
+                }
                 self.line_len = 0;
                 out.push(b);
                 continue;
@@ -161,19 +178,37 @@ impl MissingHeaders {
                     self.close_field();
                     self.name.clear();
                     self.named = false;
+                    self.name_ended = false;
+                    self.name_too_long = false;
                 }
             }
             self.line_len += 1;
             out.push(b);
             if !self.named {
-                if b == b':' {
-                    self.named = true;
-                    self.start_field();
-                } else if self.name.len() < MAX_NAME {
-                    self.name.push(b.to_ascii_lowercase());
-                } else {
-                    // Longer than any name looked for.
-                    self.named = true;
+                // RFC 5322 §3.6.8 and §4.5: field-name = 1*ftext, then any white space, then ":".
+                // Anything else is refused (a reader more lenient than this pass, such as one that
+                // skips white space inside names, must never see a From: that we did not).
+                match b {
+                    b':' if self.name.is_empty() && !self.name_too_long => {
+                        self.senders.malformed = true;
+                        self.named = true;
+                    }
+                    b':' => {
+                        self.named = true;
+                        self.start_field();
+                    }
+                    b' ' | b'\t' => self.name_ended = true,
+                    0x21..=0x7e if !self.name_ended => {
+                        if self.name.len() < MAX_NAME {
+                            self.name.push(b.to_ascii_lowercase());
+                        } else {
+                            self.name_too_long = true;
+                        }
+                    }
+                    _ => {
+                        self.senders.malformed = true;
+                        self.named = true;
+                    }
                 }
                 continue;
             }
@@ -189,7 +224,7 @@ impl MissingHeaders {
 
     /// The colon of a field was read: which field is it?
     fn start_field(&mut self) {
-        let name = self.name.trim_ascii_end();
+        let name: &[u8] = if self.name_too_long { b"" } else { &self.name };
         self.field = match name {
             b"from" => Field::From,
             b"sender" => Field::Sender,
@@ -358,6 +393,35 @@ mod tests {
         let f = senders("From: Jane <jane@example.org>\n\n", 4);
         assert_eq!(f.check(|l, _| l == "jane"), Ok(()));
         assert_eq!(f.check(|_, _| false), Err(SenderProblem::NotOwned));
+    }
+
+    #[test]
+    fn field_names_a_lenient_reader_would_take_as_from_are_refused() {
+        // Found in review: "From" + 30 spaces + ":" was classed as another field (the name was cut
+        // at 32 octets, white space included), and mail-parser reads "Fr om:", ":From:" and
+        // "\x0cFrom:" as From:. Each is now a malformed header, refused whole.
+        let own = "From: alice@example.org\n";
+        // Any amount of white space before the colon is still From: (obsolete syntax): a second one.
+        let spaced = format!("{own}From{}: ceo@example.org\n\n", " ".repeat(30));
+        assert_eq!(owned_by_anyone(&spaced), Err(SenderProblem::Malformed));
+        for forged in [
+            "Fr om: ceo@example.org\n".to_string(),
+            ":From: ceo@example.org\n".to_string(),
+            "\x0cFrom: ceo@example.org\n".to_string(),
+            "From\0: ceo@example.org\n".to_string(),
+            "no colon on this line\n".to_string(),
+        ] {
+            let m = format!("{own}{forged}Subject: x\n\nbody\n");
+            assert_eq!(
+                owned_by_anyone(&m),
+                Err(SenderProblem::BadHeader),
+                "{forged:?}"
+            );
+        }
+        let long_name = format!("X-{}: fine\n", "n".repeat(100));
+        assert!(owned_by_anyone(&format!("{own}{long_name}\nbody\n")).is_ok());
+        let spaced = format!("From{}: alice@example.org\n\n", "\t ".repeat(40));
+        assert_eq!(owned_by_anyone(&spaced).unwrap(), ["alice@example.org"]);
     }
 
     #[test]

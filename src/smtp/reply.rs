@@ -141,6 +141,11 @@ pub const ORIGINATOR_MALFORMED: Reply = Reply::new(
     "5.6.0",
     "A submitted message needs exactly one From: naming a mailbox, and at most one Sender:",
 );
+pub const HEADER_MALFORMED: Reply = Reply::new(
+    554,
+    "5.6.0",
+    "Message refused: a header line is not a valid field (RFC 5322 §2.2)",
+);
 pub const SENDER_NOT_OWNED: Reply = Reply::new(
     553,
     "5.7.1",

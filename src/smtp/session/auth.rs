@@ -45,6 +45,7 @@ impl Session {
         self.envelope = None;
         self.account = None;
         self.bdat = None;
+        self.bdat_refusal = None;
         self.mode = Mode::Command;
     }
 

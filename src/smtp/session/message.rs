@@ -47,6 +47,7 @@ impl Session {
                 tracing::info!(account = %account.address, ?problem, "From:/Sender: refused");
                 Err(match problem {
                     SenderProblem::Malformed => reply::ORIGINATOR_MALFORMED,
+                    SenderProblem::BadHeader => reply::HEADER_MALFORMED,
                     SenderProblem::NotOwned => reply::FROM_NOT_OWNED,
                 })
             }
@@ -180,6 +181,10 @@ impl Session {
             self.bdat = None;
             if let Some(refusal) = self.bdat_refusal.clone() {
                 self.reply(refusal);
+                if last {
+                    // The refused transaction is over: later chunks are judged on their own.
+                    self.bdat_refusal = None;
+                }
                 return None;
             }
             match &self.envelope {

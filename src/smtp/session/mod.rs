@@ -187,7 +187,10 @@ impl Session {
     /// received is never cut).
     pub fn request_shutdown(&mut self) {
         self.shutdown_requested = true;
-        if matches!(self.mode, Mode::Command | Mode::DrainCommand) {
+        if matches!(
+            self.mode,
+            Mode::Command | Mode::DrainCommand | Mode::Auth(_)
+        ) {
             self.close_with(reply::SHUTTING_DOWN);
         }
     }
