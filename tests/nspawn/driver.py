@@ -98,12 +98,26 @@ class Machine:
         self.wait_until_succeeds("systemctl is-system-running --wait | grep -Eq 'running|degraded'", 120)
 
     def _find_leader(self):
-        try:
-            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
-                                 capture_output=True, text=True).stdout.split()
-        except OSError:
-            return None
-        return int(out[0]) if out else None
+        """The container's init: the descendant of nspawn that is PID 1 of its own PID namespace
+        (nspawn's first child may be a short-lived helper that forks it)."""
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    with open(f"/proc/{child}/status") as f:
+                        nspid = next((l.split()[1:] for l in f if l.startswith("NSpid:")), [])
+                except OSError:
+                    continue
+                if len(nspid) > 1 and nspid[-1] == "1":
+                    return child
+                todo.append(child)
+        return None
 
     def _console_tail(self):
         with contextlib.suppress(OSError), open(self.console, "rb") as f:
@@ -118,14 +132,15 @@ class Machine:
             # every process of the container running (the old rustmail kept its storage lock, and
             # before the lock two servers shared one storage root). SIGKILL to the PID namespace's
             # init makes the kernel kill everything in it at once, as a power cut would.
-            if self.leader:
+            leader = self._find_leader() or self.leader
+            if leader:
                 try:
-                    os.kill(self.leader, signal.SIGKILL)
+                    os.kill(leader, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 # The kernel makes the namespace empty before its init turns into a zombie.
                 deadline = time.time() + 30
-                while _alive(self.leader) and time.time() < deadline:
+                while _alive(leader) and time.time() < deadline:
                     time.sleep(0.05)
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -139,8 +154,7 @@ class Machine:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self.crash()
         self.proc = None
         self.leader = None
 
