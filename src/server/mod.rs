@@ -442,7 +442,10 @@ async fn reload(shared: &Arc<Shared>, reloader: &Reloader) {
                 new.storage_root = current.storage_root.clone();
             }
             if new.listeners != current.listeners {
-                tracing::warn!("[listen] changes take effect only after a restart");
+                tracing::warn!(
+                    "[listen] changes take effect only after a restart; keeping the current listeners"
+                );
+                new.listeners = current.listeners.clone();
             }
             let new = Arc::new(new);
             let (shared2, new2) = (shared.clone(), new.clone());
