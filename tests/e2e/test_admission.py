@@ -117,3 +117,55 @@ def test_fd_exhaustion_backs_off_and_recovers_without_spinning(server_factory):
 
     wait_until(served, timeout=10, message="service after the fds were freed")
     assert srv.running
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_two_thousand_idle_connections_are_capped_memory_bounded_and_timed_out(server_factory):
+    # 2,000 silent clients from 400 addresses: exactly max_connections are served, the rest are
+    # refused (a bounded number) or closed at once; the server's memory stays bounded; the idle ones
+    # are timed out, after which a fresh client is served.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    srv = server_factory(limits={"command_timeout_secs": 4, "max_connections_per_ip": 5})
+    srv.start()
+    rss_before = rss_kib(srv.proc.pid)
+    conns = []
+    try:
+        for i in range(2000):
+            conns.append(connect_from(f"127.1.{i // 5 // 250}.{1 + (i // 5) % 250}", srv.smtp_port))
+        answers = {"220": 0, "421": 0, "closed": 0}
+        for c in conns:
+            c.settimeout(3)
+            try:
+                line = c.makefile("rb").readline()
+            except OSError:
+                line = b""
+            answers["220" if line.startswith(b"220") else "421" if line.startswith(b"421") else "closed"] += 1
+        rss_during = rss_kib(srv.proc.pid)
+        print(f"2,000 idle connections: {answers}; server RSS {rss_before} KiB before, {rss_during} KiB with them open")
+        assert answers["220"] == 256, answers
+        assert answers["421"] <= 32, answers
+        assert rss_during < rss_before + 64 * 1024, f"RSS grew from {rss_before} to {rss_during} KiB"
+        # The served ones are idle: the command timeout (4 s, then at most 2 s of closing) ends them,
+        # and the server takes new clients.
+        def fresh_client_served():
+            fresh = connect_from("127.0.0.9", srv.smtp_port)
+            try:
+                return greeting(fresh).startswith(b"220 ")
+            finally:
+                fresh.close()
+
+        time.sleep(4)
+        wait_until(fresh_client_served, timeout=8, message="a fresh client served after the idle timeout")
+    finally:
+        for c in conns:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
