@@ -10,7 +10,7 @@ use super::conn::{self, Connection, Deadlines, Input, Io};
 use super::{Shared, blocking};
 use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
-use crate::smtp::reply::Reply;
+use crate::smtp::reply::{self, Reply};
 use crate::smtp::{AuthOutcome, Channel, Event, Session};
 use crate::storage::Spool;
 
@@ -96,7 +96,8 @@ pub async fn serve<S: Io>(
                 message.append_content(&session.take_message_bytes());
                 match message.finish(&shared, &session).await {
                     Ok(id) => session.message_stored(Ok(&id)),
-                    Err(Refusal::Temporary) => session.message_stored(Err(())),
+                    Err(Refusal::Temporary) => session.message_stored(Err(reply::STORAGE_FAILED)),
+                    Err(Refusal::Full) => session.message_stored(Err(reply::STORAGE_FULL)),
                     Err(Refusal::Permanent(reply)) => session.message_refused(reply),
                 }
                 continue;
@@ -177,6 +178,8 @@ pub async fn serve<S: Io>(
 struct Message {
     spool: Option<Spool>,
     failed: bool,
+    /// What failed was a full file system (or quota): 452 4.3.1 rather than 451 4.3.0.
+    full: bool,
     pending: Vec<u8>,
     /// Submission: adds Message-ID and Date when the message has none.
     fixer: Option<MissingHeaders>,
@@ -202,6 +205,7 @@ impl Message {
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a spool file");
                 self.failed = true;
+                self.full |= is_full(&e);
             }
         }
     }
@@ -223,6 +227,7 @@ impl Message {
             Err(e) => {
                 tracing::error!(error = %e, "cannot write the spool file");
                 self.failed = true;
+                self.full |= is_full(&e);
                 drop_in_background(spool);
             }
         }
@@ -254,6 +259,7 @@ impl Message {
         self.fixer = None;
         self.content_started = false;
         self.failed = false;
+        self.full = false;
         if let Some(spool) = self.spool.take() {
             drop_in_background(spool);
         }
@@ -273,8 +279,13 @@ impl Message {
         let spool = match (self.spool.take(), self.failed) {
             (Some(spool), false) => spool,
             _ => {
+                let full = self.full;
                 self.discard();
-                return Err(Refusal::Temporary);
+                return Err(if full {
+                    Refusal::Full
+                } else {
+                    Refusal::Temporary
+                });
             }
         };
         let from = envelope
@@ -309,6 +320,10 @@ impl Message {
                 tracing::info!(queue_id = %id, from = %from, rcpts = ?rcpts, size, "message accepted: {id} from <{from}> to {} ({size} octets)", rcpts.join(", "));
                 Ok(id)
             }
+            Err(e) if is_full(&e) => {
+                tracing::error!(queue_id = %id, error = %e, "delivery failed, storage full, answered 452: {id}: {e}");
+                Err(Refusal::Full)
+            }
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "delivery failed, answered 451: {id}: {e}");
                 Err(Refusal::Temporary)
@@ -321,6 +336,8 @@ impl Message {
 enum Refusal {
     /// Storage failed: 451, the client retries.
     Temporary,
+    /// The file system or quota is full: 452 4.3.1, the client retries.
+    Full,
     /// The message broke a rule: this reply, final.
     Permanent(Reply),
 }
@@ -330,6 +347,14 @@ impl Drop for Message {
     fn drop(&mut self) {
         self.discard();
     }
+}
+
+/// ENOSPC or EDQUOT.
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Removing a spool file is disk I/O: keep it off the async workers.

@@ -78,6 +78,9 @@ pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::new(421, "4.7.0", "Too many connections, try again later");
 pub const STORAGE_FAILED: Reply =
     Reply::new(451, "4.3.0", "Could not store the message, try again later");
+/// RFC 3463 4.3.1: the disk (or quota) is full; the client keeps the message and retries.
+pub const STORAGE_FULL: Reply =
+    Reply::new(452, "4.3.1", "Insufficient system storage, try again later");
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recipients");
 /// Until outbound delivery exists: temporary, so that the client keeps the message and retries.
 pub const OUTBOUND_UNAVAILABLE: Reply = Reply::new(

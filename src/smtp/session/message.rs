@@ -9,14 +9,15 @@ use crate::smtp::headers::{SenderFields, SenderProblem};
 use crate::smtp::reply::{self, Reply};
 
 impl Session {
-    /// The driver's report on storing the message announced by [`Event::MessageEnd`].
-    pub fn message_stored(&mut self, result: Result<&str, ()>) {
+    /// The driver's report on storing the message announced by [`Event::MessageEnd`]: its queue id,
+    /// or the temporary reply for why it could not be stored (not a client error).
+    pub fn message_stored(&mut self, result: Result<&str, Reply>) {
         self.envelope = None;
         self.bdat = None;
         self.mode = Mode::Command;
         match result {
             Ok(id) => self.reply(reply::OK.with_text(format!("OK, queued as {id}"))),
-            Err(()) => self.reply(reply::STORAGE_FAILED),
+            Err(refusal) => self.reply(refusal),
         }
     }
 

@@ -381,7 +381,7 @@ fn storage_failure_is_temporary() {
     assert_eq!(e, Event::MessageStart);
     let (_, e) = s.advance(b".\r\n");
     assert_eq!(e, Event::MessageEnd);
-    s.message_stored(Err(()));
+    s.message_stored(Err(reply::STORAGE_FAILED));
     assert!(
         String::from_utf8(s.outbox().clone())
             .unwrap()
