@@ -12,7 +12,7 @@ use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::{AuthOutcome, Channel, Event, Session};
-use crate::storage::Spool;
+use crate::storage::{Spool, is_full};
 
 /// Message bytes are collected up to this size before a write to the spool file.
 const SPOOL_WRITE_CHUNK: usize = 256 * 1024;
@@ -347,14 +347,6 @@ impl Drop for Message {
     fn drop(&mut self) {
         self.discard();
     }
-}
-
-/// ENOSPC or EDQUOT.
-fn is_full(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-    )
 }
 
 /// Removing a spool file is disk I/O: keep it off the async workers.

@@ -80,14 +80,26 @@ impl Store {
     }
 
     /// Proves the store is writable and the disk answers: write, fsync and remove a small file.
+    /// A full file system (or quota) is not a broken store: the disk answered, SMTP says `452 4.3.1`
+    /// until space returns, and POP3 must keep working so that users can make room. Refusing to start,
+    /// or failing the watchdog's health check, would only turn a full disk into a restart loop.
     pub fn probe(&self) -> io::Result<()> {
         let path = self
             .spool_dir()
             .join(format!(".probe-{}", std::process::id()));
-        let mut file = create_new(&path)?;
-        let result = file.write_all(b"ok\n").and_then(|()| file.sync_all());
-        fs::remove_file(&path)?;
-        result
+        let result = create_new(&path).and_then(|mut file| {
+            let written = file.write_all(b"ok\n").and_then(|()| file.sync_all());
+            let removed = fs::remove_file(&path);
+            written.and(removed)
+        });
+        match result {
+            Err(e) if is_full(&e) => {
+                tracing::warn!(root = %self.root.display(), "the storage is full: new mail gets 452 4.3.1 until space returns");
+                let _ = fs::remove_file(&path);
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     pub fn maildir(&self, account: &Account) -> PathBuf {
@@ -224,6 +236,14 @@ fn create_new(path: &Path) -> io::Result<File> {
         return Err(e);
     }
     Ok(file)
+}
+
+/// ENOSPC or EDQUOT: the file system or the quota is full.
+pub fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Makes the names in `dir` durable: the entries created, renamed or removed there.

@@ -179,12 +179,33 @@ def scenario(run: Run) -> dict:
     if code != 0:
         run.problems.append(f"SIGTERM on a full disk: exit code {code}")
     offset = srv.log_size()
+    # A full disk must not keep the server down: it starts, refuses new mail with 452, and lets POP3
+    # users delete mail to make room.
     try:
         srv.start(timeout=15)
         figures["restart_on_full_disk"] = "started"
     except AssertionError:
         lines = [ln for ln in srv.log_since(offset).splitlines() if ln.strip() and not ln.startswith("=====")]
         figures["restart_on_full_disk"] = "refused: " + (lines[-1].strip() if lines else "(no log)")
+        run.problems.append(f"the server does not start on a full disk: {figures['restart_on_full_disk']}")
+        return figures
+    full = run.send((BOB,), 200)
+    figures["after_restart_on_full_disk"] = full.reply
+    if not full.reply.startswith(EXPECTED_FULL):
+        run.problems.append(f"after a restart on the full disk, a message got {full.reply!r}")
+    bob = {a.uid for a in run.attempts.values() if a.outcome == "acked" and BOB in a.rcpts}
+    deleted, quit_reply = pop3_delete(srv, BOB, 0.5)
+    figures["pop3_after_restart_on_full_disk"] = f"{deleted} deleted: {quit_reply.decode(errors='replace')}"
+    if not quit_reply.startswith(b"+OK"):
+        run.problems.append(f"POP3 QUIT after a restart on the full disk: {quit_reply!r}")
+    gone = bob - {f.uid for f in scan_maildirs(srv, [BOB])}
+    run.deleted |= {(BOB, uid) for uid in gone}
+    if len(gone) != deleted:
+        run.problems.append(f"POP3 deleted {deleted} messages, {len(gone)} are gone")
+    again = run.send((BOB,), 1_000)
+    if again.outcome != "acked":
+        run.problems.append(f"after POP3 made room, a message got {again.reply!r}")
+    run.check_disk("after a restart on the full disk")
     return figures
 
 
