@@ -171,25 +171,42 @@ mod tests {
     use super::super::tests::{files, maildir, store};
     use super::*;
 
-    #[test]
-    fn delivery_lands_in_new_of_every_maildir_with_sizes_in_the_name() {
+    /// How a test delivers: the public `deliver`, or `deliver_with` a stand-in for link(2).
+    type Deliver = fn(Spool, &[PathBuf]) -> io::Result<()>;
+
+    fn by_link(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
+        spool.deliver(maildirs)
+    }
+
+    fn across_devices(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
+        spool.deliver_with(maildirs, link_across_devices)
+    }
+
+    fn without_hard_links(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
+        spool.deliver_with(maildirs, link_unsupported)
+    }
+
+    /// Delivers to two Maildirs and checks each got the message whole, named with its sizes; `links`:
+    /// how many names the delivered file has (2 when linked into both, 1 for copies).
+    fn delivers_into_both(deliver: Deliver, links: u64) {
         let (_d, store) = store();
         let (a, b) = (maildir(&store, "a"), maildir(&store, "b"));
         let mut spool = store.spool().unwrap();
         spool.append(b"Subject: x\n\nbody\n").unwrap();
-        spool.deliver(&[a.clone(), b.clone()]).unwrap();
+        deliver(spool, &[a.clone(), b.clone()]).unwrap();
         for dir in [&a, &b] {
             let new = files(&dir.join("new"));
             assert_eq!(new.len(), 1);
             assert_eq!(fs::read(&new[0]).unwrap(), b"Subject: x\n\nbody\n");
             assert!(new[0].to_string_lossy().ends_with(",S=17,W=20"));
+            assert_eq!(fs::metadata(&new[0]).unwrap().nlink(), links);
             assert!(files(&dir.join("tmp")).is_empty());
         }
         assert!(files(&store.root().join("spool")).is_empty());
     }
 
-    #[test]
-    fn failed_delivery_leaves_nothing_in_any_new() {
+    /// A delivery to a good and a broken Maildir fails and leaves nothing anywhere.
+    fn failed_delivery_leaves_nothing(deliver: Deliver) {
         let (_d, store) = store();
         let good = maildir(&store, "good");
         let broken = maildir(&store, "broken");
@@ -197,26 +214,42 @@ mod tests {
         fs::write(broken.join("new"), b"not a directory").unwrap();
         let mut spool = store.spool().unwrap();
         spool.append(b"x\n").unwrap();
-        assert!(spool.deliver(&[good.clone(), broken.clone()]).is_err());
+        assert!(deliver(spool, &[good.clone(), broken.clone()]).is_err());
         assert!(files(&good.join("new")).is_empty());
         assert!(files(&good.join("tmp")).is_empty() && files(&broken.join("tmp")).is_empty());
         assert!(files(&store.root().join("spool")).is_empty());
     }
 
-    #[test]
-    fn name_collision_never_replaces_a_delivered_message() {
+    /// A message whose name is taken in new/ fails and leaves the one there untouched; the error.
+    fn name_collision_keeps_the_delivered_message(deliver: Deliver) -> io::Error {
         let (_d, store) = store();
         let dir = maildir(&store, "a");
         let mut spool = store.spool().unwrap();
         spool.append(b"new\n").unwrap();
         let name = format!("{},S=4,W=5", spool.name);
         fs::write(dir.join("new").join(&name), b"delivered earlier\n").unwrap();
-        assert!(spool.deliver(std::slice::from_ref(&dir)).is_err());
+        let error = deliver(spool, std::slice::from_ref(&dir)).unwrap_err();
         assert_eq!(
             fs::read(dir.join("new").join(&name)).unwrap(),
             b"delivered earlier\n"
         );
         assert!(files(&dir.join("tmp")).is_empty());
+        error
+    }
+
+    #[test]
+    fn delivery_lands_in_new_of_every_maildir_with_sizes_in_the_name() {
+        delivers_into_both(by_link, 2);
+    }
+
+    #[test]
+    fn failed_delivery_leaves_nothing_in_any_new() {
+        failed_delivery_leaves_nothing(by_link);
+    }
+
+    #[test]
+    fn name_collision_never_replaces_a_delivered_message() {
+        name_collision_keeps_the_delivered_message(by_link);
     }
 
     #[test]
@@ -247,59 +280,19 @@ mod tests {
 
     #[test]
     fn maildir_on_another_file_system_gets_a_durable_copy() {
-        for link in [link_across_devices as Link, link_unsupported] {
-            let (_d, store) = store();
-            let (a, b) = (maildir(&store, "a"), maildir(&store, "b"));
-            let mut spool = store.spool().unwrap();
-            spool.append(b"Subject: x\n\nbody\n").unwrap();
-            spool.deliver_with(&[a.clone(), b.clone()], link).unwrap();
-            for dir in [&a, &b] {
-                let new = files(&dir.join("new"));
-                assert_eq!(new.len(), 1);
-                assert_eq!(fs::read(&new[0]).unwrap(), b"Subject: x\n\nbody\n");
-                assert!(new[0].to_string_lossy().ends_with(",S=17,W=20"));
-                assert_eq!(
-                    fs::metadata(&new[0]).unwrap().nlink(),
-                    1,
-                    "a copy, not a link"
-                );
-                assert!(files(&dir.join("tmp")).is_empty());
-            }
-            assert!(files(&store.root().join("spool")).is_empty());
-        }
+        delivers_into_both(across_devices, 1);
+        delivers_into_both(without_hard_links, 1);
     }
 
     #[test]
     fn failed_copy_delivery_leaves_nothing_in_any_new() {
-        let (_d, store) = store();
-        let good = maildir(&store, "good");
-        let broken = maildir(&store, "broken");
-        fs::remove_dir(broken.join("new")).unwrap();
-        fs::write(broken.join("new"), b"not a directory").unwrap();
-        let mut spool = store.spool().unwrap();
-        spool.append(b"x\n").unwrap();
-        let result = spool.deliver_with(&[good.clone(), broken.clone()], link_across_devices);
-        assert!(result.is_err());
-        assert!(files(&good.join("new")).is_empty());
-        assert!(files(&good.join("tmp")).is_empty() && files(&broken.join("tmp")).is_empty());
-        assert!(files(&store.root().join("spool")).is_empty());
+        failed_delivery_leaves_nothing(across_devices);
     }
 
     #[test]
     fn name_collision_never_replaces_a_delivered_message_without_hard_links() {
-        let (_d, store) = store();
-        let dir = maildir(&store, "a");
-        let mut spool = store.spool().unwrap();
-        spool.append(b"new\n").unwrap();
-        let name = format!("{},S=4,W=5", spool.name);
-        fs::write(dir.join("new").join(&name), b"delivered earlier\n").unwrap();
-        let result = spool.deliver_with(std::slice::from_ref(&dir), link_unsupported);
-        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::AlreadyExists);
-        assert_eq!(
-            fs::read(dir.join("new").join(&name)).unwrap(),
-            b"delivered earlier\n"
-        );
-        assert!(files(&dir.join("tmp")).is_empty());
+        let error = name_collision_keeps_the_delivered_message(without_hard_links);
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
     }
 
     #[test]
