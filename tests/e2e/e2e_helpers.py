@@ -666,3 +666,44 @@ def parse_demo_password(stdout_text: str) -> str | None:
         if token:
             return token
     return None
+
+
+# --------------------------------------------------------------------------- raw sockets
+
+
+def read_reply(f) -> bytes:
+    """One SMTP reply (through its last line) from a socket's makefile("rb")."""
+    while True:
+        line = f.readline()
+        if not line or line[3:4] != b"-":
+            return line
+
+
+def connect_from(source: str, port: int, timeout: float = 5) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port from the loopback address `source` (127.x.y.z)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def greeted(source: str, port: int) -> bool:
+    """A new SMTP connection from `source` gets a 220 greeting (then it is closed)."""
+    s = connect_from(source, port)
+    try:
+        return s.makefile("rb").readline().startswith(b"220 ")
+    finally:
+        s.close()
+
+
+def served_sessions(port: int, sources: list[str]) -> list[socket.socket] | None:
+    """One connection from each source, all greeted with 220 (kept open); None (all closed) if not.
+    For wait_until: right after start, the start-up port probes may still count for a moment."""
+    held = [connect_from(source, port) for source in sources]
+    if all(s.makefile("rb").readline().startswith(b"220") for s in held):
+        return held
+    for s in held:
+        s.close()
+    return None
+

@@ -8,15 +8,8 @@ import socket
 import time
 
 from test_tls_submission import TLS_LISTENERS, make_cert
-from e2e_helpers import wait_until
+from e2e_helpers import connect_from, greeted, wait_until
 
-
-def connect_from(source: str, port: int, timeout: float = 5) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.bind((source, 0))
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def greeting(s: socket.socket) -> bytes:
@@ -66,14 +59,8 @@ def test_silent_tls_flood_from_one_address_does_not_lock_out_others(server_facto
             s.close()
         flood.clear()
 
-        def served_again():
-            s = connect_from("127.0.0.1", srv.smtp_port)
-            try:
-                return greeting(s).startswith(b"220 ")
-            finally:
-                s.close()
-
-        wait_until(served_again, timeout=10, message="the flooding address to be served again")
+        wait_until(lambda: greeted("127.0.0.1", srv.smtp_port), timeout=10,
+                   message="the flooding address to be served again")
     finally:
         for s in flood:
             s.close()
@@ -108,14 +95,8 @@ def test_fd_exhaustion_backs_off_and_recovers_without_spinning(server_factory):
         for s in held:
             s.close()
 
-    def served():
-        s = connect_from("127.0.0.1", srv.smtp_port)
-        try:
-            return greeting(s).startswith(b"220 ")
-        finally:
-            s.close()
-
-    wait_until(served, timeout=10, message="service after the fds were freed")
+    wait_until(lambda: greeted("127.0.0.1", srv.smtp_port), timeout=10,
+               message="service after the fds were freed")
     assert srv.running
 
 
@@ -156,15 +137,9 @@ def test_two_thousand_idle_connections_are_capped_memory_bounded_and_timed_out(s
         assert rss_during < rss_before + 64 * 1024, f"RSS grew from {rss_before} to {rss_during} KiB"
         # The served ones are idle: the command timeout (4 s, then at most 2 s of closing) ends them,
         # and the server takes new clients.
-        def fresh_client_served():
-            fresh = connect_from("127.0.0.9", srv.smtp_port)
-            try:
-                return greeting(fresh).startswith(b"220 ")
-            finally:
-                fresh.close()
-
         time.sleep(4)
-        wait_until(fresh_client_served, timeout=8, message="a fresh client served after the idle timeout")
+        wait_until(lambda: greeted("127.0.0.9", srv.smtp_port), timeout=8,
+                   message="a fresh client served after the idle timeout")
     finally:
         for c in conns:
             c.close()

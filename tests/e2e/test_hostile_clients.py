@@ -10,15 +10,8 @@ import time
 import pytest
 
 from conftest import ALICE, BOB, PASSWORDS
-from e2e_helpers import STOP_TIMEOUT, make_message, wait_until
+from e2e_helpers import STOP_TIMEOUT, make_message, read_reply, served_sessions, wait_until
 
-
-def read_reply(f) -> bytes:
-    """One SMTP reply (through its last line)."""
-    while True:
-        line = f.readline()
-        if not line or line[3:4] != b"-":
-            return line
 
 
 IDLE_SECS = 3
@@ -96,16 +89,8 @@ def test_connections_per_ip_are_capped(server_factory):
     srv = server_factory(limits={"max_connections_per_ip": 3})
     srv.start()
 
-    def three_served():
-        # The start-up probes may still count for a moment: retry until three are served.
-        conns = [socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10) for _ in range(3)]
-        if all(c.makefile("rb").readline().startswith(b"220") for c in conns):
-            return conns
-        for c in conns:
-            c.close()
-        return None
-
-    held = wait_until(three_served, timeout=10, message="three connections to be served")
+    held = wait_until(lambda: served_sessions(srv.smtp_port, ["127.0.0.1"] * 3), timeout=10,
+                      message="three connections to be served")
     try:
         extra = socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10)
         assert extra.makefile("rb").readline().startswith(b"421 4.7.0")

@@ -26,10 +26,13 @@ from e2e_helpers import (
     SENDER,
     STOP_TIMEOUT,
     child_env,
+    connect_from,
     free_port,
     make_message,
     parse_demo_password,
     port_accepts,
+    read_reply,
+    served_sessions,
     wait_until,
 )
 from test_tls_submission import make_cert
@@ -102,20 +105,6 @@ def expect_reload_cycle(notify: NotifySocket, sent_at: float, answered_by: float
     assert ready["READY"] == "1", ready
 
 
-def read_reply(f) -> bytes:
-    """One SMTP reply, through its last line."""
-    while True:
-        line = f.readline()
-        if not line or line[3:4] != b"-":
-            return line
-
-
-def connect_from(source: str, port: int, timeout: float = 10) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.bind((source, 0))
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def start_data(port: int) -> tuple[socket.socket, object]:
@@ -251,16 +240,9 @@ def test_max_connections_is_global_and_refuses_with_421_and_sys_temp(server_fact
     srv = server_factory(limits={"max_connections": 3, "max_connections_per_ip": 100})
     srv.start()
 
-    def three_served():
-        # start()'s port probes may still be counted for a moment: retry until three are served.
-        held = [connect_from(f"127.0.0.{i}", srv.smtp_port) for i in (1, 2, 3)]
-        if all(s.makefile("rb").readline().startswith(b"220") for s in held):
-            return held
-        for s in held:
-            s.close()
-        return None
-
-    held = wait_until(three_served, timeout=10, message="three sessions to be served")
+    sources = [f"127.0.0.{i}" for i in (1, 2, 3)]
+    held = wait_until(lambda: served_sessions(srv.smtp_port, sources), timeout=10,
+                      message="three sessions to be served")
     try:
         extra = connect_from("127.0.0.4", srv.smtp_port)
         f = extra.makefile("rb")
