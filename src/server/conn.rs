@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
 /// What a client stream must be: TCP in production, an in-memory pipe in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -20,17 +21,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// Closing (TLS close_notify, then the linger) takes no longer than this.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-enum Stream<S> {
-    Plain(S),
-    Tls(Box<TlsStream<S>>),
-    /// Only while an upgrade is in progress (or after it failed).
-    Gone,
-}
+/// Plain TCP, or TLS (implicit, or after STARTTLS/STLS); `None` only once an upgrade has failed.
+type Stream<S> = Option<Either<S, Box<TlsStream<S>>>>;
 
 /// Why [`Connection::read`] returned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Input {
-    /// New bytes are in [`Connection::input`].
+    /// New bytes are in [`Connection::pending`].
     Data,
     /// The peer closed its side.
     Eof,
@@ -54,7 +51,7 @@ pub struct Connection<S> {
 impl<S: Io> Connection<S> {
     pub fn plain(stream: S) -> Connection<S> {
         Connection {
-            stream: Stream::Plain(stream),
+            stream: Some(Either::Left(stream)),
             input: Vec::with_capacity(8192),
             start: 0,
             received: 0,
@@ -62,15 +59,7 @@ impl<S: Io> Connection<S> {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self.stream, Stream::Tls(_))
-    }
-
-    /// The negotiated TLS version, for logs.
-    pub fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
-        match &self.stream {
-            Stream::Tls(tls) => tls.get_ref().1.protocol_version(),
-            _ => None,
-        }
+        matches!(self.stream, Some(Either::Right(_)))
     }
 
     /// The input not yet consumed.
@@ -97,9 +86,8 @@ impl<S: Io> Connection<S> {
         self.input.reserve(8192);
         let read = async {
             match &mut self.stream {
-                Stream::Plain(s) => s.read_buf(&mut self.input).await,
-                Stream::Tls(s) => s.read_buf(&mut self.input).await,
-                Stream::Gone => Ok(0),
+                Some(s) => s.read_buf(&mut self.input).await,
+                None => Ok(0),
             }
         };
         tokio::select! {
@@ -127,17 +115,13 @@ impl<S: Io> Connection<S> {
             return true;
         }
         let write = async {
-            match &mut self.stream {
-                Stream::Plain(s) => {
-                    s.write_all(bytes).await?;
-                    s.flush().await
-                }
-                Stream::Tls(s) => {
-                    s.write_all(bytes).await?;
-                    s.flush().await
-                }
-                Stream::Gone => Err(std::io::ErrorKind::NotConnected.into()),
-            }
+            let s = self
+                .stream
+                .as_mut()
+                .ok_or(std::io::ErrorKind::NotConnected)?;
+            s.write_all(bytes).await?;
+            // TLS buffers records: push them out now.
+            s.flush().await
         };
         match tokio::time::timeout_at(deadline, write).await {
             Ok(Ok(())) => true,
@@ -170,7 +154,7 @@ impl<S: Io> Connection<S> {
             self.input.clear();
             self.start = 0;
         }
-        let Stream::Plain(plain) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+        let Some(Either::Left(plain)) = self.stream.take() else {
             return false;
         };
         let acceptor = TlsAcceptor::from(config.clone());
@@ -178,7 +162,7 @@ impl<S: Io> Connection<S> {
             Ok(Ok(tls)) => {
                 let (_, state) = tls.get_ref();
                 tracing::debug!(version = ?state.protocol_version(), cipher = ?state.negotiated_cipher_suite().map(|c| c.suite()), "TLS established");
-                self.stream = Stream::Tls(Box::new(tls));
+                self.stream = Some(Either::Right(Box::new(tls)));
                 true
             }
             Ok(Err(e)) => {
@@ -201,24 +185,17 @@ impl<S: Io> Connection<S> {
         if !self.write(last, deadline).await {
             return;
         }
+        let Some(s) = self.stream.as_mut() else {
+            return;
+        };
         let linger = async {
-            let shut = match &mut self.stream {
-                Stream::Plain(s) => s.shutdown().await,
-                Stream::Tls(s) => s.shutdown().await,
-                Stream::Gone => return,
-            };
-            if shut.is_err() {
+            if s.shutdown().await.is_err() {
                 return;
             }
             let mut drained = 0;
             let mut buf = [0u8; 8192];
             while drained < LINGER {
-                let n = match &mut self.stream {
-                    Stream::Plain(s) => s.read(&mut buf).await,
-                    Stream::Tls(s) => s.read(&mut buf).await,
-                    Stream::Gone => return,
-                };
-                match n {
+                match s.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => drained += n,
                 }
