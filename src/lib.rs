@@ -21,7 +21,9 @@
 
 pub mod accounts;
 pub mod config;
+pub mod delivery;
 pub mod dev;
+pub mod dkim;
 pub mod logging;
 pub mod pop3;
 pub mod sasl;

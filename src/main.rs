@@ -42,6 +42,45 @@ enum Command {
     },
     /// Read a password (from the terminal, or the first line of stdin) and print its argon2id hash.
     HashPassword,
+    /// The outbound queue: list it, retry now, or drop a message.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+        /// The server's configuration file (for its storage root). Without it: the development default.
+        #[arg(long, short, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Make a DKIM signing key for DOMAIN: writes the private key (PEM) and prints the DNS record to
+    /// publish and the configuration to add.
+    DkimKeygen {
+        domain: String,
+        /// The selector: the record is published at SELECTOR._domainkey.DOMAIN.
+        #[arg(long, default_value = "rustmail")]
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: KeyAlgorithm,
+        /// Where to write the key (created 0600, never overwritten). Default: DOMAIN.SELECTOR.dkim.pem
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Every queued message and the state of each recipient.
+    List,
+    /// Try the pending recipients of every message (or of ID) now.
+    Flush { id: Option<String> },
+    /// Drop a message from the queue, undelivered and unreported.
+    Remove { id: String },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyAlgorithm {
+    /// RSA-2048 (RFC 8301): verified by every receiver.
+    Rsa,
+    /// Ed25519 (RFC 8463): short, but not verified everywhere; publish it beside an RSA key.
+    Ed25519,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +98,13 @@ fn main() -> ExitCode {
             skip_secret_files,
         } => check_config(&config, skip_secret_files),
         Command::HashPassword => hash_password(),
+        Command::Queue { action, config } => queue(action, config.as_deref()),
+        Command::DkimKeygen {
+            domain,
+            selector,
+            algorithm,
+            out,
+        } => dkim_keygen(&domain, &selector, algorithm, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -142,5 +188,78 @@ fn hash_password() -> anyhow::Result<()> {
     };
     anyhow::ensure!(!password.is_empty(), "empty password");
     println!("{}", accounts::hash_password(password.as_bytes()));
+    Ok(())
+}
+
+fn queue(action: QueueAction, config: Option<&Path>) -> anyhow::Result<()> {
+    use rustmail::delivery::control;
+    let root = config::load(config)?.storage_root;
+    match action {
+        QueueAction::List => {
+            let queue = rustmail::storage::queue::Queue::existing(&root);
+            let entries = queue.load()?;
+            if entries.is_empty() {
+                println!("the queue of {} is empty", root.display());
+            }
+            for entry in entries {
+                print!("{}", rustmail::delivery::listing(&entry));
+            }
+            Ok(())
+        }
+        QueueAction::Flush { id } => {
+            let request = match &id {
+                Some(id) => format!("flush {id}"),
+                None => "flush".to_string(),
+            };
+            let n = control::request(&root, &request).map_err(anyhow::Error::msg)?;
+            println!("{n} messages will be tried now");
+            Ok(())
+        }
+        QueueAction::Remove { id } => {
+            control::request(&root, &format!("remove {id}")).map_err(anyhow::Error::msg)?;
+            println!("{id} removed");
+            Ok(())
+        }
+    }
+}
+
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: KeyAlgorithm,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use rustmail::dkim::{self, Algorithm};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let domain = rustmail::accounts::normalize_domain(domain)
+        .with_context(|| format!("{domain:?} is not a valid domain name"))?;
+    let algorithm = match algorithm {
+        KeyAlgorithm::Rsa => Algorithm::Rsa,
+        KeyAlgorithm::Ed25519 => Algorithm::Ed25519,
+    };
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{domain}.{selector}.dkim.pem")));
+    let (pem, public) = dkim::generate(algorithm).map_err(anyhow::Error::msg)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(pem.as_bytes())?;
+    file.sync_all()?;
+    // The key must load as the server will load it.
+    dkim::DkimKey::load(&domain, selector, &path).map_err(anyhow::Error::msg)?;
+    println!(
+        "{}",
+        dkim::txt_record(&domain, selector, algorithm, &public)
+    );
+    let shown = std::fs::canonicalize(&path).unwrap_or(path);
+    eprintln!(
+        "wrote the private key to {}\npublish the record above, then add to the configuration:\n\n\
+         [[outbound.dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nkey_file = \"{}\"",
+        shown.display(),
+        shown.display()
+    );
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! directory is built here too (see `directory.rs`), so that `accounts` does not depend on this module.
 
 mod directory;
+pub mod outbound;
 mod settings;
 
 pub use directory::SecretFiles;
@@ -51,6 +52,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: Limits,
     pub auth: Auth,
+    pub outbound: outbound::OutboundConfig,
     /// address → account.
     pub accounts: BTreeMap<String, AccountConfig>,
     /// The account that receives `postmaster@` of every local domain without such an address of its
@@ -75,6 +77,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             auth: Auth::default(),
+            outbound: outbound::OutboundConfig::default(),
             accounts: BTreeMap::new(),
             postmaster: None,
             catch_all: BTreeMap::new(),

@@ -88,6 +88,8 @@ pub struct Settings {
     pub tls: Option<Arc<Tls>>,
     /// Local domains, accounts and aliases.
     pub directory: Directory,
+    /// Delivery to other domains.
+    pub outbound: Arc<super::outbound::Outbound>,
 }
 
 impl Settings {
@@ -160,7 +162,9 @@ impl Settings {
         let have_tls = config.tls.certificate.is_some() && config.tls.key.is_some();
         let listeners = parse_listeners(&config.listen, have_tls)?;
         let directory = Directory::from_config(&config, &domains, secrets)?;
+        let outbound = super::outbound::Outbound::from_config(&config.outbound, secrets)?;
         Ok(Settings {
+            outbound,
             hostname,
             storage_root: config.storage_root,
             listeners,

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::config::{ConfigError, Protocol, Settings};
 use crate::storage::Store;
+use crate::storage::queue::Queue;
 use crate::systemd::{self, InheritedSocket, NotifyState};
 use admission::{Admission, Verdict};
 use conn::Connection;
@@ -43,7 +44,8 @@ pub enum Control {
 /// snapshot it started with.
 pub struct Shared {
     settings: RwLock<Arc<Settings>>,
-    store: Store,
+    store: Arc<Store>,
+    outbox: Arc<crate::delivery::Outbox>,
     stats: Stats,
     admission: Arc<Admission>,
     /// Password verifications running at once: argon2 takes 19 MiB and a core each, so a flood of
@@ -62,10 +64,11 @@ struct Stats {
 }
 
 impl Shared {
-    pub fn new(settings: Settings, store: Store) -> Shared {
+    pub fn new(settings: Settings, store: Arc<Store>, outbox: crate::delivery::Outbox) -> Shared {
         Shared {
             settings: RwLock::new(Arc::new(settings)),
             store,
+            outbox: Arc::new(outbox),
             stats: Stats::default(),
             admission: Arc::default(),
             logins: auth::LoginThrottle::default(),
@@ -85,8 +88,10 @@ impl Shared {
     }
 
     fn status(&self) -> String {
+        let (queued, oldest) = self.outbox.depth();
+        let oldest = oldest.map_or(String::new(), |age| format!(", oldest {}", age_text(age)));
         format!(
-            "{} sessions active, {} messages delivered, {} retrieved",
+            "{} sessions active, {} messages delivered, {} retrieved, {queued} queued{oldest}",
             self.admission.served(),
             self.stats.delivered.load(Ordering::Relaxed),
             self.stats.retrieved.load(Ordering::Relaxed),
@@ -187,9 +192,34 @@ pub async fn run_with(
         )
     })?;
     ensure_maildirs(&store, &settings).context("cannot create the accounts' Maildirs")?;
+    let queue = Queue::open(store.root()).context("cannot open the outbound queue")?;
+    let control_socket = crate::delivery::control::listen(store.root()).with_context(|| {
+        format!(
+            "cannot create the control socket {}",
+            crate::delivery::control::socket_path(store.root()).display()
+        )
+    })?;
     let listeners = listeners::open(&settings.listeners, inherited)?;
     raise_fd_limit(admission::socket_cap(&settings.limits));
-    let shared = Arc::new(Shared::new(settings, store));
+    let store = Arc::new(store);
+    let (outbox, scheduler) = crate::delivery::new(queue);
+    let shared = Arc::new(Shared::new(settings, store.clone(), outbox));
+    {
+        let env = crate::delivery::Env {
+            settings: {
+                let shared = shared.clone();
+                Arc::new(move || shared.settings())
+            },
+            store,
+            shutdown: shared.shutdown.clone(),
+        };
+        tokio::spawn(scheduler.run(env));
+        tokio::spawn(crate::delivery::control::serve(
+            control_socket,
+            shared.outbox.clone(),
+            shared.shutdown.clone(),
+        ));
+    }
 
     let tracker = TaskTracker::new();
     let live_listeners = Arc::new(AtomicUsize::new(0));
@@ -528,6 +558,16 @@ async fn status_loop(shared: Arc<Shared>) {
 }
 
 /// Runs blocking file-system work off the async workers.
+/// `95 s`, `12 min`, `3 h`, `2 d`: an age for the status line.
+fn age_text(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        7200..172_800 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86400),
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {

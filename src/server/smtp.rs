@@ -12,6 +12,7 @@ use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::{AuthOutcome, Channel, Event, Session};
+use crate::storage::queue::{Entry, Recipient};
 use crate::storage::{Spool, is_full};
 
 /// Message bytes are collected up to this size before a write to the spool file.
@@ -296,21 +297,42 @@ impl Message {
         let accounts = envelope.mailboxes.clone();
         let id = spool.id().to_string();
         let size = spool.size();
+        // Recipients at other domains: queued, in the same all-or-nothing step as local delivery.
+        let queued = (!envelope.remote.is_empty()).then(|| Entry {
+            id: id.clone(),
+            from: from.clone(),
+            queued_at: crate::delivery::now(),
+            submitter: envelope.submitter.clone(),
+            smtputf8: envelope.smtputf8 || envelope.remote.iter().any(|m| m.is_utf8()),
+            eight_bit: spool.eight_bit(),
+            size,
+            lines: spool.lines(),
+            recipients: envelope
+                .remote
+                .iter()
+                .map(|m| Recipient::new(&m.raw, &m.domain))
+                .collect(),
+        });
         // Counted in before the blocking task starts, so that a stop cannot miss it.
         let Some(guard) = shared.deliveries.begin() else {
             tracing::warn!(queue_id = %id, "server stopping, answered 451: {id}");
             return Err(Refusal::Temporary);
         };
         let shared2 = shared.clone();
+        let entry = queued.clone();
         let result = blocking(move || {
             let _guard = guard;
+            let queue = &shared2.outbox.queue;
             accounts
                 .iter()
                 .map(|a| shared2.store.ensure_maildir(a))
                 .collect::<std::io::Result<Vec<_>>>()
-                .and_then(|maildirs| spool.deliver(&maildirs))
+                .and_then(|maildirs| spool.deliver(&maildirs, entry.as_ref().map(|e| (queue, e))))
         })
         .await;
+        if let (Ok(()), Some(entry)) = (&result, queued) {
+            shared.outbox.queued(entry);
+        }
         match result {
             Ok(()) => {
                 shared

@@ -48,9 +48,11 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let settings = settings(dir.path(), edit);
         let store = Store::open(dir.path(), "mx.example.org").unwrap();
+        let queue = crate::storage::queue::Queue::open(dir.path()).unwrap();
+        let (outbox, _scheduler) = crate::delivery::new(queue);
         Harness {
             _dir: dir,
-            shared: Arc::new(Shared::new(settings, store)),
+            shared: Arc::new(Shared::new(settings, Arc::new(store), outbox)),
         }
     }
 
@@ -85,7 +87,7 @@ impl Harness {
             );
         }
         spool.append(&body).unwrap();
-        spool.deliver(&[maildir]).unwrap();
+        spool.deliver(&[maildir], None).unwrap();
     }
 }
 

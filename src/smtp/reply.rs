@@ -82,12 +82,6 @@ pub const STORAGE_FAILED: Reply =
 pub const STORAGE_FULL: Reply =
     Reply::new(452, "4.3.1", "Insufficient system storage, try again later");
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recipients");
-/// Until outbound delivery exists: temporary, so that the client keeps the message and retries.
-pub const OUTBOUND_UNAVAILABLE: Reply = Reply::new(
-    451,
-    "4.3.2",
-    "Delivery to other domains is not available yet on this server; local recipients only",
-);
 /// Closes the connection, hence 421 (RFC 5321 §3.8).
 pub const AUTH_THROTTLED: Reply = Reply::new(
     421,
@@ -105,6 +99,12 @@ pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Command not impleme
 pub const BAD_SEQUENCE: Reply = Reply::new(503, "5.5.1", "Bad sequence of commands");
 pub const UNKNOWN_USER: Reply = Reply::new(550, "5.1.1", "No such user here");
 pub const RELAY_DENIED: Reply = Reply::new(550, "5.7.1", "Relaying denied");
+/// The administrator turned outbound delivery off (`outbound.enable = false`).
+pub const OUTBOUND_DISABLED: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "This server does not deliver to other domains; local recipients only",
+);
 pub const BAD_LINE_ENDING: Reply = Reply::new(
     550,
     "5.6.0",

@@ -236,7 +236,7 @@ mod tests {
         fs::write(dir.join("cur/1700000000.foreign.host:2,S"), b"a\r\nb\nc").unwrap();
         let mut spool = store.spool().unwrap();
         spool.append(b"x\n").unwrap();
-        spool.deliver(std::slice::from_ref(&dir)).unwrap();
+        spool.deliver(std::slice::from_ref(&dir), None).unwrap();
         let msgs = scan(&dir).unwrap();
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].uid, "1700000000.foreign.host");
@@ -275,7 +275,7 @@ mod tests {
         let dir = maildir(&store, "a");
         let mut spool = store.spool().unwrap();
         spool.append(b"x\n").unwrap();
-        spool.deliver(std::slice::from_ref(&dir)).unwrap();
+        spool.deliver(std::slice::from_ref(&dir), None).unwrap();
         let before = scan(&dir).unwrap();
         let after = take_new(&dir, before.clone()).unwrap();
         assert!(files(&dir.join("new")).is_empty());

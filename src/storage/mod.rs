@@ -19,6 +19,7 @@
 //! are in `spool.rs`, reading and changing a Maildir as POP3 does in `maildir.rs`.
 
 mod maildir;
+pub mod queue;
 mod spool;
 
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
@@ -344,7 +345,7 @@ mod tests {
             let mut spool = store.spool().unwrap();
             spool.append(b"x\n").unwrap();
             spooled = mode(&root.join("spool").join(spool.id()));
-            spool.deliver(std::slice::from_ref(&maildir)).unwrap();
+            spool.deliver(std::slice::from_ref(&maildir), None).unwrap();
             message = files(&maildir.join("new")).pop().unwrap();
             pop3_lock = lock(&maildir).unwrap();
         }
@@ -391,7 +392,9 @@ mod tests {
         );
 
         let maildir = maildir(&first, "a");
-        receiving.deliver(std::slice::from_ref(&maildir)).unwrap();
+        receiving
+            .deliver(std::slice::from_ref(&maildir), None)
+            .unwrap();
         drop(first);
         Store::open(dir.path(), "mx.example.org").expect("the lock goes with the store");
     }

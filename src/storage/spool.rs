@@ -8,6 +8,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::queue::{Entry, Queue};
 use super::{create_new, fsync_dir};
 
 /// A message being received. Dropped without [`Spool::deliver`], it removes itself.
@@ -20,6 +21,7 @@ pub struct Spool {
     name: String,
     size: u64,
     lines: u64,
+    eight_bit: bool,
     delivered: bool,
 }
 
@@ -33,6 +35,7 @@ impl Spool {
             id,
             size: 0,
             lines: 0,
+            eight_bit: false,
             delivered: false,
         })
     }
@@ -47,28 +50,53 @@ impl Spool {
         self.size
     }
 
+    /// Line count (LF) so far: the CRLF size is `size() + lines()`.
+    pub fn lines(&self) -> u64 {
+        self.lines
+    }
+
+    /// Whether any octet above 127 was written (8BITMIME content).
+    pub fn eight_bit(&self) -> bool {
+        self.eight_bit
+    }
+
     /// Appends LF-terminated text (no CR: the SMTP session refuses messages with bare CR).
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;
         self.size += bytes.len() as u64;
         self.lines += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.eight_bit |= !bytes.is_ascii();
         Ok(())
     }
 
-    /// Makes the message durable in every Maildir, or in none.
-    pub fn deliver(self, maildirs: &[PathBuf]) -> io::Result<()> {
-        self.deliver_with(maildirs, |from, to| fs::hard_link(from, to))
+    /// Makes the message durable in every Maildir and, when given, in the outbound queue with its
+    /// entry; or in none of them.
+    pub fn deliver(self, maildirs: &[PathBuf], queued: Option<(&Queue, &Entry)>) -> io::Result<()> {
+        self.deliver_with(maildirs, queued, |from, to| fs::hard_link(from, to))
     }
 
     /// [`Spool::deliver`] with link(2) injected, so that tests can play a file system that refuses it.
-    fn deliver_with(mut self, maildirs: &[PathBuf], link: Link) -> io::Result<()> {
+    fn deliver_with(
+        mut self,
+        maildirs: &[PathBuf],
+        queued: Option<(&Queue, &Entry)>,
+        link: Link,
+    ) -> io::Result<()> {
         self.file.sync_all()?;
+        // Queued first: a failure after it takes the entry back out (a crash leaves a duplicate for the
+        // remote recipients of a message the client will send again, never a loss).
+        if let Some((queue, entry)) = queued {
+            queue.enqueue(&self.path, entry)?;
+        }
         let name = format!("{},S={},W={}", self.name, self.size, self.size + self.lines);
         let mut done: Vec<PathBuf> = Vec::new();
         for dir in maildirs {
             match deliver_into(&self.path, dir, &name, link) {
                 Ok(path) => done.push(path),
                 Err(e) => {
+                    if let Some((queue, entry)) = queued {
+                        let _ = queue.remove(&entry.id);
+                    }
                     for path in &done {
                         let _ = fs::remove_file(path);
                         if let Some(parent) = path.parent() {
@@ -122,7 +150,7 @@ fn deliver_into(spooled: &Path, maildir: &Path, name: &str, link: Link) -> io::R
 /// copy would meet too. EXDEV: the Maildir is on another file system than the spool (a separate mount for
 /// mail/ or for one domain). EPERM and EOPNOTSUPP: its file system has no hard links at all (vfat, some
 /// FUSE and network file systems); link(2) documents EPERM for that.
-fn cannot_link(e: &io::Error) -> bool {
+pub(super) fn cannot_link(e: &io::Error) -> bool {
     use nix::errno::Errno;
     e.raw_os_error().is_some_and(|code| {
         matches!(
@@ -134,7 +162,7 @@ fn cannot_link(e: &io::Error) -> bool {
 
 /// Writes the spooled message to a new file `tmp` (O_EXCL, 0600) and fsyncs it, so that it is as durable
 /// as the spool file a link would have shared. A failed copy removes its partial file.
-fn copy_durably(spooled: &Path, tmp: &Path) -> io::Result<()> {
+pub(super) fn copy_durably(spooled: &Path, tmp: &Path) -> io::Result<()> {
     let mut copy = create_new(tmp)?;
     let copied = File::open(spooled)
         .and_then(|mut from| io::copy(&mut from, &mut copy))
@@ -175,15 +203,15 @@ mod tests {
     type Deliver = fn(Spool, &[PathBuf]) -> io::Result<()>;
 
     fn by_link(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
-        spool.deliver(maildirs)
+        spool.deliver(maildirs, None)
     }
 
     fn across_devices(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
-        spool.deliver_with(maildirs, link_across_devices)
+        spool.deliver_with(maildirs, None, link_across_devices)
     }
 
     fn without_hard_links(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
-        spool.deliver_with(maildirs, link_unsupported)
+        spool.deliver_with(maildirs, None, link_unsupported)
     }
 
     /// Delivers to two Maildirs and checks each got the message whole, named with its sizes; `links`:

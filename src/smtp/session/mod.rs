@@ -72,6 +72,8 @@ pub struct Envelope {
     pub recipients: Vec<Mailbox>,
     /// Where they deliver, each account once.
     pub mailboxes: Vec<Arc<Account>>,
+    /// Recipients at other domains (submission only): queued for outbound delivery, each once.
+    pub remote: Vec<Mailbox>,
 }
 
 #[derive(Debug)]

@@ -73,8 +73,21 @@ impl Session {
             directory.route(&to.local, &to.domain)
         };
         let accounts = match route {
+            Route::NotLocal if self.account.is_some() && self.settings.outbound.enable => {
+                let envelope = self.envelope.as_mut().expect("checked above");
+                if !envelope
+                    .remote
+                    .iter()
+                    .any(|m| m.raw.eq_ignore_ascii_case(&to.raw))
+                {
+                    envelope.remote.push(to.clone());
+                }
+                envelope.recipients.push(to);
+                return self.reply(reply::RECIPIENT_OK);
+            }
             Route::NotLocal if self.account.is_some() => {
-                return self.reply(reply::OUTBOUND_UNAVAILABLE);
+                tracing::info!(rcpt = %to.raw, reply = 550, "outbound delivery is off: <{}>", to.raw);
+                return self.error(reply::OUTBOUND_DISABLED);
             }
             Route::NotLocal => {
                 tracing::info!(rcpt = %to.raw, reply = 550, "relay denied for <{}>", to.raw);

@@ -1,0 +1,444 @@
+//! One delivery job: the due messages of one domain, over one connection to the first of its hosts
+//! that answers (and meets the TLS policy), each message one transaction, with per-recipient results.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::client::{Client, Failure};
+use super::route::{NoRoute, Resolver};
+use super::tls::ClientTls;
+use super::wire::{Reply, crlf_form, data_wire_form};
+use crate::config::outbound::{Outbound, TlsPolicy};
+use crate::storage::queue::{Entry, Queue};
+
+/// What delivery needs, shared by all jobs.
+pub struct Context {
+    pub queue: Queue,
+    pub resolver: Resolver,
+    pub tls: ClientTls,
+}
+
+/// The due recipients (indexes into `entry.recipients`) of one message, all of one domain.
+#[derive(Debug, Clone)]
+pub struct JobMessage {
+    pub entry: Entry,
+    pub rcpts: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered {
+        host: String,
+    },
+    /// Try again later.
+    Deferred {
+        host: Option<String>,
+        error: String,
+    },
+    /// Never: bounce.
+    Failed {
+        host: Option<String>,
+        error: String,
+    },
+}
+
+/// Per message (queue id): the outcome of each recipient attempted.
+pub type Results = Vec<(String, Vec<(usize, Outcome)>)>;
+
+pub async fn run(
+    ctx: &Context,
+    outbound: &Arc<Outbound>,
+    helo: &str,
+    domain: &str,
+    messages: Vec<JobMessage>,
+) -> Results {
+    let all = |outcome: Outcome| -> Results {
+        messages
+            .iter()
+            .map(|m| {
+                (
+                    m.entry.id.clone(),
+                    m.rcpts.iter().map(|&i| (i, outcome.clone())).collect(),
+                )
+            })
+            .collect()
+    };
+    let hosts = match ctx.resolver.hosts(domain).await {
+        Ok(hosts) => hosts,
+        Err(NoRoute::Permanent(code, text)) => {
+            return all(Outcome::Failed {
+                host: None,
+                error: format!("550 {code} {text}"),
+            });
+        }
+        Err(NoRoute::Temporary(text)) => {
+            return all(Outcome::Deferred {
+                host: None,
+                error: format!("451 4.4.3 {text}"),
+            });
+        }
+    };
+    let policy = outbound.tls_for(domain);
+    let connect = Duration::from_secs(outbound.connect_timeout_secs);
+    let command = Duration::from_secs(outbound.command_timeout_secs);
+    let mut client = None;
+    let mut errors = Vec::new();
+    'hosts: for host in &hosts {
+        for ip in &host.addresses {
+            let addr = SocketAddr::new(*ip, outbound.port);
+            match open(ctx, addr, &host.name, policy, helo, connect, command).await {
+                Ok(c) => {
+                    client = Some(c);
+                    break 'hosts;
+                }
+                Err(e) => {
+                    tracing::info!(domain, mx = %host.name, ip = %ip, error = %e.text(), "cannot use this host, trying the next");
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    let Some(mut client) = client else {
+        // Every host refused or failed: a 5xx greeting from all of them is a refusal for good.
+        let all_refused = !errors.is_empty()
+            && errors
+                .iter()
+                .all(|e| matches!(e, Failure::Refused(r) if r.is_permanent()));
+        let error = errors
+            .last()
+            .map_or_else(|| "no host".to_string(), Failure::text);
+        let error = format!("all hosts for {domain} failed, last: {error}");
+        return all(if all_refused {
+            Outcome::Failed { host: None, error }
+        } else {
+            Outcome::Deferred { host: None, error }
+        });
+    };
+    let mut results = Vec::new();
+    let mut broken: Option<String> = None;
+    for message in messages {
+        let id = message.entry.id.clone();
+        if let Some(error) = &broken {
+            let outcome = Outcome::Deferred {
+                host: Some(client.host.clone()),
+                error: error.clone(),
+            };
+            results.push((
+                id,
+                message
+                    .rcpts
+                    .iter()
+                    .map(|&i| (i, outcome.clone()))
+                    .collect(),
+            ));
+            continue;
+        }
+        let (outcomes, failure) = transaction(ctx, outbound, &mut client, &message).await;
+        for (i, outcome) in &outcomes {
+            log_attempt(&message.entry, *i, &client, outcome);
+        }
+        results.push((id, outcomes));
+        if let Some(failure) = failure {
+            broken = Some(failure);
+        }
+    }
+    if broken.is_none() {
+        client.quit().await;
+    }
+    results
+}
+
+async fn open(
+    ctx: &Context,
+    addr: SocketAddr,
+    host: &str,
+    policy: TlsPolicy,
+    helo: &str,
+    connect: Duration,
+    command: Duration,
+) -> Result<Client, Failure> {
+    let mut client = Client::connect(addr, host, connect, command).await?;
+    client.hello(helo).await?;
+    if client.caps.starttls {
+        client
+            .starttls(&ctx.tls, policy == TlsPolicy::Verified, helo)
+            .await?;
+    } else if policy != TlsPolicy::Opportunistic {
+        let _ = client.command("QUIT").await;
+        return Err(Failure::Connection(format!(
+            "{host} does not offer STARTTLS, and TLS is {} for this domain",
+            policy.name()
+        )));
+    }
+    Ok(client)
+}
+
+fn log_attempt(entry: &Entry, i: usize, client: &Client, outcome: &Outcome) {
+    let rcpt = &entry.recipients[i].address;
+    let (result, reply) = match outcome {
+        Outcome::Delivered { .. } => ("delivered", "accepted"),
+        Outcome::Deferred { error, .. } => ("deferred", error.as_str()),
+        Outcome::Failed { error, .. } => ("failed", error.as_str()),
+    };
+    tracing::info!(
+        queue_id = %entry.id, rcpt = %rcpt, mx = %client.host, tls = client.tls.name(), result, reply,
+        "delivery {result}: {} to <{rcpt}> via {} (tls {}): {reply}", entry.id, client.host, client.tls.name()
+    );
+}
+
+/// One message over an open connection. The second value: the connection cannot be used any more.
+async fn transaction(
+    ctx: &Context,
+    outbound: &Arc<Outbound>,
+    client: &mut Client,
+    message: &JobMessage,
+) -> (Vec<(usize, Outcome)>, Option<String>) {
+    let entry = &message.entry;
+    let host = Some(client.host.clone());
+    let every = |outcome: Outcome| {
+        message
+            .rcpts
+            .iter()
+            .map(|&i| (i, outcome.clone()))
+            .collect::<Vec<_>>()
+    };
+    let failed = |error: String| Outcome::Failed {
+        host: host.clone(),
+        error,
+    };
+    // What the server said it cannot take is not sent (RFC 1870, RFC 6152, RFC 6531).
+    if client.caps.refuses_size(entry.wire_size()) {
+        return (
+            every(failed(format!(
+                "552 5.3.4 message of {} octets is over {}'s limit of {}",
+                entry.wire_size(),
+                client.host,
+                client.caps.size.unwrap_or(0)
+            ))),
+            None,
+        );
+    }
+    if entry.eight_bit && !client.caps.eight_bit_mime {
+        return (
+            every(failed(format!(
+                "554 5.6.3 {} does not accept 8-bit messages (no 8BITMIME)",
+                client.host
+            ))),
+            None,
+        );
+    }
+    if entry.smtputf8 && !client.caps.smtputf8 {
+        return (
+            every(failed(format!(
+                "553 5.6.7 {} does not accept internationalised addresses (no SMTPUTF8)",
+                client.host
+            ))),
+            None,
+        );
+    }
+    let payload = {
+        let (queue, id) = (ctx.queue.clone(), entry.id.clone());
+        let (outbound, envelope_from) = (outbound.clone(), entry.from.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Vec<String>)> {
+            let stored = std::fs::read(queue.message_path(&id))?;
+            let crlf = crlf_form(&stored);
+            let mut prefix = Vec::new();
+            let mut selectors = Vec::new();
+            for key in signing_keys(&outbound, &envelope_from, &stored) {
+                match key.sign(&crlf) {
+                    Ok(header) => {
+                        prefix.extend_from_slice(header.as_bytes());
+                        selectors.push(format!("{}/{}", key.domain, key.selector));
+                    }
+                    Err(error) => tracing::error!(queue_id = %id, %error, "DKIM signing failed"),
+                }
+            }
+            Ok((data_wire_form(&prefix, &stored), selectors))
+        })
+        .await
+        .expect("the message read task does not panic")
+    };
+    let (payload, selectors) = match payload {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(queue_id = %entry.id, error = %e, "cannot read the queued message");
+            return (
+                every(Outcome::Deferred {
+                    host,
+                    error: format!("451 4.3.0 cannot read the queued message: {e}"),
+                }),
+                None,
+            );
+        }
+    };
+    if !selectors.is_empty() {
+        tracing::info!(queue_id = %entry.id, dkim = %selectors.join(","), "signed");
+    }
+    let mut mail = format!("MAIL FROM:<{}> SIZE={}", entry.from, entry.wire_size());
+    if entry.eight_bit {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if entry.smtputf8 {
+        mail.push_str(" SMTPUTF8");
+    }
+    let mut commands = vec![mail];
+    commands.extend(
+        message
+            .rcpts
+            .iter()
+            .map(|&i| format!("RCPT TO:<{}>", entry.recipients[i].address)),
+    );
+    commands.push("DATA".into());
+    let replies = match exchange(client, &commands).await {
+        Ok(replies) => replies,
+        Err(e) => {
+            return (
+                every(Outcome::Deferred {
+                    host,
+                    error: e.text(),
+                }),
+                Some(e.text()),
+            );
+        }
+    };
+    let peer = client.host.clone();
+    let outcome_of = |reply: &Reply| {
+        if reply.is_positive() {
+            Outcome::Delivered { host: peer.clone() }
+        } else if reply.is_permanent() {
+            Outcome::Failed {
+                host: Some(peer.clone()),
+                error: reply.text(),
+            }
+        } else {
+            Outcome::Deferred {
+                host: Some(peer.clone()),
+                error: reply.text(),
+            }
+        }
+    };
+    let mail_reply = &replies[0];
+    if mail_reply.code != 250 {
+        let _ = reset(client).await;
+        return (every(outcome_of(mail_reply)), None);
+    }
+    let mut outcomes = Vec::new();
+    let mut accepted = Vec::new();
+    for (k, &i) in message.rcpts.iter().enumerate() {
+        let reply = &replies[1 + k];
+        if reply.is_positive() {
+            accepted.push(i);
+        } else {
+            outcomes.push((i, outcome_of(reply)));
+        }
+    }
+    let data_reply = &replies[commands.len() - 1];
+    if accepted.is_empty() || data_reply.code != 354 {
+        // No recipient, or DATA refused: whatever DATA got, the transaction is over.
+        if !accepted.is_empty() {
+            outcomes.extend(accepted.iter().map(|&i| (i, outcome_of(data_reply))));
+        }
+        if let Err(e) = reset(client).await {
+            return (outcomes, Some(e.text()));
+        }
+        return (outcomes, None);
+    }
+    let final_reply = match client.send(&payload).await {
+        Ok(()) => client.read_reply().await,
+        Err(e) => Err(e),
+    };
+    match final_reply {
+        Ok(reply) => {
+            outcomes.extend(accepted.iter().map(|&i| (i, outcome_of(&reply))));
+            (outcomes, None)
+        }
+        Err(e) => {
+            // Without the final reply nothing is known: the message may have arrived (a retry may
+            // duplicate it, which RFC 5321 §6.1 prefers to losing it).
+            outcomes.extend(accepted.iter().map(|&i| {
+                (
+                    i,
+                    Outcome::Deferred {
+                        host: host.clone(),
+                        error: e.text(),
+                    },
+                )
+            }));
+            (outcomes, Some(e.text()))
+        }
+    }
+}
+
+/// The commands and their replies: in one write when the server offers PIPELINING (RFC 2920), one
+/// by one otherwise (stopping at a refused MAIL, or before DATA when no recipient was accepted; the
+/// replies not received are then copies of the last one).
+async fn exchange(client: &mut Client, commands: &[String]) -> Result<Vec<Reply>, Failure> {
+    let mut replies = Vec::with_capacity(commands.len());
+    if client.caps.pipelining {
+        let batch: String = commands.iter().map(|c| format!("{c}\r\n")).collect();
+        client.send(batch.as_bytes()).await?;
+        for _ in commands {
+            replies.push(client.read_reply().await?);
+        }
+        return Ok(replies);
+    }
+    for (k, command) in commands.iter().enumerate() {
+        let is_data = k == commands.len() - 1;
+        if is_data && !replies[1..].iter().any(Reply::is_positive) {
+            let last = replies.last().cloned().expect("MAIL was answered");
+            replies.push(last);
+            break;
+        }
+        let reply = client.command(command).await?;
+        let stop = k == 0 && reply.code != 250;
+        replies.push(reply);
+        if stop {
+            while replies.len() < commands.len() {
+                replies.push(replies[0].clone());
+            }
+            break;
+        }
+    }
+    Ok(replies)
+}
+
+/// RSET after a transaction that did not complete.
+async fn reset(client: &mut Client) -> Result<(), Failure> {
+    let reply = client.command("RSET").await?;
+    if reply.code != 250 {
+        return Err(Failure::Refused(reply));
+    }
+    Ok(())
+}
+
+/// The keys for the message's `From:` domain, or else for its envelope sender's domain.
+fn signing_keys<'a>(
+    outbound: &'a Outbound,
+    envelope_from: &str,
+    stored: &[u8],
+) -> Vec<&'a crate::dkim::DkimKey> {
+    if outbound.dkim.is_empty() {
+        return Vec::new();
+    }
+    let from_header = header_from_domain(stored);
+    let envelope = envelope_from
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase());
+    for domain in [from_header, envelope].into_iter().flatten() {
+        let keys: Vec<_> = outbound.dkim_for(&domain).collect();
+        if !keys.is_empty() {
+            return keys;
+        }
+    }
+    Vec::new()
+}
+
+/// The domain of the first `From:` address of a stored message.
+pub fn header_from_domain(stored: &[u8]) -> Option<String> {
+    let message = mail_parser::MessageParser::default().parse_headers(stored)?;
+    let address = message.from()?.first()?.address()?.to_string();
+    address
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase())
+}

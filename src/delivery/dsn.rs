@@ -1,0 +1,222 @@
+//! Delivery status notifications (RFC 3464): the report sent to the envelope sender when recipients
+//! failed for good, with the original message's header (RFC 6522 `text/rfc822-headers`).
+
+use crate::storage::queue::Entry;
+
+/// One failed recipient in a report.
+pub struct Failed<'a> {
+    pub address: &'a str,
+    /// The reply or the reason, e.g. `550 5.1.1 No such user`.
+    pub error: &'a str,
+    /// The host that said so, when one did.
+    pub host: Option<&'a str>,
+    /// The message stayed in the queue too long (the error is then the last one seen).
+    pub expired: bool,
+}
+
+/// The report in stored form (LF line endings), `From:` the mailer daemon of `hostname`.
+pub fn report(
+    hostname: &str,
+    entry: &Entry,
+    failed: &[Failed<'_>],
+    original: &[u8],
+    date: &str,
+    boundary: &str,
+) -> Vec<u8> {
+    let arrival = chrono::DateTime::from_timestamp(entry.queued_at as i64, 0)
+        .map(|d| d.with_timezone(&chrono::Local).to_rfc2822())
+        .unwrap_or_default();
+    let mut text = format!(
+        "This is the mail system at {hostname}.\n\n\
+         Your message could not be delivered to {} of its recipients. It will not be retried.\n\n",
+        if failed.len() == 1 { "one" } else { "some" }
+    );
+    for f in failed {
+        let why = if f.expired {
+            format!(
+                "it could not be delivered in time; the last attempt said: {}",
+                f.error
+            )
+        } else {
+            f.error.to_string()
+        };
+        let by = f
+            .host
+            .map(|h| format!(" (reported by {h})"))
+            .unwrap_or_default();
+        text.push_str(&format!("<{}>: {}{by}\n", f.address, one_line(&why)));
+    }
+    let mut status = format!("Reporting-MTA: dns; {hostname}\nArrival-Date: {arrival}\n");
+    for f in failed {
+        let code = if f.expired {
+            "4.4.7".to_string()
+        } else {
+            status_code(f.error)
+        };
+        status.push_str(&format!(
+            "\nFinal-Recipient: rfc822; {}\nAction: failed\nStatus: {code}\n",
+            f.address
+        ));
+        if let Some(host) = f.host {
+            status.push_str(&format!("Remote-MTA: dns; {host}\n"));
+        }
+        status.push_str(&format!("Diagnostic-Code: smtp; {}\n", one_line(f.error)));
+    }
+    let headers = header_block(original);
+    let utf8 = !text.is_ascii() || !headers.is_ascii();
+    let mut out = format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\n\
+         To: <{to}>\n\
+         Subject: Undelivered Mail Returned to Sender\n\
+         Date: {date}\n\
+         Message-ID: <{id}.dsn@{hostname}>\n\
+         Auto-Submitted: auto-replied\n\
+         MIME-Version: 1.0\n\
+         Content-Type: multipart/report; report-type=delivery-status;\n\tboundary=\"{boundary}\"\n\
+         \n\
+         This is a delivery status notification (RFC 3464) in MIME format.\n\
+         \n\
+         --{boundary}\n\
+         Content-Type: text/plain; charset=utf-8\n\
+         Content-Transfer-Encoding: {cte}\n\
+         \n\
+         {text}\n\
+         --{boundary}\n\
+         Content-Type: message/delivery-status\n\
+         \n\
+         {status}\n\
+         --{boundary}\n\
+         Content-Type: text/rfc822-headers\n\
+         Content-Transfer-Encoding: {cte}\n\
+         \n",
+        to = entry.from,
+        id = entry.id,
+        cte = if utf8 { "8bit" } else { "7bit" },
+    )
+    .into_bytes();
+    out.extend_from_slice(headers);
+    if !headers.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    out.extend_from_slice(format!("\n--{boundary}--\n").as_bytes());
+    out
+}
+
+/// The header of a stored message: everything before the first empty line.
+fn header_block(message: &[u8]) -> &[u8] {
+    if message.starts_with(b"\n") {
+        return b"";
+    }
+    match message.windows(2).position(|w| w == b"\n\n") {
+        Some(end) => &message[..end + 1],
+        None => message,
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split(['\r', '\n'])
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The RFC 3463 status of a reply (`550 5.1.1 …` → `5.1.1`), or the class of its code alone.
+pub fn status_code(error: &str) -> String {
+    let mut words = error.split_ascii_whitespace();
+    let basic = words.next().unwrap_or("");
+    if let Some(enhanced) = words.next() {
+        let parts: Vec<&str> = enhanced.split('.').collect();
+        if parts.len() == 3
+            && matches!(parts[0], "2" | "4" | "5")
+            && parts[1..]
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return enhanced.to_string();
+        }
+    }
+    match basic.as_bytes().first() {
+        Some(b'4') => "4.0.0".into(),
+        _ => "5.0.0".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::queue::{Recipient, State};
+
+    fn entry() -> Entry {
+        Entry {
+            id: "Q1".into(),
+            from: "alice@a.test".into(),
+            queued_at: 1_700_000_000,
+            submitter: None,
+            smtputf8: false,
+            eight_bit: false,
+            size: 10,
+            lines: 2,
+            recipients: vec![Recipient {
+                state: State::Failed { bounced: false },
+                ..Recipient::new("bob@b.test", "b.test")
+            }],
+        }
+    }
+
+    #[test]
+    fn the_report_parses_as_multipart_report_with_status_and_headers() {
+        let original = b"From: alice@a.test\nSubject: hello\n\nsecret body\n";
+        let failed = [Failed {
+            address: "bob@b.test",
+            error: "550 5.1.1 No such user here",
+            host: Some("mx.b.test"),
+            expired: false,
+        }];
+        let report = report(
+            "mx.a.test",
+            &entry(),
+            &failed,
+            original,
+            "Mon, 1 Jan 2024 00:00:00 +0000",
+            "=_b1",
+        );
+        let text = String::from_utf8(report.clone()).unwrap();
+        assert!(text.contains("To: <alice@a.test>\n"));
+        assert!(text.contains("Status: 5.1.1\n"));
+        assert!(text.contains("Remote-MTA: dns; mx.b.test\n"));
+        assert!(text.contains("Diagnostic-Code: smtp; 550 5.1.1 No such user here\n"));
+        assert!(text.contains("Subject: hello\n"));
+        assert!(!text.contains("secret body"), "only the header is returned");
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&report)
+            .unwrap();
+        assert_eq!(parsed.parts.len(), 4, "the container and three parts");
+        use mail_parser::MimeHeaders;
+        let content_type = parsed.root_part().content_type().unwrap();
+        assert_eq!(content_type.subtype(), Some("report"));
+    }
+
+    #[test]
+    fn status_codes_come_from_the_reply_or_its_class() {
+        assert_eq!(status_code("550 5.1.1 No such user"), "5.1.1");
+        assert_eq!(status_code("554 no enhanced code"), "5.0.0");
+        assert_eq!(status_code("451 4.7.1 greylisted"), "4.7.1");
+        assert_eq!(status_code("all hosts failed"), "5.0.0");
+    }
+
+    #[test]
+    fn expiry_reports_4_4_7_with_the_last_error() {
+        let failed = [Failed {
+            address: "bob@b.test",
+            error: "451 4.3.0 try later",
+            host: None,
+            expired: true,
+        }];
+        let text = String::from_utf8(report("h", &entry(), &failed, b"", "d", "b")).unwrap();
+        assert!(text.contains("Status: 4.4.7\n"), "{text}");
+        assert!(
+            text.contains("the last attempt said: 451 4.3.0 try later"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Where mail for a domain goes (RFC 5321 §5.1): its MX hosts by preference (hosts of equal
+//! preference in random order), the domain itself when it has no MX (the implicit MX), nowhere for a
+//! null MX (RFC 7505); then each host's IPv6 and IPv4 addresses.
+
+use std::net::IpAddr;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::Name;
+use hickory_resolver::proto::rr::RData;
+
+/// Why there is no host to try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    /// For good: the domain does not exist, or accepts no mail (null MX). Enhanced code, text.
+    Permanent(&'static str, String),
+    /// DNS did not answer, or answered with a failure: try again later.
+    Temporary(String),
+}
+
+/// One host to try: its name (for TLS and logs) and where to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone)]
+pub struct Resolver {
+    inner: TokioResolver,
+}
+
+impl Resolver {
+    /// The system's resolver configuration, or `servers` when given.
+    pub fn new(servers: &[std::net::SocketAddr]) -> Result<Resolver, String> {
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if servers.is_empty() {
+            TokioResolver::builder(provider)
+                .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?
+        } else {
+            let name_servers = servers
+                .iter()
+                .map(|addr| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = addr.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = addr.port();
+                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, Vec::new(), name_servers),
+                provider,
+            )
+        };
+        // Names are looked up as given, never under a search domain.
+        builder.options_mut().ndots = 0;
+        let inner = builder.build().map_err(|e| e.to_string())?;
+        Ok(Resolver { inner })
+    }
+
+    /// The hosts to try for `domain`, most preferred first. An address literal (`[192.0.2.1]`,
+    /// `[IPv6:2001:db8::1]`) is its own single host.
+    pub async fn hosts(&self, domain: &str) -> Result<Vec<Host>, NoRoute> {
+        if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+            let ip = literal
+                .strip_prefix("IPv6:")
+                .unwrap_or(literal)
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    NoRoute::Permanent("5.1.2", format!("bad address literal {domain}"))
+                })?;
+            return Ok(vec![Host {
+                name: ip.to_string(),
+                addresses: vec![ip],
+            }]);
+        }
+        let ascii = idna::domain_to_ascii(domain).map_err(|_| {
+            NoRoute::Permanent("5.1.2", format!("{domain} is not a valid domain name"))
+        })?;
+        let name = fqdn(&ascii)?;
+        let names = match self.inner.mx_lookup(name.clone()).await {
+            Ok(lookup) => {
+                let mut mx: Vec<(u16, Name)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                if mx.is_empty() {
+                    vec![name]
+                } else if mx.len() == 1 && mx[0].1.is_root() {
+                    return Err(NoRoute::Permanent(
+                        "5.1.10",
+                        format!("{domain} accepts no mail (null MX, RFC 7505)"),
+                    ));
+                } else {
+                    order_by_preference(&mut mx, rand_u64());
+                    mx.into_iter()
+                        .filter(|(_, n)| !n.is_root())
+                        .map(|(_, n)| n)
+                        .collect()
+                }
+            }
+            Err(e) if e.is_nx_domain() => {
+                return Err(NoRoute::Permanent(
+                    "5.1.2",
+                    format!("{domain} does not exist (NXDOMAIN)"),
+                ));
+            }
+            // The domain exists without an MX: the implicit MX is the domain itself.
+            Err(e) if e.is_no_records_found() => vec![name],
+            Err(e) => {
+                return Err(NoRoute::Temporary(format!(
+                    "DNS MX lookup for {domain} failed: {e}"
+                )));
+            }
+        };
+        let mut hosts = Vec::new();
+        let mut last_error = None;
+        for name in names {
+            let shown = name.to_ascii().trim_end_matches('.').to_string();
+            match self.addresses(&name).await {
+                Ok(addresses) if !addresses.is_empty() => hosts.push(Host {
+                    name: shown,
+                    addresses,
+                }),
+                Ok(_) => last_error = Some(format!("{shown} has no address")),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if hosts.is_empty() {
+            return Err(NoRoute::Temporary(
+                last_error.unwrap_or_else(|| format!("no host for {domain}")),
+            ));
+        }
+        Ok(hosts)
+    }
+
+    /// AAAA then A records of `name`.
+    async fn addresses(&self, name: &Name) -> Result<Vec<IpAddr>, String> {
+        let mut addresses = Vec::new();
+        let mut errors = Vec::new();
+        match self.inner.ipv6_lookup(name.clone()).await {
+            Ok(lookup) => addresses.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })),
+            Err(e) if e.is_no_records_found() => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        match self.inner.ipv4_lookup(name.clone()).await {
+            Ok(lookup) => addresses.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })),
+            Err(e) if e.is_no_records_found() => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        if addresses.is_empty() && !errors.is_empty() {
+            return Err(format!(
+                "address lookup for {name} failed: {}",
+                errors.join("; ")
+            ));
+        }
+        Ok(addresses)
+    }
+}
+
+fn fqdn(ascii: &str) -> Result<Name, NoRoute> {
+    Name::from_ascii(format!("{}.", ascii.trim_end_matches('.'))).map_err(|e| {
+        NoRoute::Permanent("5.1.2", format!("{ascii} is not a valid domain name: {e}"))
+    })
+}
+
+/// Lowest preference first; hosts of equal preference shuffled (RFC 5321 §5.1), by `seed`.
+fn order_by_preference<T>(hosts: &mut [(u16, T)], mut seed: u64) {
+    hosts.sort_by_key(|(preference, _)| *preference);
+    let mut start = 0;
+    while start < hosts.len() {
+        let end = start
+            + hosts[start..]
+                .iter()
+                .take_while(|(p, _)| *p == hosts[start].0)
+                .count();
+        for i in (start + 1..end).rev() {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let j = start + (seed >> 33) as usize % (i - start + 1);
+            hosts.swap(i, j);
+        }
+        start = end;
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(1);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preference_orders_and_ties_are_shuffled_within_their_level() {
+        let mut seen_first = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let mut hosts = vec![(20, "c"), (10, "a"), (10, "b"), (30, "d")];
+            order_by_preference(&mut hosts, seed);
+            let prefs: Vec<u16> = hosts.iter().map(|h| h.0).collect();
+            assert_eq!(prefs, vec![10, 10, 20, 30]);
+            assert_eq!(hosts[2].1, "c");
+            seen_first.insert(hosts[0].1);
+        }
+        assert_eq!(
+            seen_first.len(),
+            2,
+            "both hosts of preference 10 come first sometimes"
+        );
+    }
+
+    #[tokio::test]
+    async fn address_literals_are_their_own_host() {
+        let resolver = Resolver::new(&["127.0.0.1:9".parse().unwrap()]).unwrap();
+        let hosts = resolver.hosts("[IPv6:::1]").await.unwrap();
+        assert_eq!(hosts[0].addresses, vec!["::1".parse::<IpAddr>().unwrap()]);
+        let hosts = resolver.hosts("[192.0.2.7]").await.unwrap();
+        assert_eq!(
+            hosts[0].addresses,
+            vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
+        assert!(matches!(
+            resolver.hosts("[nonsense]").await,
+            Err(NoRoute::Permanent(..))
+        ));
+    }
+}
