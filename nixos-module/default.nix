@@ -148,10 +148,23 @@ let
 
   stateDirectory = hasPrefix "/var/lib/" cfg.dataDir;
 
+  # Outbound delivery needs the network; without it the service gets none (PrivateNetwork).
+  outbound = (cfg.settings.outbound or { }).enable or true;
+  dkimCredential = key: credentialName "dkim" "${key.selector}._domainkey.${key.domain}";
+
   hashFiles = filterAttrs (_: account: account.hashedPasswordFile != null) cfg.accounts;
   apopFiles = filterAttrs (_: account: account.apopSecretFile != null) cfg.accounts;
 
-  finalSettings = cfg.settings // optionalAttrs (tlsFiles != null) { tls = tlsFiles; } // {
+  finalSettings = cfg.settings // optionalAttrs (tlsFiles != null) { tls = tlsFiles; } // optionalAttrs (cfg.dkim != [ ]) {
+    outbound = (cfg.settings.outbound or { }) // {
+      dkim = (cfg.settings.outbound.dkim or [ ]) ++ map
+        (key: {
+          inherit (key) domain selector;
+          key_file = "${credentialsDir}/${dkimCredential key}";
+        })
+        cfg.dkim;
+    };
+  } // {
     storage_root = cfg.dataDir;
     listen = mapAttrs (name: listener: optional listener.enable "systemd:${name}") cfg.listeners;
     accounts = mapAttrs
@@ -211,6 +224,30 @@ let
         default = [ ];
         example = [ "postmaster@example.org" ];
         description = "More addresses delivered to this account. An alias listed by several accounts reaches them all.";
+      };
+    };
+  };
+
+  dkimModule = {
+    options = {
+      domain = mkOption {
+        type = types.str;
+        example = "example.org";
+        description = "The domain whose mail is signed (the `d=` of the signature; the From: domain).";
+      };
+      selector = mkOption {
+        type = types.strMatching "[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*";
+        default = "rustmail";
+        description = "The selector: the public key is published at SELECTOR._domainkey.DOMAIN.";
+      };
+      keyFile = mkOption {
+        type = types.strMatching "/.+";
+        example = "/run/secrets/rustmail/dkim-example.org.pem";
+        description = ''
+          The private key (PEM), as written by `rustmail dkim-keygen DOMAIN --selector SELECTOR`, which
+          also prints the DNS record to publish. Read by systemd (LoadCredential), so it may be readable
+          by root only; it must not be in the Nix store.
+        '';
       };
     };
   };
@@ -365,6 +402,16 @@ in
       default = false;
       description = "Whether to open the TCP ports of the enabled listeners in the firewall.";
     };
+
+    dkim = mkOption {
+      type = types.listOf (types.submodule dkimModule);
+      default = [ ];
+      example = [{ domain = "example.org"; selector = "rm1"; keyFile = "/run/secrets/rustmail/dkim.pem"; }];
+      description = ''
+        DKIM signing keys. Every message leaving for another domain whose From: domain has keys here is
+        signed with each of them (publish an RSA key; an Ed25519 key may be added beside it).
+      '';
+    };
   };
 
   config = mkIf cfg.enable {
@@ -413,6 +460,12 @@ in
           message = "services.rustmail.tls.keyFile is in the Nix store, which every local user can read.";
         }
       ]
+      ++ map
+        (key: {
+          assertion = !(hasPrefix builtins.storeDir key.keyFile);
+          message = "services.rustmail.dkim: the key of ${key.selector}._domainkey.${key.domain} is in the Nix store, which every local user can read.";
+        })
+        cfg.dkim
       ++ lib.concatLists (mapAttrsToList
         (name: listener: [
           {
@@ -474,7 +527,12 @@ in
         ExecStart = [ "" "${getExe cfg.package} serve --config /etc/rustmail/rustmail.toml" ];
         LoadCredential =
           mapAttrsToList (address: account: "${credentialName "account" address}:${account.hashedPasswordFile}") hashFiles
-            ++ mapAttrsToList (address: account: "${credentialName "apop" address}:${account.apopSecretFile}") apopFiles;
+            ++ mapAttrsToList (address: account: "${credentialName "apop" address}:${account.apopSecretFile}") apopFiles
+            ++ map (key: "${dkimCredential key}:${key.keyFile}") cfg.dkim;
+        # The packaged unit allows IPv4/IPv6 sockets for outbound delivery; with outbound.enable = false
+        # the service gets no network at all (its listening sockets still come from systemd).
+        PrivateNetwork = !outbound;
+        RestrictAddressFamilies = if outbound then [ "" "AF_UNIX" "AF_INET" "AF_INET6" ] else [ "" "AF_UNIX" ];
         User = cfg.user;
         Group = cfg.group;
         WorkingDirectory = cfg.dataDir;

@@ -127,12 +127,22 @@ impl DkimKey {
                 .body_canonicalization(Canonicalization::Relaxed)
                 .sign(message)
                 .map_err(|e| e.to_string())?;
-            Ok(signature.to_header())
+            Ok(without_space_before_the_end(signature.to_header()))
         }
         match &*self.key {
             Key::Rsa(key) => build(KeyRef::Rsa(key), self, message),
             Key::Ed25519(key) => build(KeyRef::Ed25519(key), self, message),
         }
+    }
+}
+
+/// mail-auth may fold the field just before its final `;` (`b=…\r\n\t;`). RFC 6376 §3.5 has
+/// verifiers drop the whitespace around the `b=` value, but some (dkimpy) keep the trailing fold, hash
+/// `b= ;` instead of the signed `b=;` and reject the signature: the fold goes.
+fn without_space_before_the_end(header: String) -> String {
+    match header.strip_suffix(";\r\n") {
+        Some(head) => format!("{};\r\n", head.trim_end_matches([' ', '\t', '\r', '\n'])),
+        None => header,
     }
 }
 
@@ -237,6 +247,21 @@ mod tests {
             assert!(header.contains("s=s1"), "{header}");
             assert!(header.ends_with("\r\n"), "{header:?}");
         }
+    }
+
+    #[test]
+    fn no_fold_before_the_final_semicolon_whatever_the_length() {
+        let (file, _) = key_file(Algorithm::Rsa);
+        let key = DkimKey::load("example.org", "s1", file.path()).unwrap();
+        for n in 0..40 {
+            let message = format!("From: a@example.org\r\nSubject: {}\r\n\r\nbody\r\n", "x".repeat(n));
+            let header = key.sign(message.as_bytes()).unwrap();
+            let end = header.trim_end_matches("\r\n");
+            assert!(end.ends_with(';'), "{header:?}");
+            let before = end[..end.len() - 1].chars().last().unwrap();
+            assert!(!before.is_whitespace(), "{header:?}");
+        }
+        assert_eq!(without_space_before_the_end("a; b=x\r\n\t;\r\n".into()), "a; b=x;\r\n");
     }
 
     #[test]

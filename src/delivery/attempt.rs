@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::client::{Client, Failure};
 use super::route::{NoRoute, Resolver};
 use super::tls::ClientTls;
-use super::wire::{Reply, crlf_form, data_wire_form};
+use super::wire::{Reply, crlf_form, data_wire_form, without_return_path};
 use crate::config::outbound::{Outbound, TlsPolicy};
 use crate::storage::queue::{Entry, Queue};
 
@@ -57,6 +57,9 @@ pub async fn run(
         messages
             .iter()
             .map(|m| {
+                for &i in &m.rcpts {
+                    log_outcome(&m.entry, i, None, "none", &outcome);
+                }
                 (
                     m.entry.id.clone(),
                     m.rcpts.iter().map(|&i| (i, outcome.clone())).collect(),
@@ -136,7 +139,7 @@ pub async fn run(
         }
         let (outcomes, failure) = transaction(ctx, outbound, &mut client, &message).await;
         for (i, outcome) in &outcomes {
-            log_attempt(&message.entry, *i, &client, outcome);
+            log_outcome(&message.entry, *i, Some(&client.host), client.tls.name(), outcome);
         }
         results.push((id, outcomes));
         if let Some(failure) = failure {
@@ -174,16 +177,18 @@ async fn open(
     Ok(client)
 }
 
-fn log_attempt(entry: &Entry, i: usize, client: &Client, outcome: &Outcome) {
+/// One log line per recipient and attempt: queue id, recipient, host, TLS state, result, reply.
+fn log_outcome(entry: &Entry, i: usize, mx: Option<&str>, tls: &str, outcome: &Outcome) {
     let rcpt = &entry.recipients[i].address;
     let (result, reply) = match outcome {
         Outcome::Delivered { .. } => ("delivered", "accepted"),
         Outcome::Deferred { error, .. } => ("deferred", error.as_str()),
         Outcome::Failed { error, .. } => ("failed", error.as_str()),
     };
+    let mx = mx.unwrap_or("-");
     tracing::info!(
-        queue_id = %entry.id, rcpt = %rcpt, mx = %client.host, tls = client.tls.name(), result, reply,
-        "delivery {result}: {} to <{rcpt}> via {} (tls {}): {reply}", entry.id, client.host, client.tls.name()
+        queue_id = %entry.id, rcpt = %rcpt, mx, tls, result, reply,
+        "delivery {result}: {} to <{rcpt}> via {mx} (tls {tls}): {reply}", entry.id
     );
 }
 
@@ -242,10 +247,11 @@ async fn transaction(
         let (outbound, envelope_from) = (outbound.clone(), entry.from.clone());
         tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Vec<String>)> {
             let stored = std::fs::read(queue.message_path(&id))?;
-            let crlf = crlf_form(&stored);
+            let stored = without_return_path(&stored);
+            let crlf = crlf_form(stored);
             let mut prefix = Vec::new();
             let mut selectors = Vec::new();
-            for key in signing_keys(&outbound, &envelope_from, &stored) {
+            for key in signing_keys(&outbound, &envelope_from, stored) {
                 match key.sign(&crlf) {
                     Ok(header) => {
                         prefix.extend_from_slice(header.as_bytes());
@@ -254,7 +260,7 @@ async fn transaction(
                     Err(error) => tracing::error!(queue_id = %id, %error, "DKIM signing failed"),
                 }
             }
-            Ok((data_wire_form(&prefix, &stored), selectors))
+            Ok((data_wire_form(&prefix, stored), selectors))
         })
         .await
         .expect("the message read task does not panic")

@@ -158,6 +158,19 @@ pub fn data_wire_form(prefix: &[u8], stored: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The stored message without the `Return-Path:` field local delivery put first: it belongs to the
+/// final delivery, and a relay must not send it on (RFC 5321 §4.4).
+pub fn without_return_path(stored: &[u8]) -> &[u8] {
+    let name = b"return-path:";
+    if stored.len() >= name.len() && stored[..name.len()].eq_ignore_ascii_case(name) {
+        return match stored.iter().position(|&b| b == b'\n') {
+            Some(end) => &stored[end + 1..],
+            None => b"",
+        };
+    }
+    stored
+}
+
 /// The message as DKIM signs it (CRLF line endings, not dot-stuffed).
 pub fn crlf_form(stored: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(stored.len() + stored.len() / 32);
@@ -230,5 +243,11 @@ mod tests {
         assert_eq!(data_wire_form(b"", b""), b".\r\n");
         assert_eq!(data_wire_form(b"", b".\n"), b"..\r\n.\r\n");
         assert_eq!(crlf_form(b"a\nb\n"), b"a\r\nb\r\n");
+    }
+
+    #[test]
+    fn our_return_path_is_not_sent_on() {
+        assert_eq!(without_return_path(b"Return-Path: <a@b>\nReceived: x\n\nbody\n"), b"Received: x\n\nbody\n");
+        assert_eq!(without_return_path(b"Subject: s\n\nReturn-Path: no\n"), b"Subject: s\n\nReturn-Path: no\n");
     }
 }

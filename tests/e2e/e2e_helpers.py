@@ -178,12 +178,14 @@ def render_config(
     extra_top: dict | None = None,
     extra_listen: dict | None = None,
     tls: dict | None = None,
+    extra_toml: str = "",
 ) -> str:
     """Render a rustmail TOML config.
 
     `accounts` maps an address to the keys of its table, e.g.
     {"password_hash": "...", "aliases": [...]}. `extra_top` adds top-level keys
-    (used to write deliberately invalid configs).
+    (used to write deliberately invalid configs); `extra_toml` is appended as it is (further tables,
+    such as `[outbound]`).
     """
     lines = [
         f"hostname = {toml_str(hostname)}",
@@ -208,7 +210,25 @@ def render_config(
     for address, table in accounts.items():
         lines += ["", f"[accounts.{toml_str(address)}]"]
         lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra_toml
+
+
+def make_ca_and_cert(directory: Path, names: Iterable[str]) -> tuple[Path, Path, Path]:
+    """A certificate authority and a server certificate it signed for `names` (IP addresses or DNS
+    names), made by openssl: (CA certificate, server certificate, server key), PEM."""
+    ca_key, ca = directory / "ca.key", directory / "ca.crt"
+    key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    ext = directory / "server.ext"
+    san = ",".join(f"IP:{n}" if re.fullmatch(r"[0-9.]+|[0-9a-f:]+", n) else f"DNS:{n}" for n in names)
+    ext.write_text(f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", *ec, "-subj", "/CN=rustmail test CA", "-days", "30", "-keyout", str(ca_key),
+        "-out", str(ca), "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=keyCertSign")
+    run("req", *ec, "-subj", "/CN=rustmail test server", "-keyout", str(key), "-out", str(csr))
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "30", "-extfile", str(ext), "-out", str(cert))
+    return ca, cert, key
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -236,8 +256,17 @@ class RustmailServer:
         tls: dict | None = None,
         extra_listeners: Iterable[str] = (),
         rust_log: str | None = None,
+        host: str = "127.0.0.1",
+        domains: Iterable[str] = (DOMAIN,),
+        hostname: str = HOSTNAME,
+        extra_toml: str = "",
     ) -> None:
         self.binary = binary
+        # The loopback address every listener binds (another than 127.0.0.1 to play a second host).
+        self.host = host
+        self.domains = list(domains)
+        self.hostname = hostname
+        self.extra_toml = extra_toml
         # RUST_LOG for the server, e.g. "trace" to check that not even the most verbose level
         # logs a secret.
         self.rust_log = rust_log
@@ -275,13 +304,16 @@ class RustmailServer:
     def config_text(self, accounts: dict[str, dict], **overrides) -> str:
         kwargs = dict(
             storage_root=self.state_dir,
-            smtp_listen=[f"127.0.0.1:{self.smtp_port}"],
-            pop3_listen=[f"127.0.0.1:{self.pop3_port}"],
+            smtp_listen=[f"{self.host}:{self.smtp_port}"],
+            pop3_listen=[f"{self.host}:{self.pop3_port}"],
             accounts=accounts,
             limits=self.limits,
             auth=self.auth,
             tls=self.tls,
-            extra_listen={name: [f"127.0.0.1:{port}"] for name, port in self.ports.items()},
+            extra_listen={name: [f"{self.host}:{port}"] for name, port in self.ports.items()},
+            domains=self.domains,
+            hostname=self.hostname,
+            extra_toml=self.extra_toml,
         )
         kwargs.update(overrides)
         return render_config(**kwargs)
@@ -347,7 +379,7 @@ class RustmailServer:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise _ServerDied()
-            return port_accepts(self.smtp_port) and port_accepts(self.pop3_port)
+            return port_accepts(self.smtp_port, self.host) and port_accepts(self.pop3_port, self.host)
 
         deadline = time.monotonic() + timeout
         while True:
@@ -445,14 +477,14 @@ class RustmailServer:
     # ----- clients
 
     def smtp(self) -> smtplib.SMTP:
-        return smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="client.test", timeout=NET_TIMEOUT)
+        return smtplib.SMTP(self.host, self.smtp_port, local_hostname="client.test", timeout=NET_TIMEOUT)
 
     def send(self, to_addrs, msg: bytes, sender: str = SENDER) -> dict:
         with self.smtp() as s:
             return s.sendmail(sender, to_addrs, msg)
 
     def pop3_connect(self) -> poplib.POP3:
-        return poplib.POP3("127.0.0.1", self.pop3_port, timeout=NET_TIMEOUT)
+        return poplib.POP3(self.host, self.pop3_port, timeout=NET_TIMEOUT)
 
     def pop3(self, address: str, password: str | None = None) -> poplib.POP3:
         """A POP3 session logged in with USER/PASS."""

@@ -74,6 +74,12 @@ let
   customSettings = settingsOf custom;
   listenersUnit = good.systemd.services.rustmail-listeners;
 
+  withDkim = eval (base // {
+    dkim = [{ domain = "example.org"; selector = "rm1"; keyFile = "/run/keys/dkim.pem"; }];
+  });
+  dkimSettings = settingsOf withDkim;
+  noOutbound = eval (base // { settings = base.settings // { outbound.enable = false; }; });
+
   checks = {
     "good config has no failed assertion" = failedAssertions good == [ ];
     "units come from the package" = good.systemd.packages == [ fakePackage ];
@@ -188,6 +194,23 @@ let
     "settings.listen is refused" = anyMessage "settings.listen is set by the module" (eval (base // {
       settings.domains = [ "example.org" ];
       settings.listen.smtp = [ "0.0.0.0:25" ];
+    }));
+    "outbound delivery has the network by default" =
+      service.serviceConfig.PrivateNetwork == false
+      && service.serviceConfig.RestrictAddressFamilies == [ "" "AF_UNIX" "AF_INET" "AF_INET6" ];
+    "without outbound delivery the service has no network" =
+      noOutbound.systemd.services.rustmail.serviceConfig.PrivateNetwork == true
+      && noOutbound.systemd.services.rustmail.serviceConfig.RestrictAddressFamilies == [ "" "AF_UNIX" ]
+      && (settingsOf noOutbound).outbound.enable == false;
+    "a DKIM key reaches the service through LoadCredential" =
+      let
+        cred = lib.last withDkim.systemd.services.rustmail.serviceConfig.LoadCredential;
+        key = lib.head dkimSettings.outbound.dkim;
+      in
+      lib.hasSuffix ":/run/keys/dkim.pem" cred && key.domain == "example.org" && key.selector == "rm1"
+      && key.key_file == "/run/credentials/rustmail.service/${lib.head (lib.splitString ":" cred)}";
+    "a DKIM key in the Nix store is refused" = anyMessage "is in the Nix store" (eval (base // {
+      dkim = [{ domain = "example.org"; keyFile = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-dkim.pem"; }];
     }));
     "relative hash path is a type error" = !(builtins.tryEval (builtins.deepSeq
       (eval (base // { accounts."a@example.org".hashedPasswordFile = "alice.hash"; })).systemd.services.rustmail.serviceConfig.LoadCredential
