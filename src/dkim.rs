@@ -254,14 +254,20 @@ mod tests {
         let (file, _) = key_file(Algorithm::Rsa);
         let key = DkimKey::load("example.org", "s1", file.path()).unwrap();
         for n in 0..40 {
-            let message = format!("From: a@example.org\r\nSubject: {}\r\n\r\nbody\r\n", "x".repeat(n));
+            let message = format!(
+                "From: a@example.org\r\nSubject: {}\r\n\r\nbody\r\n",
+                "x".repeat(n)
+            );
             let header = key.sign(message.as_bytes()).unwrap();
             let end = header.trim_end_matches("\r\n");
             assert!(end.ends_with(';'), "{header:?}");
             let before = end[..end.len() - 1].chars().last().unwrap();
             assert!(!before.is_whitespace(), "{header:?}");
         }
-        assert_eq!(without_space_before_the_end("a; b=x\r\n\t;\r\n".into()), "a; b=x;\r\n");
+        assert_eq!(
+            without_space_before_the_end("a; b=x\r\n\t;\r\n".into()),
+            "a; b=x;\r\n"
+        );
     }
 
     #[test]

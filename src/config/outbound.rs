@@ -43,6 +43,9 @@ pub struct OutboundConfig {
     pub max_connections: usize,
     /// Connections to one domain at once.
     pub max_connections_per_domain: usize,
+    /// Send everything through this relay instead of to each domain's MX (for networks where port 25
+    /// is blocked). TLS is always required and verified towards it.
+    pub smarthost: Option<SmarthostConfig>,
     /// DKIM signing keys: every outgoing message whose `From:` domain (or envelope sender's domain) has
     /// keys here is signed with each of them.
     pub dkim: Vec<DkimConfig>,
@@ -63,8 +66,120 @@ impl Default for OutboundConfig {
             command_timeout_secs: 300,
             max_connections: 32,
             max_connections_per_domain: 2,
+            smarthost: None,
             dkim: Vec::new(),
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmarthostConfig {
+    pub host: String,
+    /// 587 (STARTTLS) by default; 465 with `tls = "implicit"`.
+    #[serde(default = "default_smarthost_port")]
+    pub port: u16,
+    /// `"starttls"` or `"implicit"` (TLS from the first octet, RFC 8314).
+    #[serde(default = "default_smarthost_tls")]
+    pub tls: SmarthostTls,
+    /// Log in with AUTH PLAIN (or LOGIN) as this user, with the password in `password_file`.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_smarthost_port() -> u16 {
+    587
+}
+
+fn default_smarthost_tls() -> SmarthostTls {
+    SmarthostTls::Starttls
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmarthostTls {
+    Starttls,
+    Implicit,
+}
+
+/// The relay, validated; the password read from its file.
+#[derive(Clone)]
+pub struct Smarthost {
+    pub host: String,
+    pub port: u16,
+    pub implicit_tls: bool,
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Smarthost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Smarthost")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("implicit_tls", &self.implicit_tls)
+            .field("username", &self.credentials.as_ref().map(|c| &c.0))
+            .finish()
+    }
+}
+
+impl Smarthost {
+    fn from_config(c: &SmarthostConfig, secrets: SecretFiles) -> Result<Smarthost, ConfigError> {
+        let host_ok =
+            c.host.parse::<std::net::IpAddr>().is_ok() || accounts::is_valid_domain(&c.host);
+        if !host_ok {
+            return Err(ConfigError::invalid(
+                "outbound.smarthost.host",
+                format!("{:?} is not a host name or IP address", c.host),
+            ));
+        }
+        if c.port == 0 {
+            return Err(ConfigError::invalid(
+                "outbound.smarthost.port",
+                "must not be 0",
+            ));
+        }
+        let credentials = match (&c.username, &c.password_file) {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "outbound.smarthost.password_file",
+                    "username and password_file go together",
+                ));
+            }
+            (Some(user), Some(path)) if secrets == SecretFiles::Skip => {
+                if !path.is_absolute() {
+                    return Err(ConfigError::invalid(
+                        "outbound.smarthost.password_file",
+                        format!("{} is not an absolute path", path.display()),
+                    ));
+                }
+                Some((user.clone(), String::new()))
+            }
+            (Some(user), Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::invalid(
+                        "outbound.smarthost.password_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let password = text.lines().next().unwrap_or("").to_string();
+                if password.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "outbound.smarthost.password_file",
+                        format!("{} holds no password on its first line", path.display()),
+                    ));
+                }
+                Some((user.clone(), password))
+            }
+        };
+        Ok(Smarthost {
+            host: c.host.clone(),
+            port: c.port,
+            implicit_tls: c.tls == SmarthostTls::Implicit,
+            credentials,
+        })
     }
 }
 
@@ -111,6 +226,7 @@ pub struct Outbound {
     pub command_timeout_secs: u64,
     pub max_connections: usize,
     pub max_connections_per_domain: usize,
+    pub smarthost: Option<Smarthost>,
     /// Absent when the key files were not read ([`SecretFiles::Skip`]).
     pub dkim: Vec<DkimKey>,
 }
@@ -239,6 +355,11 @@ impl Outbound {
             command_timeout_secs: config.command_timeout_secs,
             max_connections: config.max_connections,
             max_connections_per_domain: config.max_connections_per_domain,
+            smarthost: config
+                .smarthost
+                .as_ref()
+                .map(|c| Smarthost::from_config(c, secrets))
+                .transpose()?,
             dkim,
         }))
     }
@@ -289,6 +410,36 @@ mod tests {
             "{err}"
         );
         assert!(Outbound::from_config(&config, SecretFiles::Skip).is_ok());
+    }
+
+    #[test]
+    fn a_smarthost_needs_both_credentials_and_a_readable_password() {
+        let mut config = OutboundConfig {
+            smarthost: Some(SmarthostConfig {
+                host: "smtp.provider.example".into(),
+                port: 465,
+                tls: SmarthostTls::Implicit,
+                username: Some("me".into()),
+                password_file: None,
+            }),
+            ..OutboundConfig::default()
+        };
+        let err = Outbound::from_config(&config, SecretFiles::Read).unwrap_err();
+        assert!(
+            err.to_string().contains("outbound.smarthost.password_file"),
+            "{err}"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "s3cret\n").unwrap();
+        config.smarthost.as_mut().unwrap().password_file = Some(file.path().to_path_buf());
+        let o = Outbound::from_config(&config, SecretFiles::Read).unwrap();
+        let relay = o.smarthost.as_ref().unwrap();
+        assert_eq!(relay.credentials, Some(("me".into(), "s3cret".into())));
+        assert!(relay.implicit_tls);
+        assert!(
+            !format!("{relay:?}").contains("s3cret"),
+            "the password is never printed"
+        );
     }
 
     #[test]

@@ -67,7 +67,28 @@ pub async fn run(
             })
             .collect()
     };
-    let hosts = match ctx.resolver.hosts(domain).await {
+    // Where to connect: the smarthost for everything, or the domain's MX hosts.
+    let (hosts, path) = match &outbound.smarthost {
+        Some(relay) => (
+            ctx.resolver.host(&relay.host).await.map(|h| vec![h]),
+            Path {
+                port: relay.port,
+                policy: TlsPolicy::Verified,
+                implicit_tls: relay.implicit_tls,
+                credentials: relay.credentials.as_ref(),
+            },
+        ),
+        None => (
+            ctx.resolver.hosts(domain).await,
+            Path {
+                port: outbound.port,
+                policy: outbound.tls_for(domain),
+                implicit_tls: false,
+                credentials: None,
+            },
+        ),
+    };
+    let hosts = match hosts {
         Ok(hosts) => hosts,
         Err(NoRoute::Permanent(code, text)) => {
             return all(Outcome::Failed {
@@ -82,15 +103,14 @@ pub async fn run(
             });
         }
     };
-    let policy = outbound.tls_for(domain);
     let connect = Duration::from_secs(outbound.connect_timeout_secs);
     let command = Duration::from_secs(outbound.command_timeout_secs);
     let mut client = None;
     let mut errors = Vec::new();
     'hosts: for host in &hosts {
         for ip in &host.addresses {
-            let addr = SocketAddr::new(*ip, outbound.port);
-            match open(ctx, addr, &host.name, policy, helo, connect, command).await {
+            let addr = SocketAddr::new(*ip, path.port);
+            match open(ctx, addr, &host.name, &path, helo, connect, command).await {
                 Ok(c) => {
                     client = Some(c);
                     break 'hosts;
@@ -139,7 +159,13 @@ pub async fn run(
         }
         let (outcomes, failure) = transaction(ctx, outbound, &mut client, &message).await;
         for (i, outcome) in &outcomes {
-            log_outcome(&message.entry, *i, Some(&client.host), client.tls.name(), outcome);
+            log_outcome(
+                &message.entry,
+                *i,
+                Some(&client.host),
+                client.tls.name(),
+                outcome,
+            );
         }
         results.push((id, outcomes));
         if let Some(failure) = failure {
@@ -152,27 +178,41 @@ pub async fn run(
     results
 }
 
+/// How to reach the hosts of a job.
+struct Path<'a> {
+    port: u16,
+    policy: TlsPolicy,
+    implicit_tls: bool,
+    credentials: Option<&'a (String, String)>,
+}
+
+/// A connection ready for MAIL: greeted, EHLO done, TLS as the policy wants, logged in if asked.
 async fn open(
     ctx: &Context,
     addr: SocketAddr,
     host: &str,
-    policy: TlsPolicy,
+    path: &Path<'_>,
     helo: &str,
     connect: Duration,
     command: Duration,
 ) -> Result<Client, Failure> {
-    let mut client = Client::connect(addr, host, connect, command).await?;
+    let verified = path.policy == TlsPolicy::Verified;
+    let implicit = path.implicit_tls.then_some((&ctx.tls, verified));
+    let mut client = Client::connect(addr, host, connect, command, implicit).await?;
     client.hello(helo).await?;
-    if client.caps.starttls {
-        client
-            .starttls(&ctx.tls, policy == TlsPolicy::Verified, helo)
-            .await?;
-    } else if policy != TlsPolicy::Opportunistic {
+    if client.tls.is_encrypted() {
+        // Implicit TLS: already encrypted.
+    } else if client.caps.starttls {
+        client.starttls(&ctx.tls, verified, helo).await?;
+    } else if path.policy != TlsPolicy::Opportunistic {
         let _ = client.command("QUIT").await;
         return Err(Failure::Connection(format!(
             "{host} does not offer STARTTLS, and TLS is {} for this domain",
-            policy.name()
+            path.policy.name()
         )));
+    }
+    if let Some((user, password)) = path.credentials {
+        client.authenticate(user, password).await?;
     }
     Ok(client)
 }

@@ -24,6 +24,10 @@ pub enum TlsState {
 }
 
 impl TlsState {
+    pub fn is_encrypted(self) -> bool {
+        self != TlsState::None
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             TlsState::None => "none",
@@ -68,12 +72,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and reads the greeting, which must be 220 (RFC 5321 §3.1).
+    /// Connects and reads the greeting, which must be 220 (RFC 5321 §3.1). With `implicit_tls`
+    /// (a smarthost on port 465, RFC 8314), the TLS handshake comes first.
     pub async fn connect(
         addr: SocketAddr,
         host: &str,
         connect_timeout: Duration,
         command_timeout: Duration,
+        implicit_tls: Option<(&ClientTls, bool)>,
     ) -> Result<Client, Failure> {
         let tcp = match timeout(connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -99,6 +105,9 @@ impl Client {
             tls: TlsState::None,
             caps: Capabilities::default(),
         };
+        if let Some((tls, require_valid)) = implicit_tls {
+            client.handshake(tls, require_valid).await?;
+        }
         let greeting = client.read_reply().await?;
         if greeting.code != 220 {
             return Err(Failure::Refused(greeting));
@@ -142,6 +151,12 @@ impl Client {
                 "data sent before the TLS handshake (injection?)".into(),
             ));
         }
+        self.handshake(tls, require_valid).await?;
+        self.hello(name).await
+    }
+
+    /// The TLS handshake on the plain connection, recording whether the certificate verified.
+    async fn handshake(&mut self, tls: &ClientTls, require_valid: bool) -> Result<(), Failure> {
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
             return Err(Failure::Connection(
                 "STARTTLS on an encrypted connection".into(),
@@ -174,7 +189,39 @@ impl Client {
         } else {
             TlsState::Unverified
         };
-        self.hello(name).await
+        Ok(())
+    }
+
+    /// AUTH PLAIN (RFC 4616), or LOGIN where PLAIN is not offered, after TLS only.
+    pub async fn authenticate(&mut self, username: &str, password: &str) -> Result<(), Failure> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if !self.tls.is_encrypted() {
+            return Err(Failure::Connection("no AUTH without TLS".into()));
+        }
+        let reply = if self.caps.auth.iter().any(|m| m == "PLAIN") {
+            let token = b64.encode(format!("\0{username}\0{password}"));
+            self.command(&format!("AUTH PLAIN {token}")).await?
+        } else if self.caps.auth.iter().any(|m| m == "LOGIN") {
+            let first = self.command("AUTH LOGIN").await?;
+            if first.code != 334 {
+                return Err(Failure::Refused(first));
+            }
+            let second = self.command(&b64.encode(username)).await?;
+            if second.code != 334 {
+                return Err(Failure::Refused(second));
+            }
+            self.command(&b64.encode(password)).await?
+        } else {
+            return Err(Failure::Connection(format!(
+                "{} offers neither AUTH PLAIN nor AUTH LOGIN",
+                self.host
+            )));
+        };
+        if reply.code != 235 {
+            return Err(Failure::Refused(reply));
+        }
+        Ok(())
     }
 
     /// Sends one command line and reads its reply.

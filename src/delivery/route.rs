@@ -140,6 +140,26 @@ impl Resolver {
         Ok(hosts)
     }
 
+    /// One named host (a smarthost): an IP address as it is, else its AAAA and A records.
+    pub async fn host(&self, name: &str) -> Result<Host, NoRoute> {
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(Host {
+                name: name.to_string(),
+                addresses: vec![ip],
+            });
+        }
+        let ascii = idna::domain_to_ascii(name)
+            .map_err(|_| NoRoute::Temporary(format!("{name} is not a valid host name")))?;
+        match self.addresses(&fqdn(&ascii)?).await {
+            Ok(addresses) if !addresses.is_empty() => Ok(Host {
+                name: name.to_string(),
+                addresses,
+            }),
+            Ok(_) => Err(NoRoute::Temporary(format!("{name} has no address"))),
+            Err(e) => Err(NoRoute::Temporary(e)),
+        }
+    }
+
     /// AAAA then A records of `name`.
     async fn addresses(&self, name: &Name) -> Result<Vec<IpAddr>, String> {
         let mut addresses = Vec::new();

@@ -247,7 +247,13 @@ mod tests {
 
     #[test]
     fn our_return_path_is_not_sent_on() {
-        assert_eq!(without_return_path(b"Return-Path: <a@b>\nReceived: x\n\nbody\n"), b"Received: x\n\nbody\n");
-        assert_eq!(without_return_path(b"Subject: s\n\nReturn-Path: no\n"), b"Subject: s\n\nReturn-Path: no\n");
+        assert_eq!(
+            without_return_path(b"Return-Path: <a@b>\nReceived: x\n\nbody\n"),
+            b"Received: x\n\nbody\n"
+        );
+        assert_eq!(
+            without_return_path(b"Subject: s\n\nReturn-Path: no\n"),
+            b"Subject: s\n\nReturn-Path: no\n"
+        );
     }
 }

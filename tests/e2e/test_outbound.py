@@ -18,6 +18,7 @@ import signal
 import smtplib
 import ssl
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +26,14 @@ import dkim
 import dns.resolver
 import pytest
 
-from e2e_helpers import RustmailServer, free_port, hash_password, make_ca_and_cert, toml_str, wait_until
+from e2e_helpers import (RustmailServer, free_port, hash_password, make_ca_and_cert, port_accepts, toml_str,
+                         wait_until)
 
-pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
+# CI (REQUIRE_SYSTEM_TESTS=1) installs dnsmasq and must not skip.
+pytestmark = pytest.mark.skipif(
+    (shutil.which("dnsmasq") is None or shutil.which("smtp-sink") is None)
+    and os.environ.get("REQUIRE_SYSTEM_TESTS") != "1",
+    reason="dnsmasq and Postfix's smtp-sink are needed (apt-get install dnsmasq-base postfix)")
 
 ALICE = "alice@a.test"
 BOB = "bob@b.test"
@@ -72,11 +78,11 @@ class Net:
     """The two hosts, the DNS and the keys of one test."""
 
     def __init__(self, tmp: Path, binary: Path, hashes: dict[str, str], *, outbound: dict | None = None,
-                 b_running: bool = True) -> None:
+                 b_running: bool = True, b_auth: dict | None = None) -> None:
         self.tmp = tmp
         self.binary = binary
         self.ca, self.cert, self.key = make_ca_and_cert(
-            tmp, ["127.0.0.1", "mx.a.test", "mx1.b.test", "mx2.b.test", "nomx.test"])
+            tmp, ["127.0.0.1", "127.0.0.3", "mx.a.test", "mx1.b.test", "mx2.b.test", "nomx.test"])
         self.dkim_key = tmp / "a.test.rm1.dkim.pem"
         keygen = subprocess.run([str(binary), "dkim-keygen", "a.test", "--selector", SELECTOR,
                                  "--out", str(self.dkim_key)], capture_output=True, text=True, check=True)
@@ -88,12 +94,15 @@ class Net:
             "--mx-host=b.test,mx1.b.test,10", "--mx-host=b.test,mx2.b.test,20",
             "--host-record=mx1.b.test,127.0.0.2", "--host-record=mx2.b.test,127.0.0.3",
             "--mx-host=nullmx.test,.,0", "--host-record=nomx.test,127.0.0.3",
+            # c.test: Postfix's smtp-sink on 127.0.0.4, a foreign peer (see SmtpSink).
+            "--mx-host=c.test,mx.c.test,10", "--host-record=mx.c.test,127.0.0.4",
             "--txt-record=" + ",".join([f"{SELECTOR}._domainkey.a.test", *strings]),
         ])
         tls = {"certificate": self.cert, "key": self.key}
         self.b = RustmailServer(binary=binary, workdir=self.mkdir("b"), passwords=PASSWORDS, hashes=hashes,
                                 accounts={BOB: {"password_hash": hashes[BOB]}}, tls=tls, host="127.0.0.3",
-                                domains=["b.test"], hostname="mx2.b.test")
+                                domains=["b.test"], hostname="mx2.b.test", extra_listeners=("submission",),
+                                auth=b_auth)
         settings = {
             "dns_servers": [f"127.0.0.1:{self.dns.port}"],
             "port": self.b.smtp_port,
@@ -103,6 +112,9 @@ class Net:
             "command_timeout_secs": 20,
             **(outbound or {}),
         }
+        if settings.get("smarthost", {}).get("port") == 0:
+            # The relay is host B's submission listener.
+            settings["smarthost"] = {**settings["smarthost"], "port": self.b.ports["submission"]}
         extra = "\n[outbound]\n" + "".join(f"{k} = {toml_value_any(v)}\n" for k, v in settings.items()
                                              if v is not None)
         extra += (f"\n[[outbound.dkim]]\ndomain = \"a.test\"\nselector = \"{SELECTOR}\"\n"
@@ -123,12 +135,16 @@ class Net:
     def submit(self, to: list[str], subject: str, body: str = "Hello from a.test.\r\n") -> None:
         message = (f"From: Alice <{ALICE}>\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n"
                    f"Message-ID: <{subject.replace(' ', '-')}@a.test>\r\n\r\n{body}").encode()
+        if not message.isascii():
+            message = message.replace(b"\r\n\r\n", b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                      b"Content-Transfer-Encoding: 8bit\r\n\r\n", 1)
         ctx = ssl.create_default_context(cafile=str(self.ca))
         with smtplib.SMTP("127.0.0.1", self.a.ports["submission"], local_hostname="client.a.test",
                           timeout=30) as s:
             s.starttls(context=ctx)
             s.login(ALICE, PASSWORDS[ALICE])
-            refused = s.sendmail(ALICE, to, message)
+            options = ["BODY=8BITMIME"] if not message.isascii() else []
+            refused = s.sendmail(ALICE, to, message, mail_options=options)
             assert refused == {}, refused
 
     def queue(self, *args: str) -> subprocess.CompletedProcess:
@@ -140,6 +156,29 @@ class Net:
             if srv.running:
                 srv.stop()
         self.dns.stop()
+
+
+class SmtpSink:
+    """Postfix's smtp-sink as a foreign receiving peer on 127.0.0.4 (mx.c.test), at the port A delivers
+    to; it offers no STARTTLS. `options` e.g. ["-8"] (no 8BITMIME), ["-r", "RCPT"] (450 to RCPT)."""
+
+    def __init__(self, workdir: Path, port: int, options: list[str]) -> None:
+        # smtp-sink writes its dumps as nobody, who cannot enter pytest's private tmp_path.
+        self.dir = Path(tempfile.mkdtemp(prefix="rustmail-smtp-sink-"))
+        self.dir.chmod(0o777)
+        self.log = workdir.with_suffix(".log")
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "nobody", "-d", f"{self.dir}/%H%M%S.", *options, f"127.0.0.4:{port}", "64"],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        wait_until(lambda: port_accepts(port, "127.0.0.4"), timeout=10, message="smtp-sink did not start")
+
+    def messages(self) -> list[str]:
+        return [p.read_text(errors="replace") for p in sorted(self.dir.iterdir())]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def toml_value_any(v) -> str:
@@ -336,3 +375,82 @@ def test_with_outbound_disabled_remote_recipients_are_refused_at_rcpt(net_factor
         s.mail(ALICE)
         code, text = s.rcpt(BOB)
     assert code == 550 and b"5.7.1" in text
+
+
+def test_a_postfix_peer_without_starttls_gets_plain_text_when_opportunistic_and_dots_survive(net_factory):
+    net = net_factory()
+    sink = SmtpSink(net.tmp / "sink", net.b.smtp_port, [])
+    try:
+        net.submit(["carol@c.test"], "to postfix", body=".leading dot\r\n..two\r\nend\r\n")
+        wait_until(lambda: sink.messages(), timeout=20, message=net.a.log_tail())
+        (dump,) = sink.messages()
+    finally:
+        sink.stop()
+    assert "X-Rcpt-Args: <carol@c.test>" in dump and "Subject: to postfix" in dump, dump
+    assert "\n.leading dot\n..two\nend\n" in dump, "dot-stuffing undone by the peer gives the original"
+    assert "Return-Path" not in dump, "our own Return-Path is not sent on"
+    assert re.search(r"SIZE=\d+", dump), dump
+    assert re.search(r"delivery delivered: \S+ to <carol@c\.test> via mx\.c\.test \(tls none\)", net.a.log_text())
+
+
+def test_required_tls_defers_rather_than_send_in_plain_text(net_factory):
+    net = net_factory(outbound={"tls_domains": {"c.test": "required"}, "retry_intervals_secs": [3600]})
+    sink = SmtpSink(net.tmp / "sink", net.b.smtp_port, [])
+    try:
+        net.submit(["carol@c.test"], "secret")
+        wait_until(lambda: "does not offer STARTTLS, and TLS is required" in net.a.log_text(), timeout=20,
+                   message=net.a.log_tail())
+        assert sink.messages() == []
+    finally:
+        sink.stop()
+    assert "deferred" in net.queue("list").stdout
+
+
+def test_8bit_mail_to_a_peer_without_8bitmime_bounces_with_5_6_3_and_7bit_mail_goes_through(net_factory):
+    net = net_factory()
+    sink = SmtpSink(net.tmp / "sink", net.b.smtp_port, ["-8"])
+    try:
+        net.submit(["carol@c.test"], "eight bit", body="Grüße aus a.test\r\n")
+        net.submit(["carol@c.test"], "seven bit")
+        (report,) = wait_for_messages(net.a, ALICE, 1)
+        wait_until(lambda: sink.messages(), timeout=20, message=net.a.log_tail())
+        dumps = sink.messages()
+    finally:
+        sink.stop()
+    assert "Status: 5.6.3" in report.as_string() and "8BITMIME" in report.as_string()
+    assert len(dumps) == 1 and "Subject: seven bit" in dumps[0]
+
+
+def test_a_peer_answering_4xx_gets_the_message_on_a_later_attempt(net_factory):
+    net = net_factory()
+    sink = SmtpSink(net.tmp / "sink", net.b.smtp_port, ["-r", "RCPT"])
+    try:
+        net.submit(["carol@c.test"], "greylisted")
+        wait_until(lambda: "delivery deferred" in net.a.log_text() and "450 4.3.0" in net.a.log_text(),
+                   timeout=20, message=net.a.log_tail())
+        assert sink.messages() == []
+    finally:
+        sink.stop()
+    sink = SmtpSink(net.tmp / "sink2", net.b.smtp_port, [])
+    try:
+        wait_until(lambda: sink.messages(), timeout=20, message=net.a.log_tail())
+        (dump,) = sink.messages()
+    finally:
+        sink.stop()
+    assert "Subject: greylisted" in dump
+    assert net.a.stored_messages(ALICE) == [], "no bounce for a temporary failure"
+
+
+def test_smarthost_with_auth_over_starttls_carries_everything(net_factory, tmp_path):
+    secret = tmp_path / "relay-password"
+    secret.write_text(PASSWORDS[BOB] + "\n")
+    net = net_factory(b_auth={"restrict_senders": False}, outbound={
+        # The MX of b.test would be 127.0.0.2/3 on port 25-like: the relay must take over.
+        "smarthost": {"host": "127.0.0.3", "port": 0, "username": BOB, "password_file": str(secret)},
+    })
+    net.submit([BOB], "via the relay")
+    (msg,) = wait_for_messages(net.b, BOB, 1)
+    assert "with ESMTPSA" in msg.get_all("Received")[0], "B received it authenticated over TLS"
+    assert "authenticated as bob@b.test" in net.b.log_text()
+    assert re.search(r"via 127\.0\.0\.3 \(tls verified\)", net.a.log_text()), net.a.log_tail()
+    assert "mx1.b.test" not in net.a.log_text(), "the MX was not used"
