@@ -203,7 +203,17 @@ async fn open(
     if client.tls.is_encrypted() {
         // Implicit TLS: already encrypted.
     } else if client.caps.starttls {
-        client.starttls(&ctx.tls, verified, helo).await?;
+        match client.starttls(&ctx.tls, verified, helo).await {
+            Ok(()) => {}
+            // As Postfix's "may" level: a peer whose TLS is broken still gets its mail, in plain
+            // text (an attacker able to break the handshake could as well have hidden STARTTLS).
+            Err(e) if path.policy == TlsPolicy::Opportunistic => {
+                tracing::info!(mx = host, error = %e.text(), "STARTTLS failed; opportunistic TLS: connecting again in plain text");
+                client = Client::connect(addr, host, connect, command, None).await?;
+                client.hello(helo).await?;
+            }
+            Err(e) => return Err(e),
+        }
     } else if path.policy != TlsPolicy::Opportunistic {
         let _ = client.command("QUIT").await;
         return Err(Failure::Connection(format!(
@@ -321,7 +331,11 @@ async fn transaction(
     if !selectors.is_empty() {
         tracing::info!(queue_id = %entry.id, dkim = %selectors.join(","), "signed");
     }
-    let mut mail = format!("MAIL FROM:<{}> SIZE={}", entry.from, entry.wire_size());
+    let mut mail = format!("MAIL FROM:<{}>", entry.from);
+    // RFC 1870 §6: SIZE= only to a server that offered SIZE.
+    if client.caps.size.is_some() {
+        mail.push_str(&format!(" SIZE={}", entry.wire_size()));
+    }
     if entry.eight_bit {
         mail.push_str(" BODY=8BITMIME");
     }
@@ -364,10 +378,26 @@ async fn transaction(
             }
         }
     };
+    // Only the reply to the final dot may say "delivered": a refusal before it either fails the
+    // recipient (5xx) or defers it, and a positive reply out of place is a peer out of step.
+    let refusal = |reply: &Reply| {
+        if reply.is_permanent() {
+            Outcome::Failed {
+                host: Some(peer.clone()),
+                error: reply.text(),
+            }
+        } else {
+            Outcome::Deferred {
+                host: Some(peer.clone()),
+                error: reply.text(),
+            }
+        }
+    };
     let mail_reply = &replies[0];
     if mail_reply.code != 250 {
-        let _ = reset(client).await;
-        return (every(outcome_of(mail_reply)), None);
+        // Replies not in step (or a failed RSET) make the connection unusable for the next message.
+        let broken = reset(client).await.err().map(|e| e.text());
+        return (every(refusal(mail_reply)), broken);
     }
     let mut outcomes = Vec::new();
     let mut accepted = Vec::new();
@@ -376,22 +406,27 @@ async fn transaction(
         if reply.is_positive() {
             accepted.push(i);
         } else {
-            outcomes.push((i, outcome_of(reply)));
+            outcomes.push((i, refusal(reply)));
         }
     }
     let data_reply = &replies[commands.len() - 1];
-    if accepted.is_empty() || data_reply.code != 354 {
-        // No recipient, or DATA refused: whatever DATA got, the transaction is over.
-        if !accepted.is_empty() {
-            outcomes.extend(accepted.iter().map(|&i| (i, outcome_of(data_reply))));
-        }
-        if let Err(e) = reset(client).await {
-            return (outcomes, Some(e.text()));
-        }
-        return (outcomes, None);
+    if data_reply.code == 354 && accepted.is_empty() {
+        // RFC 2920 §3.1: a pipelined DATA accepted although no recipient was: send an empty message
+        // (the server must refuse it), not the content.
+        let ended = match client.send(b".\r\n").await {
+            Ok(()) => client.read_reply().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        return (outcomes, ended.err().map(|e| e.text()));
     }
-    let final_reply = match client.send(&payload).await {
-        Ok(()) => client.read_reply().await,
+    if data_reply.code != 354 {
+        // DATA refused: the transaction is over for the accepted recipients too.
+        outcomes.extend(accepted.iter().map(|&i| (i, refusal(data_reply))));
+        let broken = reset(client).await.err().map(|e| e.text());
+        return (outcomes, broken);
+    }
+    let final_reply = match client.send_data(&payload).await {
+        Ok(()) => client.read_final_reply().await,
         Err(e) => Err(e),
     };
     match final_reply {
@@ -467,10 +502,12 @@ fn signing_keys<'a>(
     if outbound.dkim.is_empty() {
         return Vec::new();
     }
-    let from_header = header_from_domain(stored);
+    // Keys are configured under the A-label form of their domain.
+    let normal = |d: String| crate::accounts::normalize_domain(&d).unwrap_or(d);
+    let from_header = header_from_domain(stored).map(normal);
     let envelope = envelope_from
         .rsplit_once('@')
-        .map(|(_, d)| d.to_ascii_lowercase());
+        .map(|(_, d)| normal(d.to_ascii_lowercase()));
     for domain in [from_header, envelope].into_iter().flatten() {
         let keys: Vec<_> = outbound.dkim_for(&domain).collect();
         if !keys.is_empty() {

@@ -250,8 +250,27 @@ impl Client {
         }
     }
 
+    /// The message content: each 64 KiB piece must be taken within the command timeout, so a large
+    /// message to a slow (but moving) peer is not cut off by one overall limit.
+    pub async fn send_data(&mut self, payload: &[u8]) -> Result<(), Failure> {
+        for piece in payload.chunks(64 * 1024) {
+            self.send(piece).await?;
+        }
+        Ok(())
+    }
+
+    /// The reply to the final dot: RFC 5321 §4.5.3.2.6 gives it 10 minutes (content checks run then).
+    pub async fn read_final_reply(&mut self) -> Result<Reply, Failure> {
+        self.read_reply_within(self.timeout.max(Duration::from_secs(600)))
+            .await
+    }
+
     pub async fn read_reply(&mut self) -> Result<Reply, Failure> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.read_reply_within(self.timeout).await
+    }
+
+    async fn read_reply_within(&mut self, limit: Duration) -> Result<Reply, Failure> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             match parse_reply(&self.buf) {
                 Ok(Some((reply, used))) => {

@@ -51,17 +51,38 @@ pub fn report(
         let code = if f.expired {
             "4.4.7".to_string()
         } else {
-            status_code(f.error)
+            // Action: failed needs a permanent status, whatever class the peer's text claimed.
+            let code = status_code(f.error);
+            code.strip_prefix("4.")
+                .map_or(code.clone(), |rest| format!("5.{rest}"))
+        };
+        // RFC 6533: a UTF-8 address is of type utf-8, not rfc822.
+        let kind = if f.address.is_ascii() {
+            "rfc822"
+        } else {
+            "utf-8"
         };
         status.push_str(&format!(
-            "\nFinal-Recipient: rfc822; {}\nAction: failed\nStatus: {code}\n",
+            "\nFinal-Recipient: {kind}; {}\nAction: failed\nStatus: {code}\n",
             f.address
         ));
         if let Some(host) = f.host {
             status.push_str(&format!("Remote-MTA: dns; {host}\n"));
         }
-        status.push_str(&format!("Diagnostic-Code: smtp; {}\n", one_line(f.error)));
+        // A reply of the peer is an smtp diagnostic; our own reasons (DNS, connections) are not.
+        let error = one_line(f.error);
+        let is_reply = error.len() >= 3 && error.as_bytes()[..3].iter().all(u8::is_ascii_digit);
+        let diagnostic = if is_reply { "smtp" } else { "x-rustmail" };
+        status.push_str(&format!(
+            "Diagnostic-Code: {diagnostic}; {}\n",
+            fold(&error)
+        ));
     }
+    let status_type = if status.is_ascii() {
+        "message/delivery-status"
+    } else {
+        "message/global-delivery-status"
+    };
     let headers = header_block(original);
     let utf8 = !text.is_ascii() || !headers.is_ascii();
     let mut out = format!(
@@ -82,7 +103,7 @@ pub fn report(
          \n\
          {text}\n\
          --{boundary}\n\
-         Content-Type: message/delivery-status\n\
+         Content-Type: {status_type}\n\
          \n\
          {status}\n\
          --{boundary}\n\
@@ -111,6 +132,24 @@ fn header_block(message: &[u8]) -> &[u8] {
         Some(end) => &message[..end + 1],
         None => message,
     }
+}
+
+/// A long diagnostic folded into lines of at most 78 characters (RFC 5322 §2.1.1), at spaces.
+fn fold(text: &str) -> String {
+    let mut out = String::new();
+    let mut line = 0;
+    for word in text.split(' ') {
+        if line > 0 && line + 1 + word.len() > 60 {
+            out.push_str("\n ");
+            line = 1;
+        } else if line > 0 {
+            out.push(' ');
+            line += 1;
+        }
+        out.push_str(word);
+        line += word.len();
+    }
+    out
 }
 
 fn one_line(text: &str) -> String {
@@ -194,6 +233,39 @@ mod tests {
         use mail_parser::MimeHeaders;
         let content_type = parsed.root_part().content_type().unwrap();
         assert_eq!(content_type.subtype(), Some("report"));
+    }
+
+    #[test]
+    fn a_permanent_failure_never_reports_a_temporary_status_and_long_text_is_folded() {
+        let error = format!("550 4.2.2 mailbox full {}", "word ".repeat(60));
+        let failed = [Failed {
+            address: "bob@b.test",
+            error: &error,
+            host: None,
+            expired: false,
+        }];
+        let text = String::from_utf8(report("h", &entry(), &failed, b"", "d", "b")).unwrap();
+        assert!(text.contains("Status: 5.2.2\n"), "{text}");
+        let diagnostic = text
+            .split("Diagnostic-Code:")
+            .nth(1)
+            .unwrap()
+            .split("\n\n")
+            .next()
+            .unwrap();
+        assert!(diagnostic.lines().all(|l| l.len() <= 78), "{diagnostic}");
+        assert!(text.lines().all(|l| l.len() <= 998), "{text}");
+        let ours = [Failed {
+            address: "b@c",
+            error: "all hosts failed",
+            host: None,
+            expired: false,
+        }];
+        let text = String::from_utf8(report("h", &entry(), &ours, b"", "d", "b")).unwrap();
+        assert!(
+            text.contains("Diagnostic-Code: x-rustmail; all hosts failed"),
+            "{text}"
+        );
     }
 
     #[test]

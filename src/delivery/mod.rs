@@ -37,6 +37,13 @@ pub const BATCH: usize = 20;
 /// How soon a failed bounce (a full disk, say) is tried again.
 const BOUNCE_RETRY_SECS: u64 = 60;
 
+/// A queued recipient, its domain in the form routing, TLS policies and DKIM keys compare: lower-case
+/// A-labels (an address literal lower-cased).
+pub fn recipient(address: &str, domain: &str) -> Recipient {
+    let domain = crate::accounts::normalize_domain(domain).unwrap_or_else(|| domain.to_lowercase());
+    Recipient::new(address, &domain)
+}
+
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -137,37 +144,19 @@ struct Running {
     busy: HashMap<String, usize>,
     /// Entries whose state changed since they were last written.
     dirty: HashSet<String>,
+    /// When a failure report that could not be made is tried again, per entry.
+    bounce_retry: HashMap<String, u64>,
+    /// When setting up delivery (the resolver) was last tried, while it has not worked.
+    setup_tried: u64,
     jobs: JoinSet<(String, Results)>,
+    /// What each running job holds, to be released if it panics.
+    job_info: HashMap<tokio::task::Id, (String, Vec<(String, Vec<usize>)>)>,
 }
 
 impl Scheduler {
     pub async fn run(self, env: Env) {
         let settings = (env.settings)();
-        let outbound = settings.outbound.clone();
-        let ctx = {
-            let queue = self.queue.clone();
-            tokio::task::spawn_blocking(move || {
-                let resolver = route::Resolver::new(&outbound.dns_servers);
-                let tls = tls::ClientTls::new(outbound.tls_trust_file.as_deref());
-                (resolver, tls, queue)
-            })
-            .await
-        };
-        let ctx = match ctx {
-            Ok((Ok(resolver), tls, queue)) => Some(Arc::new(Context {
-                queue,
-                resolver,
-                tls,
-            })),
-            Ok((Err(e), _, _)) => {
-                tracing::error!(error = %e, "no DNS resolver: outbound mail stays queued");
-                None
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up outbound delivery");
-                None
-            }
-        };
+        let ctx = setup(&self.queue, &settings).await;
         let queue = self.queue.clone();
         let loaded = tokio::task::spawn_blocking(move || queue.load())
             .await
@@ -197,11 +186,25 @@ impl Scheduler {
             in_flight: HashSet::new(),
             busy: HashMap::new(),
             dirty: HashSet::new(),
+            bounce_retry: HashMap::new(),
+            setup_tried: now(),
             jobs: JoinSet::new(),
+            job_info: HashMap::new(),
         };
-        running.update_stats();
+        // Entries finished before a crash (their removal did not happen) are removed now.
+        running.dirty = running
+            .entries
+            .values()
+            .filter(|e| e.is_done())
+            .map(|e| e.id.clone())
+            .collect();
+        running.persist().await;
         let mut rx = self.rx;
         loop {
+            if running.ctx.is_none() && now() >= running.setup_tried + 60 {
+                running.setup_tried = now();
+                running.ctx = setup(&running.queue, &(running.env.settings)()).await;
+            }
             if running.bounce_pending().await {
                 running.persist().await;
             }
@@ -213,10 +216,27 @@ impl Scheduler {
                     Some(command) => running.command(command).await,
                     None => break,
                 },
-                Some(done) = running.jobs.join_next(), if !running.jobs.is_empty() => {
+                Some(done) = running.jobs.join_next_with_id(), if !running.jobs.is_empty() => {
                     match done {
-                        Ok((domain, results)) => running.apply(&domain, results).await,
-                        Err(e) => tracing::error!(error = %e, "a delivery job failed"),
+                        Ok((id, (domain, results))) => {
+                            running.job_info.remove(&id);
+                            running.apply(&domain, results).await;
+                        }
+                        Err(e) => {
+                            // A bug, not the peer: release what the job held and try again later.
+                            tracing::error!(error = %e, "a delivery job failed");
+                            if let Some((domain, held)) = running.job_info.remove(&e.id()) {
+                                let error = "451 4.3.0 internal error during delivery".to_string();
+                                let results = held
+                                    .into_iter()
+                                    .map(|(id, rcpts)| {
+                                        let outcome = Outcome::Deferred { host: None, error: error.clone() };
+                                        (id, rcpts.into_iter().map(|i| (i, outcome.clone())).collect())
+                                    })
+                                    .collect();
+                                running.apply(&domain, results).await;
+                            }
+                        }
                     }
                 }
                 () = sleep => {}
@@ -309,16 +329,21 @@ impl Running {
                     self.in_flight.insert((m.entry.id.clone(), domain.clone()));
                 }
                 *self.busy.entry(domain.clone()).or_default() += 1;
-                let (ctx, outbound, helo, domain) = (
+                let (ctx, outbound, helo, job_domain) = (
                     ctx.clone(),
                     outbound.clone(),
                     settings.hostname.clone(),
                     domain.clone(),
                 );
-                self.jobs.spawn(async move {
-                    let results = attempt::run(&ctx, &outbound, &helo, &domain, batch).await;
-                    (domain, results)
+                let held = batch
+                    .iter()
+                    .map(|m| (m.entry.id.clone(), m.rcpts.clone()))
+                    .collect();
+                let handle = self.jobs.spawn(async move {
+                    let results = attempt::run(&ctx, &outbound, &helo, &job_domain, batch).await;
+                    (job_domain, results)
                 });
+                self.job_info.insert(handle.id(), (domain.clone(), held));
             }
         }
     }
@@ -326,7 +351,9 @@ impl Running {
     async fn command(&mut self, command: Command) {
         match command {
             Command::Queued(entry) => {
-                self.entries.insert(entry.id.clone(), entry);
+                // Loaded from disk already (queued just before the scheduler read the queue): the
+                // loaded copy may have moved on.
+                self.entries.entry(entry.id.clone()).or_insert(entry);
                 self.update_stats();
             }
             Command::Flush(id, reply) => {
@@ -428,22 +455,28 @@ impl Running {
             .collect();
         let queue = self.queue.clone();
         let in_flight: HashSet<String> = self.in_flight.iter().map(|(id, _)| id.clone()).collect();
-        let done = tokio::task::spawn_blocking(move || {
-            let mut done = Vec::new();
+        let (done, failed) = tokio::task::spawn_blocking(move || {
+            let (mut done, mut failed) = (Vec::new(), Vec::new());
             for entry in entries {
                 if entry.is_done() && !in_flight.contains(&entry.id) {
                     match queue.remove(&entry.id) {
                         Ok(()) => done.push(entry.id.clone()),
-                        Err(e) => tracing::error!(queue_id = %entry.id, error = %e, "cannot remove a finished queue entry"),
+                        Err(e) => {
+                            tracing::error!(queue_id = %entry.id, error = %e, "cannot remove a finished queue entry");
+                            failed.push(entry.id.clone());
+                        }
                     }
                 } else if let Err(e) = queue.write(&entry) {
                     tracing::error!(queue_id = %entry.id, error = %e, "cannot save the queue state (a restart may repeat an attempt)");
+                    failed.push(entry.id.clone());
                 }
             }
-            done
+            (done, failed)
         })
         .await
         .unwrap_or_default();
+        // Written again at the next change (a failure here costs at most a repeated attempt).
+        self.dirty.extend(failed);
         for id in done {
             if let Some(entry) = self.entries.remove(&id) {
                 tracing::info!(queue_id = %id, from = %entry.from, "left the queue");
@@ -455,6 +488,7 @@ impl Running {
     /// Makes the failure reports that are due, each entry's failed recipients in one report. Returns
     /// whether any entry changed (to be persisted).
     async fn bounce_pending(&mut self) -> bool {
+        let now = now();
         let ids: Vec<String> = self
             .entries
             .values()
@@ -462,6 +496,7 @@ impl Running {
                 e.recipients
                     .iter()
                     .any(|r| r.state == State::Failed { bounced: false })
+                    && self.bounce_retry.get(&e.id).is_none_or(|&at| at <= now)
             })
             .map(|e| e.id.clone())
             .collect();
@@ -479,6 +514,7 @@ impl Running {
                     .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
             match made {
                 Ok(queued) => {
+                    self.bounce_retry.remove(&id);
                     self.dirty.insert(id.clone());
                     let entry = self.entries.get_mut(&id).expect("still there");
                     for r in &mut entry.recipients {
@@ -491,11 +527,40 @@ impl Running {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "cannot create the failure report, trying again later");
+                    tracing::error!(queue_id = %id, error = %e, "cannot create the failure report, trying again in a minute");
+                    self.bounce_retry.insert(id, now + BOUNCE_RETRY_SECS);
                 }
             }
         }
         changed
+    }
+}
+
+/// The resolver and the trust store for delivery; `None` (logged) when the resolver cannot be made,
+/// e.g. /etc/resolv.conf missing early at boot: tried again later.
+async fn setup(queue: &Queue, settings: &Settings) -> Option<Arc<Context>> {
+    let outbound = settings.outbound.clone();
+    let queue = queue.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        let resolver = route::Resolver::new(&outbound.dns_servers);
+        let tls = tls::ClientTls::new(outbound.tls_trust_file.as_deref());
+        (resolver, tls, queue)
+    })
+    .await;
+    match made {
+        Ok((Ok(resolver), tls, queue)) => Some(Arc::new(Context {
+            queue,
+            resolver,
+            tls,
+        })),
+        Ok((Err(e), _, _)) => {
+            tracing::error!(error = %e, "no DNS resolver: outbound mail stays queued; trying again in a minute");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up outbound delivery; trying again in a minute");
+            None
+        }
     }
 }
 
@@ -581,7 +646,7 @@ fn bounce(
                 eight_bit: spool.eight_bit(),
                 size: spool.size(),
                 lines: spool.lines(),
-                recipients: vec![Recipient::new(&entry.from, domain)],
+                recipients: vec![recipient(&entry.from, domain)],
             };
             spool.deliver(&[], Some((queue, &report)))?;
             tracing::info!(queue_id = %entry.id, report = %report.id, to = %entry.from, "failure report queued");

@@ -64,13 +64,14 @@ impl Resolver {
     /// `[IPv6:2001:db8::1]`) is its own single host.
     pub async fn hosts(&self, domain: &str) -> Result<Vec<Host>, NoRoute> {
         if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
-            let ip = literal
-                .strip_prefix("IPv6:")
-                .unwrap_or(literal)
-                .parse::<IpAddr>()
-                .map_err(|_| {
-                    NoRoute::Permanent("5.1.2", format!("bad address literal {domain}"))
-                })?;
+            // The tag is case-insensitive (RFC 5321 §4.1.3), and queued domains are lower-cased.
+            let ip = match literal.get(..5) {
+                Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => &literal[5..],
+                _ => literal,
+            };
+            let ip = ip.parse::<IpAddr>().map_err(|_| {
+                NoRoute::Permanent("5.1.2", format!("bad address literal {domain}"))
+            })?;
             return Ok(vec![Host {
                 name: ip.to_string(),
                 addresses: vec![ip],
@@ -249,8 +250,10 @@ mod tests {
     #[tokio::test]
     async fn address_literals_are_their_own_host() {
         let resolver = Resolver::new(&["127.0.0.1:9".parse().unwrap()]).unwrap();
-        let hosts = resolver.hosts("[IPv6:::1]").await.unwrap();
-        assert_eq!(hosts[0].addresses, vec!["::1".parse::<IpAddr>().unwrap()]);
+        for queued in ["[IPv6:::1]", "[ipv6:::1]"] {
+            let hosts = resolver.hosts(queued).await.unwrap();
+            assert_eq!(hosts[0].addresses, vec!["::1".parse::<IpAddr>().unwrap()]);
+        }
         let hosts = resolver.hosts("[192.0.2.7]").await.unwrap();
         assert_eq!(
             hosts[0].addresses,

@@ -17,9 +17,17 @@ impl Reply {
         self.code >= 500
     }
 
-    /// The reply on one line, for logs, the queue and bounces: `550 5.1.1 No such user`.
+    /// The reply on one line, for logs, the queue and bounces: `550 5.1.1 No such user`. What the
+    /// peer wrote is untrusted: control characters become spaces, and the text stops at 500 characters.
     pub fn text(&self) -> String {
-        format!("{} {}", self.code, self.lines.join(" / "))
+        let text: String = self
+            .lines
+            .join(" / ")
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(500)
+            .collect();
+        format!("{} {text}", self.code)
     }
 }
 
@@ -199,6 +207,18 @@ mod tests {
         assert_eq!(&input[used..], b"220 next");
         assert_eq!(parse_reply(b"250-first\r\n250 sec").unwrap(), None);
         assert_eq!(parse_reply(b"250\r\n").unwrap().unwrap().0.lines, vec![""]);
+    }
+
+    #[test]
+    fn reply_text_is_one_bounded_line_without_control_characters() {
+        let reply = Reply {
+            code: 550,
+            lines: vec!["5.1.1 no \x1b[31muser".into(), "x".repeat(2000)],
+        };
+        let text = reply.text();
+        assert!(text.starts_with("550 5.1.1 no  [31muser / xxx"), "{text}");
+        assert!(!text.chars().any(char::is_control));
+        assert!(text.len() <= 504);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
 use crate::smtp::reply::{self, Reply};
 use crate::smtp::{AuthOutcome, Channel, Event, Session};
-use crate::storage::queue::{Entry, Recipient};
+use crate::storage::queue::Entry;
 use crate::storage::{Spool, is_full};
 
 /// Message bytes are collected up to this size before a write to the spool file.
@@ -303,14 +303,17 @@ impl Message {
             from: from.clone(),
             queued_at: crate::delivery::now(),
             submitter: envelope.submitter.clone(),
-            smtputf8: envelope.smtputf8 || envelope.remote.iter().any(|m| m.is_utf8()),
+            // Needed only when an address, or the header (8-bit then), is UTF-8.
+            smtputf8: envelope.from.as_ref().is_some_and(|m| m.is_utf8())
+                || envelope.remote.iter().any(|m| m.is_utf8())
+                || (envelope.smtputf8 && spool.eight_bit()),
             eight_bit: spool.eight_bit(),
             size,
             lines: spool.lines(),
             recipients: envelope
                 .remote
                 .iter()
-                .map(|m| Recipient::new(&m.raw, &m.domain))
+                .map(|m| crate::delivery::recipient(&m.raw, &m.domain))
                 .collect(),
         });
         // Counted in before the blocking task starts, so that a stop cannot miss it.

@@ -75,11 +75,8 @@ impl Session {
         let accounts = match route {
             Route::NotLocal if self.account.is_some() && self.settings.outbound.enable => {
                 let envelope = self.envelope.as_mut().expect("checked above");
-                if !envelope
-                    .remote
-                    .iter()
-                    .any(|m| m.raw.eq_ignore_ascii_case(&to.raw))
-                {
+                // Local parts are case-sensitive (RFC 5321 §2.4): only the very same address repeats.
+                if !envelope.remote.iter().any(|m| m.raw == to.raw) {
                     envelope.remote.push(to.clone());
                 }
                 envelope.recipients.push(to);
