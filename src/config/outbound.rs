@@ -29,8 +29,13 @@ pub struct OutboundConfig {
     pub tls: TlsPolicy,
     /// Per-domain overrides of `tls`, e.g. `{ "bank.example" = "verified" }`.
     pub tls_domains: BTreeMap<String, TlsPolicy>,
-    /// More certificate authorities (PEM) trusted for `verified`, besides the system's.
+    /// More certificate authorities (PEM) trusted for `verified` (and MTA-STS), besides the system's.
     pub tls_trust_file: Option<PathBuf>,
+    /// Honour the MTA-STS policies domains publish (RFC 8461): in `enforce` mode, mail goes only to
+    /// the MX hosts the policy lists, over TLS verified for their names.
+    pub mta_sts: bool,
+    /// The HTTPS port policies are fetched from: 443. Another value only makes sense on a test network.
+    pub mta_sts_port: u16,
     /// Waits between attempts for a recipient that got a temporary failure: the n-th retry waits the
     /// n-th value, the last one repeats.
     pub retry_intervals_secs: Vec<u64>,
@@ -60,6 +65,8 @@ impl Default for OutboundConfig {
             tls: TlsPolicy::Opportunistic,
             tls_domains: BTreeMap::new(),
             tls_trust_file: None,
+            mta_sts: true,
+            mta_sts_port: 443,
             retry_intervals_secs: vec![60, 300, 900, 1800, 3600, 7200, 14400],
             max_queue_secs: 5 * 24 * 3600,
             connect_timeout_secs: 30,
@@ -220,6 +227,8 @@ pub struct Outbound {
     pub tls: TlsPolicy,
     pub tls_domains: BTreeMap<String, TlsPolicy>,
     pub tls_trust_file: Option<PathBuf>,
+    pub mta_sts: bool,
+    pub mta_sts_port: u16,
     pub retry_intervals_secs: Vec<u64>,
     pub max_queue_secs: u64,
     pub connect_timeout_secs: u64,
@@ -272,8 +281,13 @@ impl Outbound {
                 })?;
             dns_servers.push(addr);
         }
-        if config.port == 0 {
-            return Err(ConfigError::invalid("outbound.port", "must not be 0"));
+        for (key, port) in [
+            ("outbound.port", config.port),
+            ("outbound.mta_sts_port", config.mta_sts_port),
+        ] {
+            if port == 0 {
+                return Err(ConfigError::invalid(key, "must not be 0"));
+            }
         }
         let mut tls_domains = BTreeMap::new();
         for (domain, policy) in &config.tls_domains {
@@ -349,6 +363,8 @@ impl Outbound {
             tls: config.tls,
             tls_domains,
             tls_trust_file: config.tls_trust_file.clone(),
+            mta_sts: config.mta_sts,
+            mta_sts_port: config.mta_sts_port,
             retry_intervals_secs: config.retry_intervals_secs.clone(),
             max_queue_secs: config.max_queue_secs,
             connect_timeout_secs: config.connect_timeout_secs,

@@ -17,6 +17,7 @@ pub struct Context {
     pub queue: Queue,
     pub resolver: Resolver,
     pub tls: ClientTls,
+    pub mta_sts: super::mta_sts::Cache,
 }
 
 /// The due recipients (indexes into `entry.recipients`) of one message, all of one domain.
@@ -88,7 +89,18 @@ pub async fn run(
             },
         ),
     };
+    let mut path = path;
     let hosts = match hosts {
+        Ok(hosts)
+            if outbound.smarthost.is_none() && outbound.mta_sts && !domain.starts_with('[') =>
+        {
+            match apply_mta_sts(ctx, domain, hosts, &mut path).await {
+                Ok(hosts) => hosts,
+                Err(error) => {
+                    return all(Outcome::Deferred { host: None, error });
+                }
+            }
+        }
         Ok(hosts) => hosts,
         Err(NoRoute::Permanent(code, text)) => {
             return all(Outcome::Failed {
@@ -176,6 +188,48 @@ pub async fn run(
         client.quit().await;
     }
     results
+}
+
+/// The domain's MTA-STS policy applied to its MX hosts: in `enforce` mode only the hosts it lists
+/// remain, with TLS verified for their names (none left: a temporary failure, RFC 8461 §5.1); in
+/// `testing` mode what enforcing would refuse is logged.
+async fn apply_mta_sts(
+    ctx: &Context,
+    domain: &str,
+    hosts: Vec<super::route::Host>,
+    path: &mut Path<'_>,
+) -> Result<Vec<super::route::Host>, String> {
+    use super::mta_sts::Mode;
+    let Some(policy) = ctx
+        .mta_sts
+        .policy(&ctx.resolver, &ctx.tls, domain, super::now())
+        .await
+    else {
+        return Ok(hosts);
+    };
+    match policy.mode {
+        Mode::Enforce => {
+            let (allowed, refused): (Vec<_>, Vec<_>) =
+                hosts.into_iter().partition(|h| policy.allows(&h.name));
+            for host in &refused {
+                tracing::warn!(domain, mx = %host.name, "MTA-STS (enforce): this MX host is not in the policy; skipped");
+            }
+            if allowed.is_empty() {
+                return Err(format!(
+                    "451 4.7.5 MTA-STS policy of {domain} (enforce) allows none of its MX hosts"
+                ));
+            }
+            path.policy = TlsPolicy::Verified;
+            Ok(allowed)
+        }
+        Mode::Testing => {
+            for host in hosts.iter().filter(|h| !policy.allows(&h.name)) {
+                tracing::warn!(domain, mx = %host.name, "MTA-STS (testing): enforcing would skip this MX host");
+            }
+            Ok(hosts)
+        }
+        Mode::None => Ok(hosts),
+    }
 }
 
 /// How to reach the hosts of a job.

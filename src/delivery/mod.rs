@@ -11,6 +11,7 @@ pub mod attempt;
 pub mod client;
 pub mod control;
 pub mod dsn;
+pub mod mta_sts;
 pub mod route;
 pub mod tls;
 pub mod wire;
@@ -541,19 +542,22 @@ impl Running {
 async fn setup(queue: &Queue, settings: &Settings) -> Option<Arc<Context>> {
     let outbound = settings.outbound.clone();
     let queue = queue.clone();
+    let sts_dir = settings.storage_root.join("mta-sts");
     let made = tokio::task::spawn_blocking(move || {
         let resolver = route::Resolver::new(&outbound.dns_servers);
         let tls = tls::ClientTls::new(outbound.tls_trust_file.as_deref());
-        (resolver, tls, queue)
+        let mta_sts = mta_sts::Cache::new(sts_dir, outbound.mta_sts_port);
+        (resolver, tls, queue, mta_sts)
     })
     .await;
     match made {
-        Ok((Ok(resolver), tls, queue)) => Some(Arc::new(Context {
+        Ok((Ok(resolver), tls, queue, mta_sts)) => Some(Arc::new(Context {
             queue,
             resolver,
             tls,
+            mta_sts,
         })),
-        Ok((Err(e), _, _)) => {
+        Ok((Err(e), ..)) => {
             tracing::error!(error = %e, "no DNS resolver: outbound mail stays queued; trying again in a minute");
             None
         }

@@ -161,6 +161,31 @@ impl Resolver {
         }
     }
 
+    /// The TXT records of `name`, each joined from its strings; none when the name or the records do
+    /// not exist.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        let ascii =
+            idna::domain_to_ascii(name).map_err(|_| format!("{name} is not a valid name"))?;
+        let name = fqdn(&ascii).map_err(|e| format!("{e:?}"))?;
+        match self.inner.txt_lookup(name).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part).into_owned())
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(format!("TXT lookup failed: {e}")),
+        }
+    }
+
     /// AAAA then A records of `name`.
     async fn addresses(&self, name: &Name) -> Result<Vec<IpAddr>, String> {
         let mut addresses = Vec::new();

@@ -78,11 +78,12 @@ class Net:
     """The two hosts, the DNS and the keys of one test."""
 
     def __init__(self, tmp: Path, binary: Path, hashes: dict[str, str], *, outbound: dict | None = None,
-                 b_running: bool = True, b_auth: dict | None = None) -> None:
+                 b_running: bool = True, b_auth: dict | None = None, mta_sts: str | None = None,
+                 b_untrusted: bool = False) -> None:
         self.tmp = tmp
         self.binary = binary
         self.ca, self.cert, self.key = make_ca_and_cert(
-            tmp, ["127.0.0.1", "127.0.0.3", "mx.a.test", "mx1.b.test", "mx2.b.test", "nomx.test"])
+            tmp, ["127.0.0.1", "127.0.0.3", "mx.a.test", "mx1.b.test", "mx2.b.test", "nomx.test", "mta-sts.b.test"])
         self.dkim_key = tmp / "a.test.rm1.dkim.pem"
         keygen = subprocess.run([str(binary), "dkim-keygen", "a.test", "--selector", SELECTOR,
                                  "--out", str(self.dkim_key)], capture_output=True, text=True, check=True)
@@ -90,7 +91,10 @@ class Net:
         strings = re.findall(r'"([^"]*)"', self.dkim_record)
         assert strings and strings[0].startswith("v=DKIM1; k=rsa; p="), self.dkim_record
         self.dkim_txt = "".join(strings)
-        self.dns = Dnsmasq(tmp, [
+        # b.test's MTA-STS policy, when the test gives one, served over HTTPS on mta-sts.b.test.
+        self.policy_server = PolicyServer(self.cert, self.key, mta_sts) if mta_sts else None
+        sts = ["--host-record=mta-sts.b.test,127.0.0.5", "--txt-record=_mta-sts.b.test,v=STSv1; id=20261202;"]
+        self.dns = Dnsmasq(tmp, (sts if mta_sts else []) + [
             "--mx-host=b.test,mx1.b.test,10", "--mx-host=b.test,mx2.b.test,20",
             "--host-record=mx1.b.test,127.0.0.2", "--host-record=mx2.b.test,127.0.0.3",
             "--mx-host=nullmx.test,.,0", "--host-record=nomx.test,127.0.0.3",
@@ -99,8 +103,13 @@ class Net:
             "--txt-record=" + ",".join([f"{SELECTOR}._domainkey.a.test", *strings]),
         ])
         tls = {"certificate": self.cert, "key": self.key}
+        b_tls = tls
+        if b_untrusted:
+            other = self.mkdir("untrusted-ca")
+            _, other_cert, other_key = make_ca_and_cert(other, ["mx2.b.test", "127.0.0.3"])
+            b_tls = {"certificate": other_cert, "key": other_key}
         self.b = RustmailServer(binary=binary, workdir=self.mkdir("b"), passwords=PASSWORDS, hashes=hashes,
-                                accounts={BOB: {"password_hash": hashes[BOB]}}, tls=tls, host="127.0.0.3",
+                                accounts={BOB: {"password_hash": hashes[BOB]}}, tls=b_tls, host="127.0.0.3",
                                 domains=["b.test"], hostname="mx2.b.test", extra_listeners=("submission",),
                                 auth=b_auth)
         settings = {
@@ -109,6 +118,7 @@ class Net:
             "tls_trust_file": str(self.ca),
             "retry_intervals_secs": [1],
             "connect_timeout_secs": 5,
+            "mta_sts_port": self.policy_server.port if self.policy_server else 443,
             "command_timeout_secs": 20,
             **(outbound or {}),
         }
@@ -156,6 +166,44 @@ class Net:
             if srv.running:
                 srv.stop()
         self.dns.stop()
+        if self.policy_server:
+            self.policy_server.stop()
+
+
+class PolicyServer:
+    """An HTTPS server on 127.0.0.5 (mta-sts.b.test) serving one MTA-STS policy; counts requests."""
+
+    def __init__(self, cert: Path, key: Path, policy: str) -> None:
+        import http.server
+        import threading
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests += 1
+                ok = self.path == "/.well-known/mta-sts.txt" and self.headers["Host"] == "mta-sts.b.test"
+                body = policy.encode() if ok else b"not found"
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.port = free_port()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.5", self.port), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 class SmtpSink:
@@ -470,3 +518,42 @@ def test_smarthost_with_auth_over_starttls_carries_everything(net_factory, tmp_p
     assert "authenticated as bob@b.test" in net.b.log_text()
     assert re.search(r"via 127\.0\.0\.3 \(tls verified\)", net.a.log_text()), net.a.log_tail()
     assert "mx1.b.test" not in net.a.log_text(), "the MX was not used"
+
+
+def test_mta_sts_enforce_keeps_mail_from_mx_hosts_the_policy_does_not_list(net_factory):
+    policy = "version: STSv1\r\nmode: enforce\r\nmx: mx9.b.test\r\nmax_age: 86400\r\n"
+    net = net_factory(mta_sts=policy, outbound={"retry_intervals_secs": [3600]})
+    net.submit([BOB], "sts refused")
+    wait_until(lambda: "allows none of its MX hosts" in net.a.log_text(), timeout=20, message=net.a.log_tail())
+    assert net.policy_server.requests == 1
+    assert net.b.stored_messages(BOB) == [], "mx2.b.test is not in the policy: nothing delivered there"
+    assert "deferred" in net.queue("list").stdout, "a policy failure is temporary (RFC 8461 5.1)"
+    cached = list((net.a.state_dir / "mta-sts").glob("*.json"))
+    assert [p.name for p in cached] == ["b.test.json"], cached
+
+
+def test_mta_sts_enforce_delivers_to_a_listed_mx_over_verified_tls(net_factory):
+    policy = "version: STSv1\r\nmode: enforce\r\nmx: *.b.test\r\nmax_age: 86400\r\n"
+    net = net_factory(mta_sts=policy)
+    net.submit([BOB], "sts ok")
+    (msg,) = wait_for_messages(net.b, BOB, 1)
+    assert re.search(r"via mx2\.b\.test \(tls verified\)", net.a.log_text()), net.a.log_tail()
+    assert "MTA-STS policy fetched" in net.a.log_text()
+
+
+def test_mta_sts_enforce_refuses_an_unverifiable_certificate_that_opportunistic_tls_accepts(net_factory):
+    # B's certificate comes from a CA A does not trust (the policy host's does): without the policy,
+    # opportunistic TLS delivers it encrypted but unverified; the policy must not let that happen.
+    policy = "version: STSv1\r\nmode: enforce\r\nmx: *.b.test\r\nmax_age: 86400\r\n"
+    net = net_factory(mta_sts=policy, b_untrusted=True, outbound={"retry_intervals_secs": [3600]})
+    net.submit([BOB], "sts unverifiable")
+    wait_until(lambda: "TLS handshake with mx2.b.test" in net.a.log_text(), timeout=20, message=net.a.log_tail())
+    assert net.b.stored_messages(BOB) == []
+    assert "deferred" in net.queue("list").stdout
+
+
+def test_without_a_policy_the_same_unverifiable_peer_gets_the_mail_encrypted(net_factory):
+    net = net_factory(b_untrusted=True)
+    net.submit([BOB], "opportunistic")
+    wait_for_messages(net.b, BOB, 1)
+    assert re.search(r"via mx2\.b\.test \(tls unverified\)", net.a.log_text()), net.a.log_tail()

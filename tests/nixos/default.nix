@@ -17,6 +17,8 @@ let
       environment.systemPackages = [ mailclient ];
       # The server's test certificate, for the client to verify it (tls.py passes it as --cafile).
       environment.etc."rustmail-test/cert.pem".source = "${testCert}/cert.pem";
+      # tls.py's receiving server for outbound delivery (mailclient sink).
+      networking.firewall.allowedTCPPorts = [ 2526 ];
     };
     testScript = builtins.readFile (./. + "/${name}.py");
   };

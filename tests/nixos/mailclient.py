@@ -7,6 +7,9 @@
                                                             print every message (RETR), one after another
   mailclient --host H uidl --user U --password P           print "n uid" lines
   mailclient --host H closed --port N                      succeed only if nothing accepts a connection there
+  mailclient sink --listen ADDR --port N --out FILE [--timeout S]
+                         a receiving SMTP server (no STARTTLS) for one message: writes the envelope
+                         (MAIL/RCPT lines) and the message, dot-stuffing undone, to FILE, then exits
   mailclient --host H hammer --out FILE [--seconds N] [--stop-file F] [--progress F]
                          connect/QUIT in a loop until F exists (at most N s), write counts as JSON to
                          FILE at the end, and the count of sessions served so far to the progress file
@@ -138,6 +141,57 @@ def hammer(args):
     write_atomically(args.out, json.dumps({"ok": ok, "failed": failed, "errors": errors[:20]}))
 
 
+def sink(args):
+    """Takes one message as a receiving server would, for outbound delivery tests. Connections that
+    end before a message was taken (a port probe) are ignored."""
+    deadline = time.time() + args.timeout
+    with socket.create_server((args.listen, args.port)) as server:
+        while time.time() < deadline:
+            server.settimeout(max(0.1, deadline - time.time()))
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(max(0.1, deadline - time.time()))
+                taken = sink_session(conn)
+            if taken is not None:
+                write_atomically(args.out, taken)
+                return
+    sys.exit("no message arrived in time")
+
+
+def sink_session(conn):
+    """One SMTP session (no STARTTLS): the envelope lines and the message, dot-stuffing undone, or
+    None when the client left before a message was complete."""
+    f = conn.makefile("rb")
+    conn.sendall(b"220 sink.test ESMTP\r\n")
+    envelope, lines, in_data, taken = [], [], False, None
+    while True:
+        line = f.readline()
+        if not line:
+            return taken
+        if in_data:
+            if line == b".\r\n":
+                in_data = False
+                taken = "\n".join(envelope) + "\n\n" + b"".join(lines).decode(errors="replace")
+                conn.sendall(b"250 2.0.0 stored\r\n")
+                continue
+            lines.append(line[1:] if line.startswith(b".") else line)
+            continue
+        verb = line[:4].upper()
+        if verb in (b"EHLO", b"HELO"):
+            conn.sendall(b"250-sink.test\r\n250-8BITMIME\r\n250 SIZE 10000000\r\n")
+        elif verb in (b"MAIL", b"RCPT"):
+            envelope.append(line.decode(errors="replace").rstrip())
+            conn.sendall(b"250 2.1.0 ok\r\n")
+        elif verb == b"DATA":
+            in_data = True
+            conn.sendall(b"354 go ahead\r\n")
+        elif verb == b"QUIT":
+            conn.sendall(b"221 2.0.0 bye\r\n")
+            return taken
+        else:
+            conn.sendall(b"250 2.0.0 ok\r\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="localhost")
@@ -166,6 +220,12 @@ def main():
         p.add_argument("--password", required=True)
         p.add_argument("--stls", action="store_true")
         p.set_defaults(run=run)
+    k = sub.add_parser("sink")
+    k.add_argument("--listen", required=True)
+    k.add_argument("--port", type=int, required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--timeout", type=float, default=120)
+    k.set_defaults(run=sink)
     h = sub.add_parser("hammer")
     h.add_argument("--seconds", type=float, default=5, help="at most this long")
     h.add_argument("--out", required=True)

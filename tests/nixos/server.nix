@@ -26,6 +26,8 @@ in
       domains = [ "example.test" ];
       # The client node reaches the server over the test network, and there is no TLS yet.
       auth.allow_unencrypted_remote = true;
+      # The test's receiving server (mailclient sink on the client) listens here, not on 25.
+      outbound.port = 2526;
     };
     tls.certificateFile = "/etc/rustmail-test/cert.pem";
     tls.keyFile = "/etc/rustmail-test/key.pem";

@@ -1,6 +1,7 @@
 # Proves: with a certificate, mail is submitted on 587 (STARTTLS + AUTH) and 465 (implicit TLS) and
 # fetched with POP3 STLS and POP3S, through the socket units of the TLS listeners; the sender must be
-# the account's own; non-local recipients get a temporary refusal until outbound delivery exists; the
+# the account's own; a message to another host leaves through the unit's sandbox (outbound delivery,
+# plain SMTP to a receiving server on the client, as opportunistic TLS allows when none is offered); the
 # password, in clear or base64 as AUTH sends it, never reaches the journal.
 target = globals().get("SERVER_ADDRESS", "server")
 ca = globals().get("CA_FILE", "/etc/rustmail-test/cert.pem")
@@ -25,7 +26,21 @@ with subtest("submission rules"):
     # The refusal itself (553 to MAIL FROM after TLS and a good login), not any failure: a fail() here
     # would also pass with nothing listening on 587.
     client.succeed(f"{mc} send --port 587 --starttls --login {login} --sender bob@example.test --to alice@example.test --expect-code 553")
-    client.succeed(f"{mc} --ssl send --port 465 --login {login} --sender alice@example.test --to friend@remote.test --expect-code 451")
+
+with subtest("outbound delivery leaves the sandboxed service"):
+    # The client's own address as the server sees it: an address literal needs no DNS.
+    peer = globals().get("CLIENT_ADDRESS") or client.succeed(
+        "ip -4 -o addr show dev eth1 | awk '{print $4}' | cut -d/ -f1").strip()
+    client.succeed(f"mailclient sink --listen {peer} --port 2526 --out /tmp/outbound.eml --timeout 120 "
+                   "> /tmp/sink.log 2>&1 &")
+    client.wait_until_succeeds("ss -ltn | grep -q ':2526 '", timeout=30)
+    client.succeed(f"{mc} --ssl send --port 465 --login {login} --sender alice@example.test "
+                   f"--to 'friend@[{peer}]' --subject outbound")
+    client.wait_until_succeeds("test -s /tmp/outbound.eml", timeout=120)
+    got = client.succeed("cat /tmp/outbound.eml")
+    assert f"RCPT TO:<friend@[{peer}]>" in got and "Subject: outbound" in got, got
+    journal = server.succeed("journalctl -u rustmail.service --no-pager")
+    assert f"delivery delivered" in journal and "via " + peer in journal, journal
 
 with subtest("AUTH data never reaches the journal"):
     import base64

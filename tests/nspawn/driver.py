@@ -309,6 +309,8 @@ def main():
         "server": server, "machine": server, "client": client,
         "start_all": lambda: server.start(), "subtest": subtest,
         "SERVER_ADDRESS": "127.0.0.1",
+        # The client shares the server's network namespace: it listens where the server delivers.
+        "CLIENT_ADDRESS": "127.0.0.1",
         # The test certificate lives in the container; the client (the host) reads it from there.
         "CA_FILE": resolve_in(server.root, "/etc/rustmail-test/cert.pem"),
     }
