@@ -29,19 +29,12 @@ pub struct JobMessage {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered {
-        host: String,
-    },
+    /// `relayed`: the peer offers no DSN, so no notification will come from further on.
+    Delivered { host: String, relayed: bool },
     /// Try again later.
-    Deferred {
-        host: Option<String>,
-        error: String,
-    },
+    Deferred { host: Option<String>, error: String },
     /// Never: bounce.
-    Failed {
-        host: Option<String>,
-        error: String,
-    },
+    Failed { host: Option<String>, error: String },
 }
 
 /// Per message (queue id): the outcome of each recipient attempted.
@@ -396,13 +389,30 @@ async fn transaction(
     if entry.smtputf8 {
         mail.push_str(" SMTPUTF8");
     }
+    // RFC 3461: what the sender asked of notifications goes on to a peer that offers DSN.
+    let dsn = client.caps.dsn;
+    if dsn {
+        if let Some(full) = entry.ret_full {
+            mail.push_str(if full { " RET=FULL" } else { " RET=HDRS" });
+        }
+        if let Some(envid) = &entry.envid {
+            mail.push_str(&format!(" ENVID={envid}"));
+        }
+    }
     let mut commands = vec![mail];
-    commands.extend(
-        message
-            .rcpts
-            .iter()
-            .map(|&i| format!("RCPT TO:<{}>", entry.recipients[i].address)),
-    );
+    commands.extend(message.rcpts.iter().map(|&i| {
+        let r = &entry.recipients[i];
+        let mut rcpt = format!("RCPT TO:<{}>", r.address);
+        if dsn {
+            if let Some(notify) = r.notify {
+                rcpt.push_str(&format!(" NOTIFY={}", notify.value()));
+            }
+            if let Some(orcpt) = &r.orcpt {
+                rcpt.push_str(&format!(" ORCPT={orcpt}"));
+            }
+        }
+        rcpt
+    }));
     commands.push("DATA".into());
     let replies = match exchange(client, &commands).await {
         Ok(replies) => replies,
@@ -419,7 +429,10 @@ async fn transaction(
     let peer = client.host.clone();
     let outcome_of = |reply: &Reply| {
         if reply.is_positive() {
-            Outcome::Delivered { host: peer.clone() }
+            Outcome::Delivered {
+                host: peer.clone(),
+                relayed: !dsn,
+            }
         } else if reply.is_permanent() {
             Outcome::Failed {
                 host: Some(peer.clone()),

@@ -1,12 +1,37 @@
 //! Delivery status notifications (RFC 3464): the report sent to the envelope sender when recipients
-//! failed for good, with the original message's header (RFC 6522 `text/rfc822-headers`).
+//! failed for good, or, when the sender asked (RFC 3461 `NOTIFY=SUCCESS`), when they were delivered or
+//! relayed to a server that sends no notifications itself. It returns the original message's header
+//! (RFC 6522 `text/rfc822-headers`), or the whole message when the sender asked (`RET=FULL`).
 
+use crate::smtp::command::xtext_decode;
 use crate::storage::queue::Entry;
 
-/// One failed recipient in a report.
-pub struct Failed<'a> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Failed,
+    /// Delivered into a local mailbox.
+    Delivered,
+    /// Handed to a server that does not offer DSN: no further notification will come.
+    Relayed,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+        }
+    }
+}
+
+/// One recipient in a report.
+pub struct Notice<'a> {
     pub address: &'a str,
-    /// The reply or the reason, e.g. `550 5.1.1 No such user`.
+    /// `ORCPT=` as the sender gave it (`rfc822;xtext`).
+    pub orcpt: Option<&'a str>,
+    pub action: Action,
+    /// The reply or the reason, e.g. `550 5.1.1 No such user` (failures), or what accepted it.
     pub error: &'a str,
     /// The host that said so, when one did.
     pub host: Option<&'a str>,
@@ -14,11 +39,12 @@ pub struct Failed<'a> {
     pub expired: bool,
 }
 
-/// The report in stored form (LF line endings), `From:` the mailer daemon of `hostname`.
+/// The report in stored form (LF line endings), `From:` the mailer daemon of `hostname`. `full`:
+/// `original` is the whole message (RET=FULL), else its header is returned.
 pub fn report(
     hostname: &str,
     entry: &Entry,
-    failed: &[Failed<'_>],
+    notices: &[Notice<'_>],
     original: &[u8],
     date: &str,
     boundary: &str,
@@ -26,69 +52,111 @@ pub fn report(
     let arrival = chrono::DateTime::from_timestamp(entry.queued_at as i64, 0)
         .map(|d| d.with_timezone(&chrono::Local).to_rfc2822())
         .unwrap_or_default();
-    let mut text = format!(
-        "This is the mail system at {hostname}.\n\n\
-         Your message could not be delivered to {} of its recipients. It will not be retried.\n\n",
-        if failed.len() == 1 { "one" } else { "some" }
-    );
-    for f in failed {
-        let why = if f.expired {
+    let failures = notices
+        .iter()
+        .filter(|n| n.action == Action::Failed)
+        .count();
+    let (subject, summary) = if failures > 0 {
+        (
+            "Undelivered Mail Returned to Sender",
             format!(
+                "Your message could not be delivered to {} of its recipients. It will not be retried.",
+                if failures == 1 { "one" } else { "some" }
+            ),
+        )
+    } else {
+        (
+            "Delivery Status Notification (success)",
+            "Your message was delivered, as you asked to be told.".to_string(),
+        )
+    };
+    let mut text = format!("This is the mail system at {hostname}.\n\n{summary}\n\n");
+    for n in notices {
+        let why = match n.action {
+            Action::Failed if n.expired => format!(
                 "it could not be delivered in time; the last attempt said: {}",
-                f.error
-            )
-        } else {
-            f.error.to_string()
+                n.error
+            ),
+            Action::Failed => n.error.to_string(),
+            Action::Delivered => "delivered to the mailbox".to_string(),
+            Action::Relayed => {
+                "relayed to a server that sends no delivery notifications".to_string()
+            }
         };
-        let by = f
+        let by = n
             .host
             .map(|h| format!(" (reported by {h})"))
             .unwrap_or_default();
-        text.push_str(&format!("<{}>: {}{by}\n", f.address, one_line(&why)));
+        text.push_str(&format!("<{}>: {}{by}\n", n.address, one_line(&why)));
     }
-    let mut status = format!("Reporting-MTA: dns; {hostname}\nArrival-Date: {arrival}\n");
-    for f in failed {
-        let code = if f.expired {
-            "4.4.7".to_string()
-        } else {
-            // Action: failed needs a permanent status, whatever class the peer's text claimed.
-            let code = status_code(f.error);
-            code.strip_prefix("4.")
-                .map_or(code.clone(), |rest| format!("5.{rest}"))
+    let mut status = format!("Reporting-MTA: dns; {hostname}\n");
+    if let Some(envid) = &entry.envid {
+        status.push_str(&format!("Original-Envelope-Id: {}\n", xtext_decode(envid)));
+    }
+    status.push_str(&format!("Arrival-Date: {arrival}\n"));
+    for n in notices {
+        let code = match n.action {
+            Action::Failed if n.expired => "4.4.7".to_string(),
+            Action::Failed => {
+                // Action: failed needs a permanent status, whatever class the peer's text claimed.
+                let code = status_code(n.error);
+                code.strip_prefix("4.")
+                    .map_or(code.clone(), |rest| format!("5.{rest}"))
+            }
+            Action::Delivered | Action::Relayed => "2.0.0".to_string(),
         };
+        if let Some((kind, address)) = n.orcpt.and_then(|o| o.split_once(';')) {
+            status.push_str(&format!(
+                "\nOriginal-Recipient: {kind}; {}",
+                xtext_decode(address)
+            ));
+        }
         // RFC 6533: a UTF-8 address is of type utf-8, not rfc822.
-        let kind = if f.address.is_ascii() {
+        let kind = if n.address.is_ascii() {
             "rfc822"
         } else {
             "utf-8"
         };
         status.push_str(&format!(
-            "\nFinal-Recipient: {kind}; {}\nAction: failed\nStatus: {code}\n",
-            f.address
+            "\nFinal-Recipient: {kind}; {}\nAction: {}\nStatus: {code}\n",
+            n.address,
+            n.action.name()
         ));
-        if let Some(host) = f.host {
+        if let Some(host) = n.host {
             status.push_str(&format!("Remote-MTA: dns; {host}\n"));
         }
-        // A reply of the peer is an smtp diagnostic; our own reasons (DNS, connections) are not.
-        let error = one_line(f.error);
-        let is_reply = error.len() >= 3 && error.as_bytes()[..3].iter().all(u8::is_ascii_digit);
-        let diagnostic = if is_reply { "smtp" } else { "x-rustmail" };
-        status.push_str(&format!(
-            "Diagnostic-Code: {diagnostic}; {}\n",
-            fold(&error)
-        ));
+        if n.action == Action::Failed {
+            // A reply of the peer is an smtp diagnostic; our own reasons (DNS, connections) are not.
+            let error = one_line(n.error);
+            let is_reply = error.len() >= 3 && error.as_bytes()[..3].iter().all(u8::is_ascii_digit);
+            let diagnostic = if is_reply { "smtp" } else { "x-rustmail" };
+            status.push_str(&format!(
+                "Diagnostic-Code: {diagnostic}; {}\n",
+                fold(&error)
+            ));
+        }
     }
     let status_type = if status.is_ascii() {
         "message/delivery-status"
     } else {
         "message/global-delivery-status"
     };
-    let headers = header_block(original);
-    let utf8 = !text.is_ascii() || !headers.is_ascii();
+    let full = entry.ret_full == Some(true);
+    let returned = if full {
+        original
+    } else {
+        header_block(original)
+    };
+    let utf8 = !text.is_ascii() || !returned.is_ascii();
+    let returned_type = match (full, original.is_ascii()) {
+        (true, true) => "message/rfc822",
+        (true, false) => "message/global",
+        (false, _) => "text/rfc822-headers",
+    };
     let mut out = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\n\
          To: <{to}>\n\
-         Subject: Undelivered Mail Returned to Sender\n\
+         Subject: {subject}\n\
          Date: {date}\n\
          Message-ID: <{id}.dsn@{hostname}>\n\
          Auto-Submitted: auto-replied\n\
@@ -107,7 +175,7 @@ pub fn report(
          \n\
          {status}\n\
          --{boundary}\n\
-         Content-Type: text/rfc822-headers\n\
+         Content-Type: {returned_type}\n\
          Content-Transfer-Encoding: {cte}\n\
          \n",
         to = entry.from,
@@ -115,8 +183,8 @@ pub fn report(
         cte = if utf8 { "8bit" } else { "7bit" },
     )
     .into_bytes();
-    out.extend_from_slice(headers);
-    if !headers.ends_with(b"\n") {
+    out.extend_from_slice(returned);
+    if !returned.ends_with(b"\n") {
         out.push(b'\n');
     }
     out.extend_from_slice(format!("\n--{boundary}--\n").as_bytes());
@@ -195,6 +263,8 @@ mod tests {
             eight_bit: false,
             size: 10,
             lines: 2,
+            ret_full: None,
+            envid: None,
             recipients: vec![Recipient {
                 state: State::Failed { bounced: false },
                 ..Recipient::new("bob@b.test", "b.test")
@@ -205,7 +275,9 @@ mod tests {
     #[test]
     fn the_report_parses_as_multipart_report_with_status_and_headers() {
         let original = b"From: alice@a.test\nSubject: hello\n\nsecret body\n";
-        let failed = [Failed {
+        let failed = [Notice {
+            orcpt: None,
+            action: Action::Failed,
             address: "bob@b.test",
             error: "550 5.1.1 No such user here",
             host: Some("mx.b.test"),
@@ -238,7 +310,9 @@ mod tests {
     #[test]
     fn a_permanent_failure_never_reports_a_temporary_status_and_long_text_is_folded() {
         let error = format!("550 4.2.2 mailbox full {}", "word ".repeat(60));
-        let failed = [Failed {
+        let failed = [Notice {
+            orcpt: None,
+            action: Action::Failed,
             address: "bob@b.test",
             error: &error,
             host: None,
@@ -255,7 +329,9 @@ mod tests {
             .unwrap();
         assert!(diagnostic.lines().all(|l| l.len() <= 78), "{diagnostic}");
         assert!(text.lines().all(|l| l.len() <= 998), "{text}");
-        let ours = [Failed {
+        let ours = [Notice {
+            orcpt: None,
+            action: Action::Failed,
             address: "b@c",
             error: "all hosts failed",
             host: None,
@@ -278,7 +354,9 @@ mod tests {
 
     #[test]
     fn expiry_reports_4_4_7_with_the_last_error() {
-        let failed = [Failed {
+        let failed = [Notice {
+            orcpt: None,
+            action: Action::Failed,
             address: "bob@b.test",
             error: "451 4.3.0 try later",
             host: None,

@@ -420,10 +420,12 @@ impl Running {
                 let r = &mut entry.recipients[i];
                 r.attempts += 1;
                 match outcome {
-                    Outcome::Delivered { host } => {
+                    Outcome::Delivered { host, relayed } => {
                         r.state = State::Delivered;
                         r.last_host = Some(host);
                         r.last_error = None;
+                        // RFC 3461 §5.2.2: a peer without DSN ends the chain; we owe the notice.
+                        r.success_due = relayed && r.notify.is_some_and(|n| n.success);
                     }
                     Outcome::Failed { host, error } => {
                         r.state = State::Failed { bounced: false };
@@ -494,10 +496,10 @@ impl Running {
             .entries
             .values()
             .filter(|e| {
-                e.recipients
-                    .iter()
-                    .any(|r| r.state == State::Failed { bounced: false })
-                    && self.bounce_retry.get(&e.id).is_none_or(|&at| at <= now)
+                e.recipients.iter().any(|r| {
+                    r.state == State::Failed { bounced: false }
+                        || (r.state == State::Delivered && r.success_due)
+                }) && self.bounce_retry.get(&e.id).is_none_or(|&at| at <= now)
             })
             .map(|e| e.id.clone())
             .collect();
@@ -522,6 +524,7 @@ impl Running {
                         if r.state == (State::Failed { bounced: false }) {
                             r.state = State::Failed { bounced: true };
                         }
+                        r.success_due = false;
                     }
                     if let Some(report) = queued {
                         self.entries.insert(report.id.clone(), report);
@@ -568,9 +571,9 @@ async fn setup(queue: &Queue, settings: &Settings) -> Option<Arc<Context>> {
     }
 }
 
-/// Makes the failure report of `entry` durable: into the sender's Maildir when the sender is local,
-/// else queued (null sender). A message from the null sender is not reported (RFC 5321 §6.1: no
-/// bounce of a bounce). Returns the queued report, if it was queued.
+/// Makes the reports `entry` owes durable: failures of recipients whose sender wants them (NOTIFY
+/// absent or with FAILURE; RFC 3461) and "relayed" notices owed for NOTIFY=SUCCESS. A message from the
+/// null sender gets none (RFC 5321 §6.1: no bounce of a bounce). Returns the report if it was queued.
 fn bounce(
     settings: &Settings,
     store: &Store,
@@ -592,24 +595,51 @@ fn bounce(
         tracing::warn!(queue_id = %entry.id, "a failure report could not be delivered; it is not reported again");
         return Ok(None);
     }
-    let original = read_head(&queue.message_path(&entry.id));
-    let report_failed: Vec<dsn::Failed<'_>> = failed
+    let notices: Vec<dsn::Notice<'_>> = entry
+        .recipients
         .iter()
-        .map(|r| dsn::Failed {
-            address: &r.address,
-            error: r.last_error.as_deref().unwrap_or("failed"),
-            host: r.last_host.as_deref(),
-            expired: r.expired,
+        .filter_map(|r| {
+            let action = match r.state {
+                State::Failed { bounced: false } if r.reports_failure() => dsn::Action::Failed,
+                State::Delivered if r.success_due => dsn::Action::Relayed,
+                _ => return None,
+            };
+            Some(dsn::Notice {
+                address: &r.address,
+                orcpt: r.orcpt.as_deref(),
+                action,
+                error: r.last_error.as_deref().unwrap_or("failed"),
+                host: r.last_host.as_deref(),
+                expired: r.expired,
+            })
         })
         .collect();
+    if notices.is_empty() {
+        tracing::info!(queue_id = %entry.id, "the sender asked for no report (NOTIFY)");
+        return Ok(None);
+    }
+    let original = read_original(&queue.message_path(&entry.id), entry.ret_full == Some(true));
+    send_report(settings, store, queue, entry, &notices, &original)
+}
+
+/// Writes a report about `entry` to its sender: into the sender's Maildir when the sender is local,
+/// else queued with the null sender (the queued entry is returned, for the scheduler).
+pub fn send_report(
+    settings: &Settings,
+    store: &Store,
+    queue: &Queue,
+    entry: &Entry,
+    notices: &[dsn::Notice<'_>],
+    original: &[u8],
+) -> io::Result<Option<Entry>> {
     let date = chrono::Local::now().to_rfc2822();
     let mut spool = store.spool()?;
     let boundary = format!("=_{}", spool.id());
     let report = dsn::report(
         &settings.hostname,
         entry,
-        &report_failed,
-        &original,
+        notices,
+        original,
         &date,
         &boundary,
     );
@@ -624,20 +654,19 @@ fn bounce(
         .from
         .rsplit_once('@')
         .unwrap_or((entry.from.as_str(), ""));
-    let directory = &settings.directory;
-    match directory.route(local, domain) {
-        crate::accounts::Route::Local(accounts) => {
+    match settings.directory.route(local, domain) {
+        Route::Local(accounts) => {
             let maildirs = accounts
                 .iter()
                 .map(|a| store.ensure_maildir(a))
                 .collect::<io::Result<Vec<_>>>()?;
             let id = spool.id().to_string();
             spool.deliver(&maildirs, None)?;
-            tracing::info!(queue_id = %entry.id, report = %id, to = %entry.from, "failure report delivered locally");
+            tracing::info!(queue_id = %entry.id, report = %id, to = %entry.from, "delivery report delivered locally");
             Ok(None)
         }
         Route::Unknown => {
-            tracing::warn!(queue_id = %entry.id, to = %entry.from, "the sender is not a local address any more: no failure report");
+            tracing::warn!(queue_id = %entry.id, to = %entry.from, "the sender is not a local address any more: no report");
             Ok(None)
         }
         Route::NotLocal => {
@@ -650,10 +679,12 @@ fn bounce(
                 eight_bit: spool.eight_bit(),
                 size: spool.size(),
                 lines: spool.lines(),
+                ret_full: None,
+                envid: None,
                 recipients: vec![recipient(&entry.from, domain)],
             };
             spool.deliver(&[], Some((queue, &report)))?;
-            tracing::info!(queue_id = %entry.id, report = %report.id, to = %entry.from, "failure report queued");
+            tracing::info!(queue_id = %entry.id, report = %report.id, to = %entry.from, "delivery report queued");
             Ok(Some(report))
         }
     }
@@ -708,12 +739,13 @@ pub fn listing(entry: &Entry) -> String {
     out
 }
 
-/// The first 64 KiB of the message, for the header the report returns.
-fn read_head(path: &std::path::Path) -> Vec<u8> {
+/// The message a report returns: all of it (RET=FULL), or its first 64 KiB (for the header).
+pub fn read_original(path: &std::path::Path, full: bool) -> Vec<u8> {
     use std::io::Read;
     let mut head = Vec::new();
     if let Ok(file) = std::fs::File::open(path) {
-        let _ = file.take(64 * 1024).read_to_end(&mut head);
+        let limit = if full { u64::MAX } else { 64 * 1024 };
+        let _ = file.take(limit).read_to_end(&mut head);
     }
     head
 }

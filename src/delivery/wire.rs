@@ -106,6 +106,8 @@ pub struct Capabilities {
     pub pipelining: bool,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    /// RFC 3461 DSN: the peer takes NOTIFY/ORCPT/RET/ENVID and reports from then on.
+    pub dsn: bool,
     /// SIZE with a limit (RFC 1870); `Some(0)` means no fixed limit.
     pub size: Option<u64>,
     pub auth: Vec<String>,
@@ -127,6 +129,7 @@ impl Capabilities {
                 "PIPELINING" => caps.pipelining = true,
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "DSN" => caps.dsn = true,
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}

@@ -305,17 +305,47 @@ impl Message {
             submitter: envelope.submitter.clone(),
             // Needed only when an address, or the header (8-bit then), is UTF-8.
             smtputf8: envelope.from.as_ref().is_some_and(|m| m.is_utf8())
-                || envelope.remote.iter().any(|m| m.is_utf8())
+                || envelope.remote.iter().any(|(m, _)| m.is_utf8())
                 || (envelope.smtputf8 && spool.eight_bit()),
             eight_bit: spool.eight_bit(),
             size,
             lines: spool.lines(),
+            ret_full: envelope.dsn.ret_full,
+            envid: envelope.dsn.envid.clone(),
             recipients: envelope
                 .remote
                 .iter()
-                .map(|m| crate::delivery::recipient(&m.raw, &m.domain))
+                .map(|(m, dsn)| crate::storage::queue::Recipient {
+                    notify: dsn.notify,
+                    orcpt: dsn.orcpt.clone(),
+                    ..crate::delivery::recipient(&m.raw, &m.domain)
+                })
                 .collect(),
         });
+        // RFC 3461 NOTIFY=SUCCESS of local recipients: a "delivered" notice once stored. Not for the
+        // null sender, and best effort: the message itself is what must not be lost.
+        let notify = (!from.is_empty() && !envelope.notify_delivered.is_empty()).then(|| {
+            let notice = Entry {
+                id: id.clone(),
+                from: from.clone(),
+                queued_at: crate::delivery::now(),
+                submitter: None,
+                smtputf8: false,
+                eight_bit: false,
+                size,
+                lines: spool.lines(),
+                ret_full: envelope.dsn.ret_full,
+                envid: envelope.dsn.envid.clone(),
+                recipients: Vec::new(),
+            };
+            let rcpts: Vec<_> = envelope
+                .notify_delivered
+                .iter()
+                .map(|(m, dsn)| (m.raw.clone(), dsn.orcpt.clone()))
+                .collect();
+            (notice, rcpts)
+        });
+        let keep_original = notify.as_ref().map(|(n, _)| n.ret_full == Some(true));
         // Counted in before the blocking task starts, so that a stop cannot miss it.
         let Some(guard) = shared.deliveries.begin() else {
             tracing::warn!(queue_id = %id, "server stopping, answered 451: {id}");
@@ -326,18 +356,56 @@ impl Message {
         let result = blocking(move || {
             let _guard = guard;
             let queue = &shared2.outbox.queue;
+            // What a NOTIFY=SUCCESS notice returns is read before the spool file goes.
+            let original =
+                keep_original.map(|full| crate::delivery::read_original(spool.path(), full));
             accounts
                 .iter()
                 .map(|a| shared2.store.ensure_maildir(a))
                 .collect::<std::io::Result<Vec<_>>>()
                 .and_then(|maildirs| spool.deliver(&maildirs, entry.as_ref().map(|e| (queue, e))))
+                .map(|()| original)
         })
         .await;
-        if let (Ok(()), Some(entry)) = (&result, queued) {
+        if let (Ok(_), Some(entry)) = (&result, queued) {
             shared.outbox.queued(entry);
         }
+        if let (Ok(Some(original)), Some((notice, rcpts))) = (&result, notify) {
+            let original = original.clone();
+            let shared2 = shared.clone();
+            let report = blocking(move || {
+                let notices: Vec<_> = rcpts
+                    .iter()
+                    .map(|(address, orcpt)| crate::delivery::dsn::Notice {
+                        address,
+                        orcpt: orcpt.as_deref(),
+                        action: crate::delivery::dsn::Action::Delivered,
+                        error: "",
+                        host: None,
+                        expired: false,
+                    })
+                    .collect();
+                let settings = shared2.settings();
+                crate::delivery::send_report(
+                    &settings,
+                    &shared2.store,
+                    &shared2.outbox.queue,
+                    &notice,
+                    &notices,
+                    &original,
+                )
+            })
+            .await;
+            match report {
+                Ok(Some(queued)) => shared.outbox.queued(queued),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot make the delivery notice (NOTIFY=SUCCESS)")
+                }
+            }
+        }
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 shared
                     .stats
                     .delivered

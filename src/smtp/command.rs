@@ -29,6 +29,92 @@ pub enum Body {
     EightBitMime,
 }
 
+/// RFC 3461 §4.3, §4.4: what the sender asked of failure reports for the whole message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailDsn {
+    /// `RET=HDRS` (`Some(false)`) or `RET=FULL` (`Some(true)`): return the header only, or all of it.
+    pub ret_full: Option<bool>,
+    /// `ENVID=`, xtext as given.
+    pub envid: Option<String>,
+}
+
+/// RFC 3461 §4.1, §4.2: what the sender asked of notifications for one recipient.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptDsn {
+    pub notify: Option<Notify>,
+    /// `ORCPT=addr-type;xtext`, as given.
+    pub orcpt: Option<String>,
+}
+
+/// `NOTIFY=`: all false is `NEVER`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Notify {
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
+}
+
+impl Notify {
+    /// The parameter value, as sent on to a next hop that offers DSN.
+    pub fn value(&self) -> String {
+        let mut words = Vec::new();
+        for (on, word) in [
+            (self.success, "SUCCESS"),
+            (self.failure, "FAILURE"),
+            (self.delay, "DELAY"),
+        ] {
+            if on {
+                words.push(word);
+            }
+        }
+        if words.is_empty() {
+            "NEVER".into()
+        } else {
+            words.join(",")
+        }
+    }
+}
+
+/// RFC 3461 §4: xtext, printable ASCII without `+` and `=` but for `+XX` hex escapes.
+pub fn is_xtext(s: &str) -> bool {
+    let b = s.as_bytes();
+    let hex = |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c));
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' if hex(b.get(i + 1)) && hex(b.get(i + 2)) => i += 3,
+            b'+' | b'=' => return false,
+            b'!'..=b'~' => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// xtext decoded (`+2B` → `+`), for reports; call on valid xtext only.
+pub fn xtext_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let escaped = (b[i] == b'+')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match escaped {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Ehlo(String),
@@ -40,8 +126,9 @@ pub enum Command {
         body: Body,
         /// The SMTPUTF8 parameter (RFC 6531 §3.4).
         smtputf8: bool,
+        dsn: MailDsn,
     },
-    Rcpt(Mailbox),
+    Rcpt(Mailbox, RcptDsn),
     Data,
     /// RFC 3030 CHUNKING: `size` octets of message follow the command line.
     Bdat {
@@ -157,6 +244,7 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
     let mut size = None;
     let mut body = Body::default();
     let mut smtputf8 = false;
+    let mut dsn = MailDsn::default();
     let mut seen: Vec<String> = Vec::new();
     for param in params.split(' ').filter(|p| !p.is_empty()) {
         let (key, value) = param.split_once('=').unwrap_or((param, ""));
@@ -192,6 +280,19 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
             "AUTH" if !value.is_empty() => {}
             // RFC 6531 §3.4: a keyword without value.
             "SMTPUTF8" if value.is_empty() && !param.contains('=') => smtputf8 = true,
+            // RFC 3461 §4.3: RET=FULL | HDRS.
+            "RET" => {
+                dsn.ret_full = Some(match value.to_ascii_uppercase().as_str() {
+                    "FULL" => true,
+                    "HDRS" => false,
+                    _ => return Err(ParseError::Syntax),
+                })
+            }
+            // RFC 3461 §4.4: ENVID=xtext, at most 100 characters.
+            "ENVID" if !value.is_empty() && value.len() <= 100 && is_xtext(value) => {
+                dsn.envid = Some(value.to_string())
+            }
+            "ENVID" => return Err(ParseError::Syntax),
             _ => return Err(ParseError::UnknownParameter),
         }
     }
@@ -200,6 +301,7 @@ fn parse_mail(args: &str) -> Result<Command, ParseError> {
         size,
         body,
         smtputf8,
+        dsn,
     })
 }
 
@@ -243,17 +345,64 @@ fn parse_rcpt(args: &str) -> Result<Command, ParseError> {
         if !after.trim().is_empty() {
             return Err(ParseError::UnknownParameter);
         }
-        return Ok(Command::Rcpt(Mailbox {
-            local: "postmaster".into(),
-            domain: String::new(),
-            raw: "postmaster".into(),
-        }));
+        return Ok(Command::Rcpt(
+            Mailbox {
+                local: "postmaster".into(),
+                domain: String::new(),
+                raw: "postmaster".into(),
+            },
+            RcptDsn::default(),
+        ));
     }
     let (to, params) = parse_path(rest, false)?;
-    if !params.trim().is_empty() {
-        return Err(ParseError::UnknownParameter);
+    let dsn = parse_rcpt_params(params)?;
+    to.map(|to| Command::Rcpt(to, dsn))
+        .ok_or(ParseError::Address)
+}
+
+/// RFC 3461 §4.1, §4.2: `NOTIFY=NEVER | SUCCESS,FAILURE,DELAY` and `ORCPT=addr-type;xtext`.
+fn parse_rcpt_params(params: &str) -> Result<RcptDsn, ParseError> {
+    let mut dsn = RcptDsn::default();
+    for param in params.split(' ').filter(|p| !p.is_empty()) {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        match key.to_ascii_uppercase().as_str() {
+            "NOTIFY" if dsn.notify.is_none() => {
+                let mut notify = Notify::default();
+                let words: Vec<String> = value.split(',').map(str::to_ascii_uppercase).collect();
+                if words != ["NEVER"] {
+                    for word in &words {
+                        let flag = match word.as_str() {
+                            "SUCCESS" => &mut notify.success,
+                            "FAILURE" => &mut notify.failure,
+                            "DELAY" => &mut notify.delay,
+                            _ => return Err(ParseError::Syntax),
+                        };
+                        if *flag {
+                            return Err(ParseError::Syntax);
+                        }
+                        *flag = true;
+                    }
+                }
+                dsn.notify = Some(notify);
+            }
+            "ORCPT" if dsn.orcpt.is_none() => {
+                let valid = value.len() <= 500
+                    && value.split_once(';').is_some_and(|(kind, address)| {
+                        !kind.is_empty()
+                            && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                            && !address.is_empty()
+                            && is_xtext(address)
+                    });
+                if !valid {
+                    return Err(ParseError::Syntax);
+                }
+                dsn.orcpt = Some(value.to_string());
+            }
+            "NOTIFY" | "ORCPT" => return Err(ParseError::Syntax),
+            _ => return Err(ParseError::UnknownParameter),
+        }
     }
-    to.map(Command::Rcpt).ok_or(ParseError::Address)
+    Ok(dsn)
 }
 
 /// Parses `<[@route,...:]mailbox>` (or `<>` when `null_ok`) and returns the rest of the line.
@@ -379,6 +528,72 @@ fn is_atext(c: u8) -> bool {
 }
 
 #[cfg(test)]
+mod dsn_tests {
+    use super::*;
+
+    #[test]
+    fn dsn_parameters_parse_and_bad_ones_are_syntax_errors() {
+        let Ok(Command::Mail { dsn, .. }) =
+            parse(b"MAIL FROM:<a@b.example> RET=hdrs ENVID=QQ314159+2B1")
+        else {
+            panic!()
+        };
+        assert_eq!(dsn.ret_full, Some(false));
+        assert_eq!(dsn.envid.as_deref(), Some("QQ314159+2B1"));
+        let Ok(Command::Rcpt(_, dsn)) =
+            parse(b"RCPT TO:<c@d.example> NOTIFY=SUCCESS,failure ORCPT=rfc822;c+40d.example")
+        else {
+            panic!()
+        };
+        assert_eq!(
+            dsn.notify,
+            Some(Notify {
+                success: true,
+                failure: true,
+                delay: false
+            })
+        );
+        assert_eq!(dsn.orcpt.as_deref(), Some("rfc822;c+40d.example"));
+        assert_eq!(xtext_decode("c+40d.example"), "c@d.example");
+        let Ok(Command::Rcpt(_, dsn)) = parse(b"RCPT TO:<c@d.example> NOTIFY=NEVER") else {
+            panic!()
+        };
+        assert_eq!(dsn.notify, Some(Notify::default()));
+        assert_eq!(dsn.notify.unwrap().value(), "NEVER");
+        for bad in [
+            "MAIL FROM:<a@b.example> RET=ALL",
+            "MAIL FROM:<a@b.example> ENVID=a=b",
+            "MAIL FROM:<a@b.example> ENVID=+4",
+            "RCPT TO:<c@d.example> NOTIFY=NEVER,SUCCESS",
+            "RCPT TO:<c@d.example> NOTIFY=SUCCESS,SUCCESS",
+            "RCPT TO:<c@d.example> NOTIFY=SOMETIMES",
+            "RCPT TO:<c@d.example> ORCPT=c@d.example",
+            "RCPT TO:<c@d.example> ORCPT=rfc822;",
+            "RCPT TO:<c@d.example> NOTIFY=FAILURE NOTIFY=FAILURE",
+        ] {
+            assert_eq!(parse(bad.as_bytes()), Err(ParseError::Syntax), "{bad}");
+        }
+        assert_eq!(
+            parse(b"RCPT TO:<c@d.example> FOO=1"),
+            Err(ParseError::UnknownParameter)
+        );
+    }
+
+    #[test]
+    fn xtext_accepts_printable_ascii_and_hex_escapes_only() {
+        assert!(is_xtext("abc+2B+3D!~"));
+        assert!(
+            !is_xtext("a=b")
+                && !is_xtext("a+")
+                && !is_xtext("a+2")
+                && !is_xtext("a+2b")
+                && !is_xtext("é")
+        );
+        assert!(!is_xtext("a b"));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -408,6 +623,7 @@ mod tests {
                 size: Some(1000),
                 body: Body::EightBitMime,
                 smtputf8: false,
+                dsn: MailDsn::default(),
             })
         );
     }
@@ -421,6 +637,7 @@ mod tests {
                 size: None,
                 body: Body::SevenBit,
                 smtputf8: false,
+                dsn: MailDsn::default(),
             })
         );
         assert_eq!(parse(b"RCPT TO:<>"), Err(ParseError::Address));
@@ -444,11 +661,10 @@ mod tests {
     fn quoted_local_part_is_decoded() {
         assert_eq!(
             parse(br#"RCPT TO:<"john\"doe"@example.org>"#),
-            Ok(Command::Rcpt(mailbox(
-                "john\"doe",
-                "example.org",
-                r#""john\"doe"@example.org"#
-            )))
+            Ok(Command::Rcpt(
+                mailbox("john\"doe", "example.org", r#""john\"doe"@example.org"#),
+                RcptDsn::default()
+            ))
         );
     }
 
@@ -456,17 +672,16 @@ mod tests {
     fn source_route_is_dropped() {
         assert_eq!(
             parse(b"RCPT TO:<@relay.example,@b.example:user@other.example>"),
-            Ok(Command::Rcpt(mailbox(
-                "user",
-                "other.example",
-                "user@other.example"
-            )))
+            Ok(Command::Rcpt(
+                mailbox("user", "other.example", "user@other.example"),
+                RcptDsn::default()
+            ))
         );
     }
 
     #[test]
     fn address_literal() {
-        let Ok(Command::Rcpt(m)) = parse(b"RCPT TO:<u@[127.0.0.1]>") else {
+        let Ok(Command::Rcpt(m, _)) = parse(b"RCPT TO:<u@[127.0.0.1]>") else {
             panic!()
         };
         assert!(m.is_address_literal());
@@ -476,7 +691,10 @@ mod tests {
     fn postmaster_without_domain() {
         assert_eq!(
             parse(b"RCPT TO:<Postmaster>"),
-            Ok(Command::Rcpt(mailbox("postmaster", "", "postmaster")))
+            Ok(Command::Rcpt(
+                mailbox("postmaster", "", "postmaster"),
+                RcptDsn::default()
+            ))
         );
     }
 
@@ -506,11 +724,11 @@ mod tests {
     #[test]
     fn unknown_parameters() {
         assert_eq!(
-            parse(b"MAIL FROM:<a@b.org> RET=FULL"),
+            parse(b"MAIL FROM:<a@b.org> XFOO=FULL"),
             Err(ParseError::UnknownParameter)
         );
         assert_eq!(
-            parse(b"RCPT TO:<a@b.org> NOTIFY=NEVER"),
+            parse(b"RCPT TO:<a@b.org> XNOTIFY=NEVER"),
             Err(ParseError::UnknownParameter)
         );
         assert_eq!(
@@ -575,7 +793,7 @@ mod tests {
             (from.local.as_str(), from.domain.as_str()),
             ("josé", "münchen.de")
         );
-        let Ok(Command::Rcpt(to)) = parse("RCPT TO:<\"δοκιμή\"@example.org>".as_bytes())
+        let Ok(Command::Rcpt(to, _)) = parse("RCPT TO:<\"δοκιμή\"@example.org>".as_bytes())
         else {
             panic!()
         };

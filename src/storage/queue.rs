@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{create_new, ensure_dir, fsync_dir};
+pub use crate::smtp::command::Notify;
 
 /// What the queue remembers of one message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +40,12 @@ pub struct Entry {
     /// Size in octets, LF form as stored; `lines` converts it to what is sent (CRLF).
     pub size: u64,
     pub lines: u64,
+    /// RFC 3461 RET: a failure report returns the whole message (`Some(true)`) or its header.
+    #[serde(default)]
+    pub ret_full: Option<bool>,
+    /// RFC 3461 ENVID, xtext, passed on and quoted in reports.
+    #[serde(default)]
+    pub envid: Option<String>,
     pub recipients: Vec<Recipient>,
 }
 
@@ -63,6 +70,16 @@ pub struct Recipient {
     /// Failed because the message was queued for longer than `outbound.max_queue_secs`.
     #[serde(default)]
     pub expired: bool,
+    /// RFC 3461 NOTIFY as the sender gave it (absent: failures are reported).
+    #[serde(default)]
+    pub notify: Option<Notify>,
+    /// RFC 3461 ORCPT as given (`rfc822;xtext`).
+    #[serde(default)]
+    pub orcpt: Option<String>,
+    /// Delivered to a server without DSN while the sender asked for NOTIFY=SUCCESS: a "relayed"
+    /// notice is owed.
+    #[serde(default)]
+    pub success_due: bool,
 }
 
 impl Recipient {
@@ -77,7 +94,16 @@ impl Recipient {
             last_error: None,
             last_host: None,
             expired: false,
+            notify: None,
+            orcpt: None,
+            success_due: false,
         }
+    }
+
+    /// Whether the sender wants to hear of this recipient's failure (the default when NOTIFY was
+    /// not given).
+    pub fn reports_failure(&self) -> bool {
+        self.notify.is_none_or(|n| n.failure)
     }
 }
 
@@ -104,9 +130,11 @@ impl Entry {
 
     /// Nothing left to do: every recipient delivered, or failed and reported.
     pub fn is_done(&self) -> bool {
-        self.recipients
-            .iter()
-            .all(|r| matches!(r.state, State::Delivered | State::Failed { bounced: true }))
+        self.recipients.iter().all(|r| match r.state {
+            State::Delivered => !r.success_due,
+            State::Failed { bounced } => bounced,
+            State::Pending => false,
+        })
     }
 
     /// The earliest next attempt of a pending recipient.
@@ -264,6 +292,8 @@ mod tests {
             eight_bit: false,
             size: 3,
             lines: 1,
+            ret_full: None,
+            envid: None,
             recipients: vec![Recipient::new("bob@example.net", "example.net")],
         }
     }

@@ -45,6 +45,11 @@ impl Spool {
         &self.id
     }
 
+    /// Where it is being written (to read it back, e.g. for a report that returns it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Octets written so far (LF form).
     pub fn size(&self) -> u64 {
         self.size

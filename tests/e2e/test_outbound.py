@@ -142,7 +142,8 @@ class Net:
         d.mkdir()
         return d
 
-    def submit(self, to: list[str], subject: str, body: str = "Hello from a.test.\r\n") -> None:
+    def submit(self, to: list[str], subject: str, body: str = "Hello from a.test.\r\n",
+               mail_options: list[str] = (), rcpt_options: list[str] = ()) -> None:
         message = (f"From: Alice <{ALICE}>\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n"
                    f"Message-ID: <{subject.replace(' ', '-')}@a.test>\r\n\r\n{body}").encode()
         if not message.isascii():
@@ -153,8 +154,8 @@ class Net:
                           timeout=30) as s:
             s.starttls(context=ctx)
             s.login(ALICE, PASSWORDS[ALICE])
-            options = ["BODY=8BITMIME"] if not message.isascii() else []
-            refused = s.sendmail(ALICE, to, message, mail_options=options)
+            options = (["BODY=8BITMIME"] if not message.isascii() else []) + list(mail_options)
+            refused = s.sendmail(ALICE, to, message, mail_options=options, rcpt_options=list(rcpt_options))
             assert refused == {}, refused
 
     def queue(self, *args: str) -> subprocess.CompletedProcess:
@@ -557,3 +558,57 @@ def test_without_a_policy_the_same_unverifiable_peer_gets_the_mail_encrypted(net
     net.submit([BOB], "opportunistic")
     wait_for_messages(net.b, BOB, 1)
     assert re.search(r"via mx2\.b\.test \(tls unverified\)", net.a.log_text()), net.a.log_tail()
+
+
+def test_dsn_parameters_go_on_to_a_peer_that_offers_dsn(net_factory):
+    net = net_factory()
+    sink = SmtpSink(net.tmp / "sink", net.b.smtp_port, [])
+    try:
+        net.submit(["carol@c.test"], "dsn on", mail_options=["RET=HDRS", "ENVID=QQ314159"],
+                   rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;carol+40c.test"])
+        wait_until(lambda: sink.messages(), timeout=20, message=net.a.log_tail())
+        (dump,) = sink.messages()
+    finally:
+        sink.stop()
+    assert "X-Mail-Args: <alice@a.test> RET=HDRS ENVID=QQ314159" in dump, dump
+    assert "X-Rcpt-Args: <carol@c.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;carol+40c.test" in dump, dump
+    time.sleep(1)
+    assert net.a.stored_messages(ALICE) == [], "the peer offers DSN: notifications are its job now"
+
+
+def test_notify_success_to_a_peer_without_dsn_gives_a_relayed_notice(net_factory):
+    net = net_factory()
+    sink = SmtpSink(net.tmp / "sink", net.b.smtp_port, ["-N"])
+    try:
+        net.submit(["carol@c.test"], "tell me", mail_options=["ENVID=E1"],
+                   rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;carol+40c.test"])
+        (notice,) = wait_for_messages(net.a, ALICE, 1)
+    finally:
+        sink.stop()
+    text = notice.as_string()
+    assert notice["Subject"] == "Delivery Status Notification (success)"
+    assert "Action: relayed" in text and "Status: 2.0.0" in text, text
+    assert "Original-Envelope-Id: E1" in text and "Original-Recipient: rfc822; carol@c.test" in text, text
+
+
+def test_notify_never_suppresses_the_bounce_and_ret_full_returns_the_whole_message(net_factory):
+    net = net_factory()
+    net.submit(["nobody@b.test"], "quiet failure", rcpt_options=["NOTIFY=NEVER"])
+    wait_until(lambda: "the sender asked for no report" in net.a.log_text(), timeout=20,
+               message=net.a.log_tail())
+    assert net.a.stored_messages(ALICE) == []
+    net.submit(["nobody@b.test"], "loud failure", body="the whole body\r\n", mail_options=["RET=FULL"])
+    (report,) = wait_for_messages(net.a, ALICE, 1)
+    parts = [p.get_content_type() for p in report.walk()]
+    assert "message/rfc822" in parts, parts
+    assert "the whole body" in report.as_string()
+
+
+def test_notify_success_for_a_local_recipient_gives_a_delivered_notice(net_factory):
+    net = net_factory()
+    net.submit([ALICE], "to myself", rcpt_options=["NOTIFY=SUCCESS"])
+    messages = wait_for_messages(net.a, ALICE, 2)
+    subjects = sorted(m["Subject"] for m in messages)
+    assert subjects == ["Delivery Status Notification (success)", "to myself"], subjects
+    notice = next(m for m in messages if m["Subject"].startswith("Delivery"))
+    assert "Action: delivered" in notice.as_string()

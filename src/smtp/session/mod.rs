@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::command::{self, Body, Command, Mailbox, ParseError};
+use super::command::{self, Body, Command, MailDsn, Mailbox, ParseError, RcptDsn};
 use super::data::{ChunkReader, DataReader, DataStep};
 use super::reply::{self, Reply};
 use crate::accounts::{Account, Secret};
@@ -72,8 +72,13 @@ pub struct Envelope {
     pub recipients: Vec<Mailbox>,
     /// Where they deliver, each account once.
     pub mailboxes: Vec<Arc<Account>>,
-    /// Recipients at other domains (submission only): queued for outbound delivery, each once.
-    pub remote: Vec<Mailbox>,
+    /// Recipients at other domains (submission only): queued for outbound delivery, each once, with
+    /// what the sender asked of notifications (RFC 3461).
+    pub remote: Vec<(Mailbox, RcptDsn)>,
+    /// Local recipients whose sender asked to be told of the delivery (`NOTIFY=SUCCESS`).
+    pub notify_delivered: Vec<(Mailbox, RcptDsn)>,
+    /// RET and ENVID of MAIL (RFC 3461).
+    pub dsn: MailDsn,
 }
 
 #[derive(Debug)]
@@ -339,8 +344,9 @@ impl Session {
                 size,
                 body,
                 smtputf8,
-            } => self.mail(from, size, body, smtputf8),
-            Command::Rcpt(to) => self.rcpt(to),
+                dsn,
+            } => self.mail(from, size, body, smtputf8, dsn),
+            Command::Rcpt(to, dsn) => self.rcpt(to, dsn),
             Command::Data => return self.data(),
             Command::Bdat { size, last } => return self.bdat(size, last),
             Command::Rset => {
@@ -372,7 +378,7 @@ impl Session {
         let host = &self.settings.hostname;
         let text = if esmtp {
             let mut text = format!(
-                "{host}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nCHUNKING\nENHANCEDSTATUSCODES",
+                "{host}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nCHUNKING\nDSN\nENHANCEDSTATUSCODES",
                 self.settings.limits.max_message_size
             );
             if self.channel.starttls && !self.channel.tls {

@@ -3,7 +3,7 @@
 
 use super::{Envelope, Session};
 use crate::accounts::Route;
-use crate::smtp::command::{Body, Mailbox};
+use crate::smtp::command::{Body, MailDsn, Mailbox, RcptDsn};
 use crate::smtp::reply;
 
 impl Session {
@@ -13,6 +13,7 @@ impl Session {
         size: Option<u64>,
         body: Body,
         smtputf8: bool,
+        dsn: MailDsn,
     ) {
         if self.helo.is_none() {
             return self.error(reply::BAD_SEQUENCE.with_text("Send EHLO or HELO first"));
@@ -48,12 +49,13 @@ impl Session {
             body,
             smtputf8,
             submitter: self.account.as_ref().map(|a| a.address.clone()),
+            dsn,
             ..Envelope::default()
         });
         self.reply(reply::SENDER_OK);
     }
 
-    pub(super) fn rcpt(&mut self, to: Mailbox) {
+    pub(super) fn rcpt(&mut self, to: Mailbox, dsn: RcptDsn) {
         let Some(envelope) = self.envelope.as_ref() else {
             return self.error(reply::BAD_SEQUENCE.with_text("Send MAIL first"));
         };
@@ -76,8 +78,8 @@ impl Session {
             Route::NotLocal if self.account.is_some() && self.settings.outbound.enable => {
                 let envelope = self.envelope.as_mut().expect("checked above");
                 // Local parts are case-sensitive (RFC 5321 §2.4): only the very same address repeats.
-                if !envelope.remote.iter().any(|m| m.raw == to.raw) {
-                    envelope.remote.push(to.clone());
+                if !envelope.remote.iter().any(|(m, _)| m.raw == to.raw) {
+                    envelope.remote.push((to.clone(), dsn));
                 }
                 envelope.recipients.push(to);
                 return self.reply(reply::RECIPIENT_OK);
@@ -97,6 +99,9 @@ impl Session {
             Route::Local(accounts) => accounts,
         };
         let envelope = self.envelope.as_mut().expect("checked above");
+        if dsn.notify.is_some_and(|n| n.success) {
+            envelope.notify_delivered.push((to.clone(), dsn));
+        }
         for account in accounts {
             if !envelope.mailboxes.contains(&account) {
                 envelope.mailboxes.push(account);
