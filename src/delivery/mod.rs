@@ -35,6 +35,9 @@ use attempt::{Context, JobMessage, Outcome, Results};
 /// Messages one job takes over its connection.
 pub const BATCH: usize = 20;
 
+/// The longest one job (one connection, up to [`BATCH`] messages) may take.
+const JOB_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
 /// How soon a failed bounce (a full disk, say) is tried again.
 const BOUNCE_RETRY_SECS: u64 = 60;
 
@@ -264,14 +267,21 @@ impl Running {
         self.stats.oldest.store(oldest, Ordering::Relaxed);
     }
 
-    /// When something is due next (pending recipients not in a job).
+    /// When something is due next (pending recipients not in a job, of domains with a free connection
+    /// slot: a job that ends wakes the loop anyway, so what waits for a slot need not be polled).
     fn next_wake(&self) -> u64 {
         let mut wake = now() + 3600;
+        let outbound = (self.env.settings)().outbound.clone();
+        let slots_free = self.jobs.len() < outbound.max_connections;
         for entry in self.entries.values() {
             for r in entry.pending() {
-                if !self
-                    .in_flight
-                    .contains(&(entry.id.clone(), r.domain.clone()))
+                let domain_free = self.busy.get(&r.domain).copied().unwrap_or(0)
+                    < outbound.max_connections_per_domain;
+                if slots_free
+                    && domain_free
+                    && !self
+                        .in_flight
+                        .contains(&(entry.id.clone(), r.domain.clone()))
                 {
                     wake = wake.min(r.next_attempt);
                 }
@@ -341,7 +351,26 @@ impl Running {
                     .map(|m| (m.entry.id.clone(), m.rcpts.clone()))
                     .collect();
                 let handle = self.jobs.spawn(async move {
-                    let results = attempt::run(&ctx, &outbound, &helo, &job_domain, batch).await;
+                    // A peer that answers just slowly enough for every timeout (a tarpit) must not
+                    // hold a connection slot for hours: the whole job has a deadline.
+                    let held: Vec<(String, Vec<usize>)> = batch
+                        .iter()
+                        .map(|m| (m.entry.id.clone(), m.rcpts.clone()))
+                        .collect();
+                    let run = attempt::run(&ctx, &outbound, &helo, &job_domain, batch);
+                    let results = match tokio::time::timeout(JOB_DEADLINE, run).await {
+                        Ok(results) => results,
+                        Err(_) => {
+                            tracing::warn!(domain = %job_domain, "a delivery job took longer than {} minutes: deferred", JOB_DEADLINE.as_secs() / 60);
+                            let error = "451 4.4.7 delivery took too long".to_string();
+                            held.into_iter()
+                                .map(|(id, rcpts)| {
+                                    let outcome = Outcome::Deferred { host: None, error: error.clone() };
+                                    (id, rcpts.into_iter().map(|i| (i, outcome.clone())).collect())
+                                })
+                                .collect()
+                        }
+                    };
                     (job_domain, results)
                 });
                 self.job_info.insert(handle.id(), (domain.clone(), held));
