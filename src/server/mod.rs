@@ -510,7 +510,12 @@ fn warn_expiring_certificate(settings: &Settings) {
 
 fn ensure_maildirs(store: &Store, settings: &Settings) -> std::io::Result<()> {
     for account in settings.directory.accounts() {
-        store.ensure_maildir(account)?;
+        let maildir = store.ensure_maildir(account)?;
+        // What a crash left in tmp/ (a delivery cut off before its move into new/).
+        let removed = crate::storage::clean_tmp(&maildir, crate::storage::STALE_TMP);
+        if removed > 0 {
+            tracing::info!(account = %account.address, removed, "removed stale files from tmp/");
+        }
     }
     Ok(())
 }

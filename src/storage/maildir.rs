@@ -20,6 +20,33 @@ pub struct StoredMessage {
 }
 
 /// Lists `new/` and `cur/` in delivery order (Maildir names start with the delivery time).
+/// The Maildir convention (maildir(5), Dovecot): a file in `tmp/` this old is left over from a delivery
+/// that never finished, and may be removed.
+pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(36 * 3600);
+
+/// Removes the files in `tmp/` older than `age` (by modification time); returns how many. Younger ones
+/// may belong to another program delivering into the same Maildir right now.
+pub fn clean_tmp(maildir: &Path, age: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(maildir.join("tmp")) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|elapsed| elapsed >= age);
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 pub fn scan(maildir: &Path) -> io::Result<Vec<StoredMessage>> {
     let mut out = Vec::new();
     for sub in ["new", "cur"] {
@@ -228,6 +255,26 @@ pub fn lock(maildir: &Path) -> io::Result<Option<MailboxLock>> {
 mod tests {
     use super::super::tests::{files, maildir, store};
     use super::*;
+
+    #[test]
+    fn stale_tmp_files_are_removed_and_fresh_ones_kept() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        let old = dir.join("tmp/1600000000.M1P1Q1.host");
+        let fresh = dir.join("tmp/1800000000.M1P1Q2.host");
+        fs::write(&old, b"x\n").unwrap();
+        fs::write(&fresh, b"y\n").unwrap();
+        let long_ago =
+            std::time::SystemTime::now() - STALE_TMP - std::time::Duration::from_secs(60);
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        assert_eq!(clean_tmp(&dir, STALE_TMP), 1);
+        assert!(!old.exists() && fresh.exists());
+    }
 
     #[test]
     fn scan_sizes_and_uids_for_foreign_files() {

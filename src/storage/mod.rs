@@ -34,7 +34,9 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::accounts::Account;
 
-pub use maildir::{MailboxLock, StoredMessage, expunge, lock, mark_seen, scan, take_new};
+pub use maildir::{
+    MailboxLock, STALE_TMP, StoredMessage, clean_tmp, expunge, lock, mark_seen, scan, take_new,
+};
 pub use spool::Spool;
 
 #[derive(Debug)]
