@@ -193,12 +193,14 @@ pub async fn run_with(
     })?;
     ensure_maildirs(&store, &settings).context("cannot create the accounts' Maildirs")?;
     let queue = Queue::open(store.root()).context("cannot open the outbound queue")?;
-    let control_socket = crate::delivery::control::listen(store.root()).with_context(|| {
-        format!(
-            "cannot create the control socket {}",
-            crate::delivery::control::socket_path(store.root()).display()
-        )
-    })?;
+    // Without it `rustmail queue flush|remove` cannot reach the server, but mail still flows: not a
+    // reason to refuse to start (a storage root path too long for a Unix socket, say).
+    let control_socket = crate::delivery::control::listen(store.root())
+        .map_err(|e| {
+            let path = crate::delivery::control::socket_path(store.root());
+            tracing::warn!(path = %path.display(), error = %e, "no control socket: `rustmail queue flush` and `remove` cannot reach this server");
+        })
+        .ok();
     let listeners = listeners::open(&settings.listeners, inherited)?;
     raise_fd_limit(admission::socket_cap(&settings.limits));
     let store = Arc::new(store);
@@ -214,11 +216,13 @@ pub async fn run_with(
             shutdown: shared.shutdown.clone(),
         };
         tokio::spawn(scheduler.run(env));
-        tokio::spawn(crate::delivery::control::serve(
-            control_socket,
-            shared.outbox.clone(),
-            shared.shutdown.clone(),
-        ));
+        if let Some(socket) = control_socket {
+            tokio::spawn(crate::delivery::control::serve(
+                socket,
+                shared.outbox.clone(),
+                shared.shutdown.clone(),
+            ));
+        }
     }
 
     let tracker = TaskTracker::new();
