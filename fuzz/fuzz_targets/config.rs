@@ -25,8 +25,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let written = toml::to_string(&config).expect("a loaded Config writes back to TOML");
     let again = load(&written).expect("the written TOML loads");
-    assert_eq!(again, config, "TOML round trip changed the config:\n{written}");
-    let first = Settings::from_config_with(config.clone(), SecretFiles::Skip).map_err(|e| e.to_string());
+    assert_eq!(
+        again, config,
+        "TOML round trip changed the config:\n{written}"
+    );
+    let first =
+        Settings::from_config_with(config.clone(), SecretFiles::Skip).map_err(|e| e.to_string());
     let second = Settings::from_config_with(config, SecretFiles::Skip).map_err(|e| e.to_string());
     assert_eq!(first.is_ok(), second.is_ok());
     if let (Err(a), Err(b)) = (&first, &second) {

@@ -35,7 +35,10 @@ fn read_data(wire: &[u8], chunk: usize) -> Result<Vec<u8>, DataError> {
         buf.drain(..n);
         match result {
             Some(Some(r)) => {
-                assert!(fed == wire.len() && buf.is_empty(), "data ended before the final dot");
+                assert!(
+                    fed == wire.len() && buf.is_empty(),
+                    "data ended before the final dot"
+                );
                 return r.map(|()| out);
             }
             Some(None) => {}

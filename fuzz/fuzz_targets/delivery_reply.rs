@@ -26,7 +26,11 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(parse_reply(&input[..used]), Ok(Some((reply.clone(), used))));
     // Every cut inside the reply (at a line end, or within a line) asks for more.
     for cut in (0..used).filter(|&i| i == 0 || input[i - 1] == b'\n' || i == used - 1) {
-        assert_eq!(parse_reply(&input[..cut]), Ok(None), "cut at {cut} of {used}");
+        assert_eq!(
+            parse_reply(&input[..cut]),
+            Ok(None),
+            "cut at {cut} of {used}"
+        );
     }
     let rewritten = wire_form(&reply);
     assert_eq!(

@@ -24,12 +24,19 @@ fn decode(out: &[u8]) -> Vec<&[u8]> {
     let mut lines = Vec::new();
     let mut rest = out;
     loop {
-        let lf = rest.iter().position(|&b| b == b'\n').expect("no terminating .CRLF");
+        let lf = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("no terminating .CRLF");
         assert!(lf > 0 && rest[lf - 1] == b'\r', "bare LF in the output");
         let line = &rest[..lf - 1];
         rest = &rest[lf + 1..];
         if line == b"." {
-            assert!(rest.is_empty(), "{} octets after the terminating dot", rest.len());
+            assert!(
+                rest.is_empty(),
+                "{} octets after the terminating dot",
+                rest.len()
+            );
             return lines;
         }
         lines.push(line.strip_prefix(b".").unwrap_or(line));
@@ -58,14 +65,22 @@ fuzz_target!(|data: &[u8]| {
     let top = (c & 1 != 0).then_some(u64::from(c >> 5));
     let chunk = usize::from((c >> 1) & 0x0f) + 1;
     let retr = encode(input, None, input.len());
-    assert_eq!(encode(input, None, chunk), retr, "chunk size {chunk} changed RETR");
+    assert_eq!(
+        encode(input, None, chunk),
+        retr,
+        "chunk size {chunk} changed RETR"
+    );
     let lines = decode(&retr);
     assert_eq!(lines, expected(input), "RETR does not round-trip");
     // Bounded output: at most one dot and one CR added per line, plus the terminator.
     assert!(retr.len() <= input.len() + 2 * (lines.len() + 1) + 3);
     if let Some(n) = top {
         let t = encode(input, Some(n), input.len());
-        assert_eq!(encode(input, Some(n), chunk), t, "chunk size {chunk} changed TOP");
+        assert_eq!(
+            encode(input, Some(n), chunk),
+            t,
+            "chunk size {chunk} changed TOP"
+        );
         let top_lines = decode(&t);
         assert!(lines.starts_with(&top_lines), "TOP is not a prefix of RETR");
         // The encoder ends the header at a line of nothing but CRs (a stored line "\r\r\n" too).

@@ -19,7 +19,11 @@ fuzz_target!(|data: &[u8]| {
         (&split.replies, &split.events, split.closed),
         "chunk size {chunk} changed the transcript"
     );
-    assert!(split.max_buffered < 512, "kept {} octets", split.max_buffered);
+    assert!(
+        split.max_buffered < 512,
+        "kept {} octets",
+        split.max_buffered
+    );
     let out = &split.replies;
     assert!(out.ends_with(b"\r\n"), "replies do not end with CRLF");
     for (i, &b) in out.iter().enumerate() {

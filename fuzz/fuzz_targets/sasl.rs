@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(decode_plain(&again), Ok((user, password)));
         }
         if let Some(text) = decode_text(response) {
-            let again = if text.is_empty() { "=".to_string() } else { STANDARD.encode(&text) };
+            let again = if text.is_empty() {
+                "=".to_string()
+            } else {
+                STANDARD.encode(&text)
+            };
             assert_eq!(decode_text(&again), Some(text));
         }
         return;

@@ -9,7 +9,11 @@ use rustmail::smtp::command::{Command, Mailbox, parse};
 fn check_mailbox(line: &[u8], m: &Mailbox) {
     assert!(m.raw.len() < 256, "path of {} octets", m.raw.len());
     assert!(m.domain.len() <= 255, "domain of {} octets", m.domain.len());
-    assert!(m.local.len() <= 64, "local part of {} octets", m.local.len());
+    assert!(
+        m.local.len() <= 64,
+        "local part of {} octets",
+        m.local.len()
+    );
     assert!(!m.local.is_empty() || m.raw.starts_with('"'), "{m:?}");
     if m.domain.is_empty() {
         // RFC 5321 §4.1.1.3: `RCPT TO:<Postmaster>` needs no domain.
@@ -19,7 +23,11 @@ fn check_mailbox(line: &[u8], m: &Mailbox) {
     }
     // `raw` is the path as written, except `<Postmaster>`, which is normalised to lower case.
     let line = String::from_utf8_lossy(line).to_lowercase();
-    assert!(line.contains(&m.raw.to_lowercase()), "raw {:?} is not in the line", m.raw);
+    assert!(
+        line.contains(&m.raw.to_lowercase()),
+        "raw {:?} is not in the line",
+        m.raw
+    );
 }
 
 fuzz_target!(|line: &[u8]| {

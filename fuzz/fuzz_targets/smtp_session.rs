@@ -35,7 +35,11 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or(PIECE)
         .max(limits.max_command_length)
         .max(12288);
-    assert!(split.max_buffered <= cap, "kept {} octets", split.max_buffered);
+    assert!(
+        split.max_buffered <= cap,
+        "kept {} octets",
+        split.max_buffered
+    );
     assert_smtp_replies(&split.replies);
     for (_, m) in &split.messages {
         // The limit counts CRLF line ends and the stored form has LF ones; BDAT completes a last

@@ -26,7 +26,11 @@ fuzz_target!(|data: &[u8]| {
     let (c, message) = control(data);
     let piece = usize::from(c) + 1;
     let (out, senders) = pass(message, message.len().max(1));
-    assert_eq!(pass(message, piece), (out.clone(), senders.clone()), "piece {piece}");
+    assert_eq!(
+        pass(message, piece),
+        (out.clone(), senders.clone()),
+        "piece {piece}"
+    );
 
     // The output is the message with the missing lines inserted at one place.
     let id_line = format!("Message-ID: {ID}\n");
@@ -34,7 +38,8 @@ fuzz_target!(|data: &[u8]| {
     let added = out.len() - message.len();
     let inserted: Vec<u8> = [
         (added == id_line.len() || added == id_line.len() + date_line.len()).then_some(&id_line),
-        (added == date_line.len() || added == id_line.len() + date_line.len()).then_some(&date_line),
+        (added == date_line.len() || added == id_line.len() + date_line.len())
+            .then_some(&date_line),
     ]
     .into_iter()
     .flatten()
@@ -53,7 +58,11 @@ fuzz_target!(|data: &[u8]| {
     assert!(senders.sender.len() <= senders.sender_count);
     for value in senders.from.iter().chain(&senders.sender) {
         // Kept values are at most 4096 octets, which lossy UTF-8 may widen to three octets each.
-        assert!(value.len() <= 3 * 4096, "kept a value of {} octets", value.len());
+        assert!(
+            value.len() <= 3 * 4096,
+            "kept a value of {} octets",
+            value.len()
+        );
     }
     let verdict = senders.check(|_, _| true);
     if senders.malformed {

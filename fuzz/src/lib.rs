@@ -293,7 +293,10 @@ pub fn play_pop3(
                     delete.windows(2).all(|w| w[0] < w[1]),
                     "deletions not unique and ordered: {delete:?}"
                 );
-                assert!(delete.iter().all(|&i| i < messages), "deletion out of range: {delete:?}");
+                assert!(
+                    delete.iter().all(|&i| i < messages),
+                    "deletion out of range: {delete:?}"
+                );
                 t.events.push(format!("update {delete:?}"));
                 s.update_result(true);
             }
