@@ -33,7 +33,7 @@ fn check_mailbox(line: &[u8], m: &Mailbox) {
 fuzz_target!(|line: &[u8]| {
     let result = parse(line);
     match &result {
-        Ok(Command::Mail { from: Some(m), .. }) | Ok(Command::Rcpt(m)) => check_mailbox(line, m),
+        Ok(Command::Mail { from: Some(m), .. }) | Ok(Command::Rcpt(m, _)) => check_mailbox(line, m),
         Ok(Command::Ehlo(h)) | Ok(Command::Helo(h)) => {
             assert!(!h.is_empty() && h.len() <= 255 && h.bytes().all(|b| b.is_ascii_graphic()))
         }
