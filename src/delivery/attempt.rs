@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::client::{Client, Failure};
 use super::route::{NoRoute, Resolver};
 use super::tls::ClientTls;
-use super::wire::{Reply, crlf_form, data_wire_form, without_return_path};
+use super::wire::{Capabilities, Reply, crlf_form, data_wire_form, without_return_path};
 use crate::config::outbound::{Outbound, TlsPolicy};
 use crate::storage::queue::{Entry, Queue};
 
@@ -40,6 +40,11 @@ pub enum Outcome {
 /// Per message (queue id): the outcome of each recipient attempted.
 pub type Results = Vec<(String, Vec<(usize, Outcome)>)>;
 
+/// The same outcome for each of `rcpts` (indexes into one entry's recipients).
+pub fn each(rcpts: &[usize], outcome: &Outcome) -> Vec<(usize, Outcome)> {
+    rcpts.iter().map(|&i| (i, outcome.clone())).collect()
+}
+
 pub async fn run(
     ctx: &Context,
     outbound: &Arc<Outbound>,
@@ -54,10 +59,7 @@ pub async fn run(
                 for &i in &m.rcpts {
                     log_outcome(&m.entry, i, None, "none", &outcome);
                 }
-                (
-                    m.entry.id.clone(),
-                    m.rcpts.iter().map(|&i| (i, outcome.clone())).collect(),
-                )
+                (m.entry.id.clone(), each(&m.rcpts, &outcome))
             })
             .collect()
     };
@@ -152,14 +154,7 @@ pub async fn run(
                 host: Some(client.host.clone()),
                 error: error.clone(),
             };
-            results.push((
-                id,
-                message
-                    .rcpts
-                    .iter()
-                    .map(|&i| (i, outcome.clone()))
-                    .collect(),
-            ));
+            results.push((id, each(&message.rcpts, &outcome)));
             continue;
         }
         let (outcomes, failure) = transaction(ctx, outbound, &mut client, &message).await;
@@ -298,46 +293,10 @@ async fn transaction(
 ) -> (Vec<(usize, Outcome)>, Option<String>) {
     let entry = &message.entry;
     let host = Some(client.host.clone());
-    let every = |outcome: Outcome| {
-        message
-            .rcpts
-            .iter()
-            .map(|&i| (i, outcome.clone()))
-            .collect::<Vec<_>>()
-    };
-    let failed = |error: String| Outcome::Failed {
-        host: host.clone(),
-        error,
-    };
+    let every = |outcome: Outcome| each(&message.rcpts, &outcome);
     // What the server said it cannot take is not sent (RFC 1870, RFC 6152, RFC 6531).
-    if client.caps.refuses_size(entry.wire_size()) {
-        return (
-            every(failed(format!(
-                "552 5.3.4 message of {} octets is over {}'s limit of {}",
-                entry.wire_size(),
-                client.host,
-                client.caps.size.unwrap_or(0)
-            ))),
-            None,
-        );
-    }
-    if entry.eight_bit && !client.caps.eight_bit_mime {
-        return (
-            every(failed(format!(
-                "554 5.6.3 {} does not accept 8-bit messages (no 8BITMIME)",
-                client.host
-            ))),
-            None,
-        );
-    }
-    if entry.smtputf8 && !client.caps.smtputf8 {
-        return (
-            every(failed(format!(
-                "553 5.6.7 {} does not accept internationalised addresses (no SMTPUTF8)",
-                client.host
-            ))),
-            None,
-        );
+    if let Some(error) = cannot_take(entry, &client.caps, &client.host) {
+        return (every(Outcome::Failed { host, error }), None);
     }
     let payload = {
         let (queue, id) = (ctx.queue.clone(), entry.id.clone());
@@ -427,24 +386,6 @@ async fn transaction(
         }
     };
     let peer = client.host.clone();
-    let outcome_of = |reply: &Reply| {
-        if reply.is_positive() {
-            Outcome::Delivered {
-                host: peer.clone(),
-                relayed: !dsn,
-            }
-        } else if reply.is_permanent() {
-            Outcome::Failed {
-                host: Some(peer.clone()),
-                error: reply.text(),
-            }
-        } else {
-            Outcome::Deferred {
-                host: Some(peer.clone()),
-                error: reply.text(),
-            }
-        }
-    };
     // Only the reply to the final dot may say "delivered": a refusal before it either fails the
     // recipient (5xx) or defers it, and a positive reply out of place is a peer out of step.
     let refusal = |reply: &Reply| {
@@ -488,7 +429,7 @@ async fn transaction(
     }
     if data_reply.code != 354 {
         // DATA refused: the transaction is over for the accepted recipients too.
-        outcomes.extend(accepted.iter().map(|&i| (i, refusal(data_reply))));
+        outcomes.extend(each(&accepted, &refusal(data_reply)));
         let broken = reset(client).await.err().map(|e| e.text());
         return (outcomes, broken);
     }
@@ -498,23 +439,48 @@ async fn transaction(
     };
     match final_reply {
         Ok(reply) => {
-            outcomes.extend(accepted.iter().map(|&i| (i, outcome_of(&reply))));
+            let outcome = if reply.is_positive() {
+                Outcome::Delivered {
+                    host: peer.clone(),
+                    relayed: !dsn,
+                }
+            } else {
+                refusal(&reply)
+            };
+            outcomes.extend(each(&accepted, &outcome));
             (outcomes, None)
         }
         Err(e) => {
             // Without the final reply nothing is known: the message may have arrived (a retry may
             // duplicate it, which RFC 5321 §6.1 prefers to losing it).
-            outcomes.extend(accepted.iter().map(|&i| {
-                (
-                    i,
-                    Outcome::Deferred {
-                        host: host.clone(),
-                        error: e.text(),
-                    },
-                )
-            }));
+            let outcome = Outcome::Deferred {
+                host,
+                error: e.text(),
+            };
+            outcomes.extend(each(&accepted, &outcome));
             (outcomes, Some(e.text()))
         }
+    }
+}
+
+/// Why a server with these capabilities cannot take this message, if it cannot.
+fn cannot_take(entry: &Entry, caps: &Capabilities, host: &str) -> Option<String> {
+    if caps.refuses_size(entry.wire_size()) {
+        Some(format!(
+            "552 5.3.4 message of {} octets is over {host}'s limit of {}",
+            entry.wire_size(),
+            caps.size.unwrap_or(0)
+        ))
+    } else if entry.eight_bit && !caps.eight_bit_mime {
+        Some(format!(
+            "554 5.6.3 {host} does not accept 8-bit messages (no 8BITMIME)"
+        ))
+    } else if entry.smtputf8 && !caps.smtputf8 {
+        Some(format!(
+            "553 5.6.7 {host} does not accept internationalised addresses (no SMTPUTF8)"
+        ))
+    } else {
+        None
     }
 }
 

@@ -35,6 +35,20 @@ use attempt::{Context, JobMessage, Outcome, Results};
 /// Messages one job takes over its connection.
 pub const BATCH: usize = 20;
 
+/// The recipients a job works on: per queue id, indexes into the entry's recipients.
+type Held = Vec<(String, Vec<usize>)>;
+
+/// Every recipient a job held, deferred with `error` (the job panicked or ran out of time).
+fn deferred(held: &Held, error: &str) -> Results {
+    let outcome = Outcome::Deferred {
+        host: None,
+        error: error.to_string(),
+    };
+    held.iter()
+        .map(|(id, rcpts)| (id.clone(), attempt::each(rcpts, &outcome)))
+        .collect()
+}
+
 /// The longest one job (one connection, up to [`BATCH`] messages) may take.
 const JOB_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
@@ -154,7 +168,7 @@ struct Running {
     setup_tried: u64,
     jobs: JoinSet<(String, Results)>,
     /// What each running job holds, to be released if it panics.
-    job_info: HashMap<tokio::task::Id, (String, Vec<(String, Vec<usize>)>)>,
+    job_info: HashMap<tokio::task::Id, (String, Held)>,
 }
 
 impl Scheduler {
@@ -230,14 +244,7 @@ impl Scheduler {
                             // A bug, not the peer: release what the job held and try again later.
                             tracing::error!(error = %e, "a delivery job failed");
                             if let Some((domain, held)) = running.job_info.remove(&e.id()) {
-                                let error = "451 4.3.0 internal error during delivery".to_string();
-                                let results = held
-                                    .into_iter()
-                                    .map(|(id, rcpts)| {
-                                        let outcome = Outcome::Deferred { host: None, error: error.clone() };
-                                        (id, rcpts.into_iter().map(|i| (i, outcome.clone())).collect())
-                                    })
-                                    .collect();
+                                let results = deferred(&held, "451 4.3.0 internal error during delivery");
                                 running.apply(&domain, results).await;
                             }
                         }
@@ -286,11 +293,7 @@ impl Running {
                     wake = wake.min(r.next_attempt);
                 }
             }
-            if entry
-                .recipients
-                .iter()
-                .any(|r| r.state == State::Failed { bounced: false })
-            {
+            if entry.report_due() {
                 wake = wake.min(now() + BOUNCE_RETRY_SECS);
             }
         }
@@ -346,29 +349,20 @@ impl Running {
                     settings.hostname.clone(),
                     domain.clone(),
                 );
-                let held = batch
+                let held: Held = batch
                     .iter()
                     .map(|m| (m.entry.id.clone(), m.rcpts.clone()))
                     .collect();
+                let held_by_job = held.clone();
                 let handle = self.jobs.spawn(async move {
                     // A peer that answers just slowly enough for every timeout (a tarpit) must not
                     // hold a connection slot for hours: the whole job has a deadline.
-                    let held: Vec<(String, Vec<usize>)> = batch
-                        .iter()
-                        .map(|m| (m.entry.id.clone(), m.rcpts.clone()))
-                        .collect();
                     let run = attempt::run(&ctx, &outbound, &helo, &job_domain, batch);
                     let results = match tokio::time::timeout(JOB_DEADLINE, run).await {
                         Ok(results) => results,
                         Err(_) => {
                             tracing::warn!(domain = %job_domain, "a delivery job took longer than {} minutes: deferred", JOB_DEADLINE.as_secs() / 60);
-                            let error = "451 4.4.7 delivery took too long".to_string();
-                            held.into_iter()
-                                .map(|(id, rcpts)| {
-                                    let outcome = Outcome::Deferred { host: None, error: error.clone() };
-                                    (id, rcpts.into_iter().map(|i| (i, outcome.clone())).collect())
-                                })
-                                .collect()
+                            deferred(&held_by_job, "451 4.4.7 delivery took too long")
                         }
                     };
                     (job_domain, results)
@@ -524,12 +518,7 @@ impl Running {
         let ids: Vec<String> = self
             .entries
             .values()
-            .filter(|e| {
-                e.recipients.iter().any(|r| {
-                    r.state == State::Failed { bounced: false }
-                        || (r.state == State::Delivered && r.success_due)
-                }) && self.bounce_retry.get(&e.id).is_none_or(|&at| at <= now)
-            })
+            .filter(|e| e.report_due() && self.bounce_retry.get(&e.id).is_none_or(|&at| at <= now))
             .map(|e| e.id.clone())
             .collect();
         let changed = !ids.is_empty();

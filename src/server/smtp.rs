@@ -298,7 +298,8 @@ impl Message {
         let id = spool.id().to_string();
         let size = spool.size();
         // Recipients at other domains: queued, in the same all-or-nothing step as local delivery.
-        let queued = (!envelope.remote.is_empty()).then(|| Entry {
+        // The message as the queue and the delivery reports know it.
+        let message = Entry {
             id: id.clone(),
             from: from.clone(),
             queued_at: crate::delivery::now(),
@@ -312,6 +313,9 @@ impl Message {
             lines: spool.lines(),
             ret_full: envelope.dsn.ret_full,
             envid: envelope.dsn.envid.clone(),
+            recipients: Vec::new(),
+        };
+        let queued = (!envelope.remote.is_empty()).then(|| Entry {
             recipients: envelope
                 .remote
                 .iter()
@@ -321,29 +325,17 @@ impl Message {
                     ..crate::delivery::recipient(&m.raw, &m.domain)
                 })
                 .collect(),
+            ..message.clone()
         });
         // RFC 3461 NOTIFY=SUCCESS of local recipients: a "delivered" notice once stored. Not for the
         // null sender, and best effort: the message itself is what must not be lost.
         let notify = (!from.is_empty() && !envelope.notify_delivered.is_empty()).then(|| {
-            let notice = Entry {
-                id: id.clone(),
-                from: from.clone(),
-                queued_at: crate::delivery::now(),
-                submitter: None,
-                smtputf8: false,
-                eight_bit: false,
-                size,
-                lines: spool.lines(),
-                ret_full: envelope.dsn.ret_full,
-                envid: envelope.dsn.envid.clone(),
-                recipients: Vec::new(),
-            };
             let rcpts: Vec<_> = envelope
                 .notify_delivered
                 .iter()
                 .map(|(m, dsn)| (m.raw.clone(), dsn.orcpt.clone()))
                 .collect();
-            (notice, rcpts)
+            (message, rcpts)
         });
         let keep_original = notify.as_ref().map(|(n, _)| n.ret_full == Some(true));
         // Counted in before the blocking task starts, so that a stop cannot miss it.

@@ -137,6 +137,14 @@ impl Entry {
         })
     }
 
+    /// A report to the sender is owed: a failure not reported yet, or a "relayed" notice.
+    pub fn report_due(&self) -> bool {
+        self.recipients.iter().any(|r| {
+            r.state == State::Failed { bounced: false }
+                || (r.state == State::Delivered && r.success_due)
+        })
+    }
+
     /// The earliest next attempt of a pending recipient.
     pub fn next_attempt(&self) -> Option<u64> {
         self.pending().map(|r| r.next_attempt).min()
