@@ -1,5 +1,5 @@
-# Renders what NixOS would put on disk for the VM tests' server node (tests/nixos/server.nix with the
-# module), for tests/nspawn/setup-nixos to lay out in a container under real systemd. Evaluated with
+# Renders what NixOS would put on disk for a node of the VM tests (tests/nixos/server.nix, or another
+# node file given as serverNode, with the module), for tests/nspawn/setup-nixos to lay out in a container under real systemd. Evaluated with
 # nixpkgs' lib and the stubs of stubs.nix; the unit text follows nixos/lib/systemd-lib.nix:
 #  - units of systemd.packages are symlinked into /etc/systemd/system;
 #  - a unit with overrideStrategy = "asDropin" becomes <unit>.d/overrides.conf, any other a whole unit;
@@ -11,7 +11,7 @@
 #  - environment.etc entries are symlinks to their source, or copies where a mode is set.
 # Output (JSON): { package, base, specialisations.<name>, derivations }, where package is the store path
 # the package's files go to, base and each specialisation are
-# { files, users, groups }, and derivations lists every fake derivation to build, dependencies first.
+# { files, systemPackages, users, groups }, and derivations lists every fake derivation to build, dependencies first.
 { lib, module, serverNode, systemdDir }:
 
 let
@@ -41,6 +41,7 @@ let
   unitSection = name: def: filterAttrs (_: v: v != "" && v != [ ]) ({
     Description = def.description or "";
     After = toString (def.after or [ ]);
+    Before = toString (def.before or [ ]);
     Wants = toString (def.wants or [ ]);
     Requires = toString (def.requires or [ ]);
     X-Restart-Triggers = optionalString ((def.restartTriggers or [ ]) != [ ]) (triggerFile "Restart" name def.restartTriggers);
@@ -100,6 +101,8 @@ let
     {
       files = lib.filter (f: !lib.elem f.path ownPaths) packageLinks
         ++ unitFiles ++ etcFiles ++ tmpfiles;
+      # NixOS links these into /run/current-system/sw/bin, on every shell's PATH.
+      systemPackages = map toString config.environment.systemPackages;
       users = mapAttrsToList (name: u: { inherit name; inherit (u) group; home = u.home or "/var/empty"; }) config.users.users;
       groups = lib.attrNames config.users.groups;
       assertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);

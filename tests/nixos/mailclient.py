@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A mail client for the system tests (NixOS VM tests and their nspawn twins), standard library only.
+"""A mail client for the system tests (NixOS VM tests and their nspawn twins), standard library only
+(dkim-verify excepted).
 
   mailclient --host H send --sender A --to B [--to C] --subject S --body TEXT [--expect-code N]
              [--port 587 --starttls | --port 465 --ssl] [--login USER:PASSWORD] [--cafile CERT]
@@ -10,6 +11,9 @@
   mailclient sink --listen ADDR --port N --out FILE [--timeout S]
                          a receiving SMTP server (no STARTTLS) for one message: writes the envelope
                          (MAIL/RCPT lines) and the message, dot-stuffing undone, to FILE, then exits
+  mailclient dkim-verify --dns IP FILE
+                         verify the DKIM signature of the message in FILE, looking the key up on the DNS
+                         server at IP (needs dkimpy and dnspython); prints d= and s= of the signature
   mailclient --host H hammer --out FILE [--seconds N] [--stop-file F] [--progress F]
                          connect/QUIT in a loop until F exists (at most N s), write counts as JSON to
                          FILE at the end, and the count of sessions served so far to the progress file
@@ -192,6 +196,35 @@ def sink_session(conn):
             conn.sendall(b"250 2.0.0 ok\r\n")
 
 
+def dkim_verify(args):
+    """An independent verifier (dkimpy), with the key from the test's DNS server rather than the host's
+    resolver."""
+    import dkim
+    import dns.resolver
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [args.dns]
+
+    def txt(name, timeout=5):
+        name = name.decode() if isinstance(name, bytes) else name
+        try:
+            answer = resolver.resolve(name, "TXT", lifetime=timeout)
+        except Exception as e:  # dkimpy takes "no record" as an empty answer
+            print(f"TXT {name}: {e}", file=sys.stderr)
+            return b""
+        return b"".join(answer[0].strings)
+
+    with open(args.file, "rb") as f:
+        data = f.read()
+    # poplib gives lines without their CRLF; the signature covers the CRLF form.
+    if b"\r\n" not in data:
+        data = data.replace(b"\n", b"\r\n")
+    verifier = dkim.DKIM(data)
+    if not verifier.verify(dnsfunc=txt):
+        sys.exit(f"DKIM verification failed: {verifier.signature_fields or 'no signature'}")
+    print(f"dkim pass d={verifier.domain.decode()} s={verifier.selector.decode()}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="localhost")
@@ -226,6 +259,10 @@ def main():
     k.add_argument("--out", required=True)
     k.add_argument("--timeout", type=float, default=120)
     k.set_defaults(run=sink)
+    d = sub.add_parser("dkim-verify")
+    d.add_argument("--dns", required=True, help="the DNS server holding the public key")
+    d.add_argument("file")
+    d.set_defaults(run=dkim_verify)
     h = sub.add_parser("hammer")
     h.add_argument("--seconds", type=float, default=5, help="at most this long")
     h.add_argument("--out", required=True)

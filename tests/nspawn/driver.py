@@ -11,6 +11,14 @@ rustmail binary, the shipped unit files and the test configuration); `client` ru
 inside the container's network namespace, so it reaches the server's sockets as a NixOS client node
 would (here over loopback, since the container has a private network with no other interface).
 The script also gets `start_all`, `subtest`, `SERVER_ADDRESS` and `CA_FILE`.
+
+With several machines, a test network as the NixOS driver builds one:
+
+    driver.py --rootfs DIR --machine receiver='SETUP ARGS' --machine sender='SETUP ARGS' SCRIPT
+
+each machine is a container, and `client` runs the host's programs in a network namespace of its own;
+all of them are joined by a bridge (vlan 1) and numbered as the NixOS driver numbers nodes, in the order
+of their names from 192.168.1.1. The script gets each machine under its name, `client` and `start_all`.
 """
 
 import argparse
@@ -54,15 +62,60 @@ def _alive(pid):
         return False
 
 
-class Machine:
-    """The server: a booted container with systemd as PID 1."""
+def ip(netns_pid, *args):
+    """`ip ARGS` of the host, in the network namespace of NETNS_PID (None: the host's)."""
+    prefix = ["nsenter", "-t", str(netns_pid), "-n", "--"] if netns_pid else []
+    subprocess.run(prefix + ["ip", *args], check=True)
 
-    def __init__(self, name, template, setup, workdir):
+
+class Network:
+    """The test network: a bridge in a network namespace of its own (held open by a sleeping process),
+    where the client lives too, and one veth pair per machine."""
+
+    def __init__(self, names):
+        # The NixOS driver's numbering (nixos/lib/testing/network.nix): nodes sorted by name, from 1.
+        self.address = {name: f"192.168.1.{i + 1}" for i, name in enumerate(sorted(names))}
+        self.hub = subprocess.Popen(["unshare", "-n", "sleep", "infinity"], start_new_session=True)
+        for _ in range(100):
+            if os.readlink(f"/proc/{self.hub.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
+                break
+            time.sleep(0.02)
+        ip(self.hub.pid, "link", "set", "lo", "up")
+        ip(self.hub.pid, "link", "add", "br0", "type", "bridge")
+        ip(self.hub.pid, "addr", "add", f"{self.address['client']}/24", "dev", "br0")
+        ip(self.hub.pid, "link", "set", "br0", "up")
+
+    def attach(self, name, leader):
+        """The machine's eth1 on the bridge, with its address (again after each boot: the pair goes
+        with the container's network namespace)."""
+        host_end = f"vh-{name}"[:15]
+        ip(None, "link", "add", host_end, "netns", str(self.hub.pid), "type", "veth", "peer", "name", "eth1",
+           "netns", str(leader))
+        ip(self.hub.pid, "link", "set", host_end, "master", "br0", "up")
+        ip(leader, "addr", "add", f"{self.address[name]}/24", "dev", "eth1")
+        ip(leader, "link", "set", "eth1", "up")
+
+    def close(self):
+        """Ends whatever the script left running in the client's namespace (a DNS server), then it."""
+        hub_ns = os.readlink(f"/proc/{self.hub.pid}/ns/net")
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if int(pid) != self.hub.pid and os.readlink(f"/proc/{pid}/ns/net") == hub_ns:
+                    os.kill(int(pid), signal.SIGKILL)
+        self.hub.kill()
+        self.hub.wait()
+
+
+class Machine:
+    """A server: a booted container with systemd as PID 1."""
+
+    def __init__(self, name, template, setup, workdir, network=None):
         self.name = name
         self.template = template
-        self.setup = setup
+        self.setup = shlex.split(setup)
         self.root = os.path.join(workdir, name)
         self.console = os.path.join(workdir, f"{name}-console.log")
+        self.network = network
         self.proc = None
         self.leader = None
         self.booted_once = False
@@ -70,9 +123,9 @@ class Machine:
     # -- lifecycle -------------------------------------------------------------------------------
     def prepare(self):
         if not self.booted_once:
-            log(f"{self.name}: copying rootfs and installing rustmail ({os.path.basename(self.setup)})")
+            log(f"{self.name}: copying rootfs and installing rustmail ({' '.join(os.path.basename(a) for a in self.setup)})")
             subprocess.run(["cp", "-a", "--reflink=auto", self.template, self.root], check=True)
-            subprocess.run([self.setup, self.root], check=True)
+            subprocess.run(self.setup + [self.root], check=True)
             self.booted_once = True
 
     def start(self):
@@ -94,6 +147,8 @@ class Machine:
             time.sleep(0.1)
         else:
             raise AssertionError(f"{self.name} did not boot; console:\n{self._console_tail()}")
+        if self.network:
+            self.network.attach(self.name, self.leader)
         # Like the NixOS driver's boot: wait for the system to finish starting up.
         self.wait_until_succeeds("systemctl is-system-running --wait | grep -Eq 'running|degraded'", 120)
 
@@ -245,21 +300,25 @@ class Machine:
 
 
 class Client:
-    """A client node: the host's programs, inside the server's network namespace."""
+    """A client node: the host's programs, inside the server's network namespace (one machine) or in
+    the test network's own (several)."""
 
     name = "client"
 
-    def __init__(self, server, tools_dir):
+    def __init__(self, server, tools_dir, network=None):
         self.server = server
         self.tools_dir = tools_dir
+        self.network = network
 
     def start(self):
-        self.server.start()
+        if self.server:
+            self.server.start()
 
     def execute(self, command, check_return=True, check_output=True, timeout=900):
-        self.server.start()
+        self.start()
+        netns = self.network.hub.pid if self.network else self.server.leader
         env = dict(os.environ, PATH=f"{self.tools_dir}:{os.environ['PATH']}")
-        r = subprocess.run(["nsenter", "-t", str(self.server.leader), "-n", "--"] + strict_shell(command, timeout),
+        r = subprocess.run(["nsenter", "-t", str(netns), "-n", "--"] + strict_shell(command, timeout),
                            capture_output=True, text=True, env=env)
         if r.stderr:
             log(f"client stderr: {r.stderr.rstrip()}")
@@ -296,24 +355,49 @@ def subtest(name):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rootfs", required=True, help="the cached Debian rootfs to copy")
-    ap.add_argument("--setup", required=True, help="script that installs rustmail into a rootfs copy")
+    ap.add_argument("--setup", help="script that installs rustmail into a rootfs copy (the one machine, server)")
+    ap.add_argument("--machine", action="append", default=[], metavar="NAME=SETUP",
+                    help="a machine of a test network and the command (with its arguments) that installs "
+                         "rustmail into its rootfs copy; repeated")
     ap.add_argument("--tools", required=True, help="directory put first on the client's PATH")
     ap.add_argument("script", help="a testScript from tests/nixos")
     args = ap.parse_args()
+    if bool(args.setup) == bool(args.machine):
+        ap.error("give either --setup or --machine")
 
     workdir = tempfile.mkdtemp(prefix="rustmail-nspawn-")
-    server = Machine("server", args.rootfs, args.setup, workdir)
-    client = Client(server, args.tools)
-    server.prepare()
-    scope = {
-        "server": server, "machine": server, "client": client,
-        "start_all": lambda: server.start(), "subtest": subtest,
-        "SERVER_ADDRESS": "127.0.0.1",
-        # The client shares the server's network namespace: it listens where the server delivers.
-        "CLIENT_ADDRESS": "127.0.0.1",
-        # The test certificate lives in the container; the client (the host) reads it from there.
-        "CA_FILE": resolve_in(server.root, "/etc/rustmail-test/cert.pem"),
-    }
+    network = None
+    if args.machine:
+        named = dict(m.split("=", 1) for m in args.machine)
+        # One store for the machines' builds (see setup-nixos).
+        os.makedirs(os.path.join(workdir, "store"))
+        os.environ["NSPAWN_SHARED_STORE"] = os.path.join(workdir, "store")
+        network = Network(list(named) + ["client"])
+        machines = [Machine(name, args.rootfs, setup, workdir, network) for name, setup in named.items()]
+        client = Client(None, args.tools, network)
+        scope = {m.name: m for m in machines}
+        for machine in machines:
+            machine.prepare()
+        # The test CA of two_servers.py, which the client (the host) reads from a container.
+        scope["CA_FILE"] = next((path for path in (resolve_in(m.root, "/etc/rustmail-test/ca.pem") for m in machines)
+                                 if os.path.exists(path)), None)
+    else:
+        server = Machine("server", args.rootfs, args.setup, workdir)
+        machines = [server]
+        server.prepare()
+        client = Client(server, args.tools)
+        scope = {
+            "server": server, "machine": server,
+            "SERVER_ADDRESS": "127.0.0.1",
+            # The client shares the server's network namespace: it listens where the server delivers.
+            "CLIENT_ADDRESS": "127.0.0.1",
+            # The test certificate lives in the container; the client (the host) reads it from there.
+            "CA_FILE": resolve_in(server.root, "/etc/rustmail-test/cert.pem"),
+        }
+    for machine in machines:
+        machine.prepare()
+    scope.update({"client": client, "subtest": subtest,
+                  "start_all": lambda: [m.start() for m in machines] and None})
     ok = False
     try:
         with open(args.script) as f:
@@ -321,11 +405,14 @@ def main():
         exec(code, scope)
         ok = True
     finally:
-        if not ok and server.leader:
-            log("journal of rustmail on failure:")
-            print(server.execute("journalctl --no-pager -n 120 -u 'rustmail*'")[1])
-        with contextlib.suppress(Exception):
-            server.shutdown()
+        for machine in machines:
+            if not ok and machine.leader:
+                log(f"journal of rustmail on {machine.name}, on failure:")
+                print(machine.execute("journalctl --no-pager -n 120 -u 'rustmail*'")[1])
+            with contextlib.suppress(Exception):
+                machine.shutdown()
+        if network:
+            network.close()
         shutil.rmtree(workdir, ignore_errors=True)
     log(f"{os.path.basename(args.script)}: passed")
 
