@@ -41,6 +41,10 @@ pub struct OutboundConfig {
     pub retry_intervals_secs: Vec<u64>,
     /// A message still undelivered this long after it was queued bounces (default 5 days).
     pub max_queue_secs: u64,
+    /// A message still undelivered this long after it was queued gets one delay warning to its sender
+    /// (RFC 3464 `Action: delayed`; default 4 hours), unless the sender's NOTIFY left DELAY out; 0:
+    /// never.
+    pub delay_warning_secs: u64,
     /// Connecting to a receiving server, and each of its replies, must take at most this long.
     pub connect_timeout_secs: u64,
     pub command_timeout_secs: u64,
@@ -69,6 +73,7 @@ impl Default for OutboundConfig {
             mta_sts_port: 443,
             retry_intervals_secs: vec![60, 300, 900, 1800, 3600, 7200, 14400],
             max_queue_secs: 5 * 24 * 3600,
+            delay_warning_secs: 4 * 3600,
             connect_timeout_secs: 30,
             command_timeout_secs: 300,
             max_connections: 32,
@@ -231,6 +236,7 @@ pub struct Outbound {
     pub mta_sts_port: u16,
     pub retry_intervals_secs: Vec<u64>,
     pub max_queue_secs: u64,
+    pub delay_warning_secs: u64,
     pub connect_timeout_secs: u64,
     pub command_timeout_secs: u64,
     pub max_connections: usize,
@@ -367,6 +373,7 @@ impl Outbound {
             mta_sts_port: config.mta_sts_port,
             retry_intervals_secs: config.retry_intervals_secs.clone(),
             max_queue_secs: config.max_queue_secs,
+            delay_warning_secs: config.delay_warning_secs,
             connect_timeout_secs: config.connect_timeout_secs,
             command_timeout_secs: config.command_timeout_secs,
             max_connections: config.max_connections,

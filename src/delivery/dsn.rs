@@ -1,5 +1,5 @@
 //! Delivery status notifications (RFC 3464): the report sent to the envelope sender when recipients
-//! failed for good, or, when the sender asked (RFC 3461 `NOTIFY=SUCCESS`), when they were delivered or
+//! failed for good, when they are still undelivered after a while (a delay warning), or, when the sender asked (RFC 3461 `NOTIFY=SUCCESS`), when they were delivered or
 //! relayed to a server that sends no notifications itself. It returns the original message's header
 //! (RFC 6522 `text/rfc822-headers`), or the whole message when the sender asked (`RET=FULL`).
 
@@ -13,6 +13,10 @@ pub enum Action {
     Delivered,
     /// Handed to a server that does not offer DSN: no further notification will come.
     Relayed,
+    /// Not delivered yet, still being tried until `retry_until` (Unix time).
+    Delayed {
+        retry_until: u64,
+    },
 }
 
 impl Action {
@@ -21,6 +25,7 @@ impl Action {
             Action::Failed => "failed",
             Action::Delivered => "delivered",
             Action::Relayed => "relayed",
+            Action::Delayed { .. } => "delayed",
         }
     }
 }
@@ -49,12 +54,14 @@ pub fn report(
     date: &str,
     boundary: &str,
 ) -> Vec<u8> {
-    let arrival = chrono::DateTime::from_timestamp(entry.queued_at as i64, 0)
-        .map(|d| d.with_timezone(&chrono::Local).to_rfc2822())
-        .unwrap_or_default();
+    let arrival = rfc2822(entry.queued_at);
     let failures = notices
         .iter()
         .filter(|n| n.action == Action::Failed)
+        .count();
+    let delays = notices
+        .iter()
+        .filter(|n| matches!(n.action, Action::Delayed { .. }))
         .count();
     let (subject, summary) = if failures > 0 {
         (
@@ -62,6 +69,15 @@ pub fn report(
             format!(
                 "Your message could not be delivered to {} of its recipients. It will not be retried.",
                 if failures == 1 { "one" } else { "some" }
+            ),
+        )
+    } else if delays > 0 {
+        (
+            "Delayed Mail (still being retried)",
+            format!(
+                "Your message has not been delivered to {} of its recipients yet. It is still being \
+                 tried; you will be told if it fails for good. There is nothing you need to do.",
+                if delays == 1 { "one" } else { "some" }
             ),
         )
     } else {
@@ -82,6 +98,11 @@ pub fn report(
             Action::Relayed => {
                 "relayed to a server that sends no delivery notifications".to_string()
             }
+            Action::Delayed { retry_until } => format!(
+                "not delivered yet, tried until {}; the last attempt said: {}",
+                rfc2822(retry_until),
+                n.error
+            ),
         };
         let by = n
             .host
@@ -104,6 +125,12 @@ pub fn report(
                     .map_or(code.clone(), |rest| format!("5.{rest}"))
             }
             Action::Delivered | Action::Relayed => "2.0.0".to_string(),
+            // Still being tried: a temporary status, whatever the peer's text claimed.
+            Action::Delayed { .. } => {
+                let code = status_code(n.error);
+                code.strip_prefix("5.")
+                    .map_or(code.clone(), |rest| format!("4.{rest}"))
+            }
         };
         if let Some((kind, address)) = n.orcpt.and_then(|o| o.split_once(';')) {
             status.push_str(&format!(
@@ -125,7 +152,10 @@ pub fn report(
         if let Some(host) = n.host {
             status.push_str(&format!("Remote-MTA: dns; {host}\n"));
         }
-        if n.action == Action::Failed {
+        if let Action::Delayed { retry_until } = n.action {
+            status.push_str(&format!("Will-Retry-Until: {}\n", rfc2822(retry_until)));
+        }
+        if matches!(n.action, Action::Failed | Action::Delayed { .. }) {
             // A reply of the peer is an smtp diagnostic; our own reasons (DNS, connections) are not.
             let error = one_line(n.error);
             let is_reply = error.len() >= 3 && error.as_bytes()[..3].iter().all(u8::is_ascii_digit);
@@ -189,6 +219,13 @@ pub fn report(
     }
     out.extend_from_slice(format!("\n--{boundary}--\n").as_bytes());
     out
+}
+
+/// A Unix time as an RFC 5322 date in local time.
+fn rfc2822(t: u64) -> String {
+    chrono::DateTime::from_timestamp(t as i64, 0)
+        .map(|d| d.with_timezone(&chrono::Local).to_rfc2822())
+        .unwrap_or_default()
 }
 
 /// The header of a stored message: everything before the first empty line.
@@ -342,6 +379,35 @@ mod tests {
             text.contains("Diagnostic-Code: x-rustmail; all hosts failed"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_delay_warning_is_temporary_says_until_when_and_is_not_a_failure() {
+        let delayed = [Notice {
+            orcpt: None,
+            action: Action::Delayed {
+                retry_until: 1_700_432_000,
+            },
+            address: "bob@b.test",
+            // The text of a 5xx reply seen on a pending recipient cannot make the status permanent.
+            error: "451 5.7.1 try again later",
+            host: Some("mx.b.test"),
+            expired: false,
+        }];
+        let report = report(
+            "mx.a.test",
+            &entry(),
+            &delayed,
+            b"Subject: s\n\n",
+            "d",
+            "=_b",
+        );
+        let text = String::from_utf8(report).unwrap();
+        assert!(text.contains("Subject: Delayed Mail (still being retried)\n"));
+        assert!(text.contains("Action: delayed\nStatus: 4.7.1\n"), "{text}");
+        assert!(text.contains("Will-Retry-Until: "), "{text}");
+        assert!(text.contains("Diagnostic-Code: smtp; 451 5.7.1 try again later\n"));
+        assert!(!text.contains("could not be delivered"), "{text}");
     }
 
     #[test]

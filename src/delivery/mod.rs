@@ -296,6 +296,9 @@ impl Running {
             if entry.report_due() {
                 wake = wake.min(now() + BOUNCE_RETRY_SECS);
             }
+            if let Some(at) = entry.warning_at(outbound.delay_warning_secs) {
+                wake = wake.min(at);
+            }
         }
         wake
     }
@@ -511,14 +514,18 @@ impl Running {
         self.update_stats();
     }
 
-    /// Makes the failure reports that are due, each entry's failed recipients in one report. Returns
-    /// whether any entry changed (to be persisted).
+    /// Makes the reports that are due, each entry's failed (and delayed) recipients in one report.
+    /// Returns whether any entry changed (to be persisted).
     async fn bounce_pending(&mut self) -> bool {
         let now = now();
+        let delay = (self.env.settings)().outbound.delay_warning_secs;
         let ids: Vec<String> = self
             .entries
             .values()
-            .filter(|e| e.report_due() && self.bounce_retry.get(&e.id).is_none_or(|&at| at <= now))
+            .filter(|e| {
+                (e.report_due() || warning_due(e, delay, now))
+                    && self.bounce_retry.get(&e.id).is_none_or(|&at| at <= now)
+            })
             .map(|e| e.id.clone())
             .collect();
         let changed = !ids.is_empty();
@@ -530,7 +537,7 @@ impl Running {
                 self.queue.clone(),
             );
             let made =
-                tokio::task::spawn_blocking(move || bounce(&settings, &store, &queue, &entry))
+                tokio::task::spawn_blocking(move || bounce(&settings, &store, &queue, &entry, now))
                     .await
                     .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
             match made {
@@ -541,6 +548,9 @@ impl Running {
                     for r in &mut entry.recipients {
                         if r.state == (State::Failed { bounced: false }) {
                             r.state = State::Failed { bounced: true };
+                        }
+                        if r.warning_due(entry.queued_at, delay, now) {
+                            r.warned = true;
                         }
                         r.success_due = false;
                     }
@@ -589,15 +599,27 @@ async fn setup(queue: &Queue, settings: &Settings) -> Option<Arc<Context>> {
     }
 }
 
+/// Whether `entry` owes its sender a delay warning at `now` (never the null sender).
+fn warning_due(entry: &Entry, delay_secs: u64, now: u64) -> bool {
+    !entry.from.is_empty()
+        && entry
+            .recipients
+            .iter()
+            .any(|r| r.warning_due(entry.queued_at, delay_secs, now))
+}
+
 /// Makes the reports `entry` owes durable: failures of recipients whose sender wants them (NOTIFY
-/// absent or with FAILURE; RFC 3461) and "relayed" notices owed for NOTIFY=SUCCESS. A message from the
-/// null sender gets none (RFC 5321 §6.1: no bounce of a bounce). Returns the report if it was queued.
+/// absent or with FAILURE; RFC 3461), delay warnings due at `now` (NOTIFY absent or with DELAY), and
+/// "relayed" notices owed for NOTIFY=SUCCESS. A message from the null sender gets none (RFC 5321
+/// §6.1: no bounce of a bounce). Returns the report if it was queued.
 fn bounce(
     settings: &Settings,
     store: &Store,
     queue: &Queue,
     entry: &Entry,
+    now: u64,
 ) -> io::Result<Option<Entry>> {
+    let outbound = &settings.outbound;
     let failed: Vec<&Recipient> = entry
         .recipients
         .iter()
@@ -620,6 +642,13 @@ fn bounce(
             let action = match r.state {
                 State::Failed { bounced: false } if r.reports_failure() => dsn::Action::Failed,
                 State::Delivered if r.success_due => dsn::Action::Relayed,
+                State::Pending
+                    if r.warning_due(entry.queued_at, outbound.delay_warning_secs, now) =>
+                {
+                    dsn::Action::Delayed {
+                        retry_until: entry.queued_at.saturating_add(outbound.max_queue_secs),
+                    }
+                }
                 _ => return None,
             };
             Some(dsn::Notice {
@@ -730,9 +759,10 @@ pub fn listing(entry: &Entry) -> String {
         let state = match r.state {
             State::Pending if r.attempts == 0 => "pending, not tried yet".to_string(),
             State::Pending => format!(
-                "deferred, {} attempts, next {}",
+                "deferred, {} attempts, next {}{}",
                 r.attempts,
-                time(r.next_attempt)
+                time(r.next_attempt),
+                if r.warned { ", sender warned" } else { "" }
             ),
             State::Delivered => "delivered".to_string(),
             State::Failed { .. } if r.expired => "failed (expired), reported".to_string(),

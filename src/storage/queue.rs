@@ -80,6 +80,9 @@ pub struct Recipient {
     /// notice is owed.
     #[serde(default)]
     pub success_due: bool,
+    /// The sender was warned that this recipient is delayed (once).
+    #[serde(default)]
+    pub warned: bool,
 }
 
 impl Recipient {
@@ -97,6 +100,7 @@ impl Recipient {
             notify: None,
             orcpt: None,
             success_due: false,
+            warned: false,
         }
     }
 
@@ -104,6 +108,19 @@ impl Recipient {
     /// not given).
     pub fn reports_failure(&self) -> bool {
         self.notify.is_none_or(|n| n.failure)
+    }
+
+    /// Whether a delay warning is owed now for this recipient of a message queued at `queued_at`:
+    /// still pending after at least one attempt, `delay_secs` (> 0) after queueing, not warned yet,
+    /// and the sender did not leave DELAY out of NOTIFY (absent NOTIFY: warned, as RFC 3461 §5.1
+    /// leaves to the MTA).
+    pub fn warning_due(&self, queued_at: u64, delay_secs: u64, now: u64) -> bool {
+        self.state == State::Pending
+            && !self.warned
+            && self.attempts > 0
+            && delay_secs > 0
+            && now >= queued_at.saturating_add(delay_secs)
+            && self.notify.is_none_or(|n| n.delay)
     }
 }
 
@@ -143,6 +160,26 @@ impl Entry {
             r.state == State::Failed { bounced: false }
                 || (r.state == State::Delivered && r.success_due)
         })
+    }
+
+    /// When a delay warning falls due (see [`Recipient::warning_due`]), if one ever will: the warning
+    /// time, or the recipient's next attempt when that is later (it is owed only after an attempt).
+    /// Never for the null sender, who gets no reports.
+    pub fn warning_at(&self, delay_secs: u64) -> Option<u64> {
+        if self.from.is_empty() || delay_secs == 0 {
+            return None;
+        }
+        self.pending()
+            .filter(|r| !r.warned && r.notify.is_none_or(|n| n.delay))
+            .map(|r| {
+                let at = self.queued_at.saturating_add(delay_secs);
+                if r.attempts == 0 {
+                    at.max(r.next_attempt)
+                } else {
+                    at
+                }
+            })
+            .min()
     }
 
     /// The earliest next attempt of a pending recipient.
@@ -304,6 +341,38 @@ mod tests {
             envid: None,
             recipients: vec![Recipient::new("bob@example.net", "example.net")],
         }
+    }
+
+    #[test]
+    fn a_delay_warning_is_due_once_after_an_attempt_unless_notify_leaves_delay_out() {
+        let mut e = entry("W1");
+        e.queued_at = 1000;
+        let r = &mut e.recipients[0];
+        assert!(
+            !r.warning_due(1000, 60, 2000),
+            "not before the first attempt"
+        );
+        r.attempts = 1;
+        r.next_attempt = 1300;
+        assert!(!r.warning_due(1000, 60, 1059), "not before the delay");
+        assert!(r.warning_due(1000, 60, 1060));
+        assert!(!r.warning_due(1000, 0, 5000), "0: never");
+        r.notify = Some(Notify {
+            success: false,
+            failure: true,
+            delay: false,
+        });
+        assert!(!r.warning_due(1000, 60, 5000), "NOTIFY=FAILURE only");
+        r.notify = None;
+        r.warned = true;
+        assert!(!r.warning_due(1000, 60, 5000), "once");
+        assert_eq!(e.warning_at(60), None);
+        e.recipients[0].warned = false;
+        assert_eq!(e.warning_at(60), Some(1060));
+        e.recipients[0].attempts = 0;
+        assert_eq!(e.warning_at(60), Some(1300), "after the first attempt");
+        e.from.clear();
+        assert_eq!(e.warning_at(60), None, "never to the null sender");
     }
 
     #[test]

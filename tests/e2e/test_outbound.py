@@ -376,6 +376,27 @@ def test_a_message_that_stays_undeliverable_expires_into_a_4_4_7_bounce(net_fact
     assert "Status: 4.4.7" in text and "could not be delivered in time" in text, text
 
 
+def test_a_delayed_message_warns_its_sender_once_then_still_arrives(net_factory):
+    net = net_factory(b_running=False, outbound={"delay_warning_secs": 2})
+    net.submit([BOB], "slow")
+    # NOTIFY=FAILURE leaves DELAY out: that sender is never warned.
+    net.submit([BOB], "no warning wanted", rcpt_options=["NOTIFY=FAILURE"])
+    (warning,) = wait_for_messages(net.a, ALICE, 1, timeout=30)
+    text = warning.as_string()
+    assert warning["Subject"] == "Delayed Mail (still being retried)", text
+    assert "Action: delayed" in text and "Status: 4." in text and "Will-Retry-Until: " in text, text
+    assert "Final-Recipient: rfc822; bob@b.test" in text and "Subject: slow" in text, text
+    assert "no warning wanted" not in text
+    assert "sender warned" in net.queue("list").stdout
+    # Retries every second go on; the warning is not repeated.
+    time.sleep(4)
+    assert len(net.a.stored_messages(ALICE)) == 1
+    net.b.start()
+    got = wait_for_messages(net.b, BOB, 2, timeout=30)
+    assert sorted(m["Subject"] for m in got) == ["no warning wanted", "slow"]
+    assert len(net.a.stored_messages(ALICE)) == 1, "no failure report after the warning"
+
+
 def test_queue_flush_and_remove_work_against_the_running_server(net_factory):
     net = net_factory(b_running=False, outbound={"retry_intervals_secs": [3600]})
     net.submit([BOB], "to remove")
