@@ -16,7 +16,8 @@
                          server at IP (needs dkimpy and dnspython); prints d= and s= of the signature
   mailclient --host H hammer --out FILE [--seconds N] [--stop-file F] [--progress F]
                          connect/QUIT in a loop until F exists (at most N s), write counts as JSON to
-                         FILE at the end, and the count of sessions served so far to the progress file
+                         FILE at the end ("failed" counts every session that went wrong, "refused" those
+                         whose connection was refused), and the count served so far to the progress file
 
 Exit status 0 when the exchange went as expected, 1 otherwise (with the reason on stderr).
 --expect-code N: the exchange is expected to end in an N refusal, of the sender (MAIL FROM), a recipient
@@ -120,7 +121,7 @@ def write_atomically(path, text):
 def hammer(args):
     """Opens SMTP sessions back to back; every connection must be accepted and greeted. The progress
     file lets a test see that the load runs before, and still runs after, what it does meanwhile."""
-    ok = failed = 0
+    ok = failed = refused = 0
     errors = []
     deadline = time.time() + args.seconds
     while time.time() < deadline and not (args.stop_file and os.path.exists(args.stop_file)):
@@ -136,13 +137,17 @@ def hammer(args):
             else:
                 failed += 1
                 errors.append(f"{greeting!r} {reply!r}")
+        except ConnectionRefusedError as e:
+            refused += 1
+            failed += 1
+            errors.append(str(e))
         except OSError as e:
             failed += 1
             errors.append(str(e))
         if args.progress:
             write_atomically(args.progress, f"{ok}\n")
         time.sleep(0.02)
-    write_atomically(args.out, json.dumps({"ok": ok, "failed": failed, "errors": errors[:20]}))
+    write_atomically(args.out, json.dumps({"ok": ok, "failed": failed, "refused": refused, "errors": errors[:20]}))
 
 
 def sink(args):
