@@ -6,10 +6,12 @@ using only the Python standard library (subprocess, socket, smtplib, poplib).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import os
 import poplib
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -17,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -66,6 +70,29 @@ def wait_until(
 
 
 # --------------------------------------------------------------------------- ports
+
+
+@contextlib.contextmanager
+def strace_attached(pid: int, *options: str):
+    """strace attached to every thread of a running process for the length of the block, with
+    OPTIONS (a trace to record, faults to inject); detached at the end, leaving the process running.
+    Skips the test where strace is missing or cannot attach (e.g. under ptrace_scope)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    tracer = subprocess.Popen(["strace", "-f", "-qq", *options, "-p", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Attached once the status line shows a tracer (or strace gave up).
+    wait_until(lambda: tracer.poll() is not None
+               or "TracerPid:\t0" not in Path(f"/proc/{pid}/status").read_text(),
+               timeout=10, message="strace to attach")
+    if tracer.poll() is not None:
+        pytest.skip(f"strace cannot attach: {tracer.stderr.read().decode(errors='replace').strip()}")
+    time.sleep(0.2)  # every thread, not only the first
+    try:
+        yield tracer
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detaches
+        tracer.wait(timeout=10)
 
 
 def free_port() -> int:

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import poplib
 import re
-import shutil
-import signal
 import smtplib
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import ALICE, BOB, PASSWORDS
-from e2e_helpers import make_message, wait_until
+from e2e_helpers import make_message, strace_attached, wait_until
 
 SYSCALLS = "fsync,fdatasync,link,linkat,rename,renameat,renameat2,unlink,unlinkat,sendto,write,writev"
 
@@ -79,25 +75,11 @@ def before(a: Call, b: Call) -> bool:
 def traced(server_factory, tmp_path):
     """A running server with strace attached to all its threads (attached rather than started under
     strace, so that the server's own exit code still counts at teardown)."""
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
     srv = server_factory()
     srv.start()
     trace = tmp_path / "strace.txt"
-    tracer = subprocess.Popen(
-        ["strace", "-f", "-y", "-qq", "-s", "256", "-e", f"trace={SYSCALLS}", "-o", str(trace),
-         "-p", str(srv.proc.pid)],
-        stderr=subprocess.PIPE)
-    # Attached once the status line shows a tracer (or strace gave up, e.g. under ptrace_scope).
-    wait_until(lambda: tracer.poll() is not None
-               or "TracerPid:\t0" not in Path(f"/proc/{srv.proc.pid}/status").read_text(),
-               timeout=10, message="strace to attach")
-    if tracer.poll() is not None:
-        pytest.skip(f"strace cannot attach: {tracer.stderr.read().decode(errors='replace').strip()}")
-    time.sleep(0.2)  # every thread, not only the first
-    yield srv, trace
-    tracer.send_signal(signal.SIGINT)  # detaches
-    tracer.wait(timeout=10)
+    with strace_attached(srv.proc.pid, "-y", "-s", "256", "-e", f"trace={SYSCALLS}", "-o", str(trace)):
+        yield srv, trace
 
 
 def test_250_only_after_spool_fsync_links_and_new_directory_fsyncs(traced):
