@@ -1,6 +1,7 @@
 //! A Maildir as POP3 sees it: listing with sizes and UIDs (RFC 1939 §7 UIDL), taking `new/` into `cur/`,
 //! the Seen flag, deletion, and the lock that keeps one POP3 session per mailbox.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -85,20 +86,37 @@ pub fn scan(maildir: &Path) -> io::Result<Vec<StoredMessage>> {
 
 /// Moves the messages of `new/` to `cur/` with an empty info part (`:2,`), as a Maildir reader does once
 /// it has seen them: Dovecot and mutt then show them as old rather than new. UIDs do not change.
+///
+/// `cur/` is made durable before `new/`: a power cut between the two fsyncs then leaves a message under
+/// both names (one file, two links), never under neither. Such a leftover, a message of `new/` whose
+/// UID is in `cur/` already, loses its `new/` name here.
 pub fn take_new(maildir: &Path, messages: Vec<StoredMessage>) -> io::Result<Vec<StoredMessage>> {
     let new_dir = maildir.join("new");
-    let mut moved = false;
+    let in_cur: HashSet<String> = messages
+        .iter()
+        .filter(|m| m.path.parent() != Some(new_dir.as_path()))
+        .map(|m| m.uid.clone())
+        .collect();
+    let mut changed = false;
     let mut vanished = false;
     let mut out = Vec::with_capacity(messages.len());
     for mut m in messages {
         if m.path.parent() == Some(new_dir.as_path()) {
+            if in_cur.contains(&m.uid) {
+                match fs::remove_file(&m.path) {
+                    Ok(()) => changed = true,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
             let mut name = m.path.file_name().unwrap_or_default().to_os_string();
             name.push(":2,");
             let target = maildir.join("cur").join(name);
             match fs::rename(&m.path, &target) {
                 Ok(()) => {
                     m.path = target;
-                    moved = true;
+                    changed = true;
                 }
                 // Another reader moved it meanwhile: a fresh scan finds it where it is now.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => vanished = true,
@@ -107,9 +125,9 @@ pub fn take_new(maildir: &Path, messages: Vec<StoredMessage>) -> io::Result<Vec<
         }
         out.push(m);
     }
-    if moved {
-        fsync_dir(&new_dir)?;
+    if changed {
         fsync_dir(&maildir.join("cur"))?;
+        fsync_dir(&new_dir)?;
     }
     if vanished {
         return scan(maildir);
@@ -333,6 +351,35 @@ mod tests {
             (before[0].uid.as_str(), before[0].size)
         );
         assert_eq!(scan(&dir).unwrap(), after, "a later scan sees the same");
+    }
+
+    #[test]
+    fn a_message_left_in_both_new_and_cur_by_a_power_cut_is_listed_once() {
+        let (_d, store) = store();
+        let dir = maildir(&store, "a");
+        let mut spool = store.spool().unwrap();
+        spool.append(b"x\n").unwrap();
+        spool.deliver(std::slice::from_ref(&dir), None).unwrap();
+        let taken = take_new(&dir, scan(&dir).unwrap()).unwrap();
+        // What a cut between the fsync of cur/ and the fsync of new/ leaves: the old name too, and
+        // the Seen flag a later session gave the cur/ name.
+        let seen = mark_seen(&taken[0].path).unwrap();
+        let base = seen
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(":2,S", "");
+        fs::hard_link(&seen, dir.join("new").join(&base)).unwrap();
+        assert_eq!(scan(&dir).unwrap().len(), 2);
+
+        let listed = take_new(&dir, scan(&dir).unwrap()).unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            listed[0].path, seen,
+            "the cur/ name, with its flag, is the one that stays"
+        );
+        assert!(files(&dir.join("new")).is_empty());
+        assert_eq!(scan(&dir).unwrap(), listed);
     }
 
     #[test]

@@ -44,9 +44,9 @@ import threading
 import time
 from pathlib import Path
 
-from torture_lib import (DOMAIN, PASSWORD, Attempt, ConnectionLost, SmtpConn, build_message, count_files,
-                         digest, find_binary, make_server, parse_stored, random_body, scan_maildirs,
-                         stored_form)
+from torture_lib import (DOMAIN, PASSWORD, Attempt, ConnectionLost, ForgetfulMount, SmtpConn, Unavailable,
+                         build_message, count_files, digest, find_binary, make_server, parse_stored,
+                         random_body, scan_maildirs, stored_form)
 
 SMTP_LOCALS = ["alice", "bob", "carol", "dave"]
 # poplib refuses lines over 2048 octets; the messages have longer ones (the server allows any length).
@@ -328,10 +328,14 @@ class CrashLoop:
         self.kills = collections.Counter()  # by aim
         self.restart_secs: list[float] = []
         self.workers: list[threading.Thread] = []
+        # --power-cuts: the storage root on a disk that forgets what was not made durable.
+        self.disk = ForgetfulMount(self.srv.state_dir, self.workdir) if args.power_cuts else None
 
     def run(self) -> collections.Counter:
         srv, ledger = self.srv, self.ledger
         try:
+            if self.disk:
+                self.disk.start()
             srv.start()
             self.workers = [SmtpWorker(i, self.seed, srv.smtp_port, self.accounts, ledger, self.stop)
                             for i in range(self.args.smtp_clients)]
@@ -342,10 +346,18 @@ class CrashLoop:
             for _ in range(self.args.kills):
                 self.kill_and_restart()
             self.finish()
+            if self.disk:
+                # What is compared is what the disk holds for good: one more cut, after the clean stop.
+                self.fs_stats = self.disk.stats()
+                self.disk.cut()
+                self.disk.power_off()
+                self.disk.power_on()
             return verify(srv, ledger, self.accounts)
         finally:
             self.stop.set()
             srv.kill()
+            if self.disk:
+                self.disk.power_off()
 
     def kill_and_restart(self) -> None:
         srv, ledger = self.srv, self.ledger
@@ -363,7 +375,17 @@ class CrashLoop:
         pid = srv.proc.pid
         if not srv.running:
             ledger.problem(f"the server exited on its own (code {srv.proc.returncode}) before a kill")
-        srv.kill()
+        if self.disk:
+            # The power fails: the disk first (nothing more reaches it), then the server dies with it.
+            # The server is reaped only once the disk's process is gone: a process that dies with files
+            # open on a FUSE mount waits for the file system to answer their closing.
+            self.disk.cut()
+            srv.proc.kill()
+            self.disk.power_off()
+            srv.kill()
+            self.disk.power_on()
+        else:
+            srv.kill()
         self.spool_left.append(count_files(self.spool))
         t = time.monotonic()
         srv.start()
@@ -404,7 +426,14 @@ class CrashLoop:
               f"QUIT, {n['pop3_sessions_broken']} cut short "
               f"({', '.join(f'{k}: {v}' for k, v in ledger.broken.most_common()) or 'none'})")
         f = figures
-        print(f"TORTURE crash_loop seed={self.seed} kills={self.args.kills} acked={f['acked']} "
+        name, kills = "crash_loop", f"kills={self.args.kills}"
+        if self.disk:
+            acked = max(n["smtp_acked"], 1)
+            print(f"  disk: {self.disk.cuts} power cuts (the last after the clean stop); per acked message "
+                  f"{self.fs_stats.get('fsync', 0) / acked:.2f} file fsyncs and "
+                  f"{self.fs_stats.get('fsyncdir', 0) / acked:.2f} directory fsyncs (POP3's included)")
+            name, kills = "power_cut", f"power_cuts={self.disk.cuts}"
+        print(f"TORTURE {name} seed={self.seed} {kills} acked={f['acked']} "
               f"deliveries={f['deliveries']} found={f['found']} deleted_by_pop3={f['deleted_by_pop3']} "
               f"lost={f['lost']} corrupt={f['corrupt']} misdelivered={f['misdelivered']} "
               f"stored_against_refusal={f['stored_against_refusal']} duplicates={f['duplicates']} "
@@ -444,9 +473,18 @@ def main() -> int:
     ap.add_argument("--gap", type=float, nargs=2, default=(0.2, 1.2), metavar=("MIN", "MAX"),
                     help="seconds of load before each kill, drawn uniformly (default 0.2 1.2)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory even when all is well")
+    ap.add_argument("--power-cuts", action="store_true",
+                    help="the storage root on forgetful_fs.py: every kill is a power cut that loses what was "
+                         "not fsynced (needs root, libfuse2 and fusepy; exit status 77 when missing)")
     args = ap.parse_args()
+    if args.power_cuts:
+        try:
+            ForgetfulMount.check_available()
+        except Unavailable as e:
+            print(f"SKIPPED: power cuts cannot run here: {e}")
+            return 77
     seed = args.seed or str(random.SystemRandom().randrange(10**9))
-    print(f"crash_loop: seed {seed} (rerun with --seed {seed}), {args.kills} kills, "
+    print(f"crash_loop: seed {seed} (rerun with --seed {seed}), {args.kills} {'power cuts' if args.power_cuts else 'kills'}, "
           f"{args.smtp_clients} SMTP + {args.pop3_clients} POP3 clients", flush=True)
     started = time.monotonic()
     loop = CrashLoop(args, seed)

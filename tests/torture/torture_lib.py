@@ -11,12 +11,17 @@ Only the standard library is used, so the torture tests run on any python3 >= 3.
 
 from __future__ import annotations
 
+import ctypes.util
 import hashlib
+import importlib.util
+import json
 import os
 import random
 import re
 import socket
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,3 +326,88 @@ def count_files(directory: Path) -> int:
         return sum(1 for p in directory.iterdir() if p.is_file())
     except FileNotFoundError:
         return 0
+
+
+# --------------------------------------------------------------------------- power cuts
+
+
+class Unavailable(Exception):
+    """What a test needs cannot run here (exit status 77: a skip)."""
+
+
+class ForgetfulMount:
+    """A forgetful_fs.py instance mounted at `mountpoint`: a disk whose power can be cut. `cut()` freezes
+    it and records what was durable; `power_on()` (after the programs using it were killed) mounts a fresh
+    instance showing only that. Needs root, /dev/fuse, libfuse2 and fusepy (in the same python)."""
+
+    def __init__(self, mountpoint: Path, workdir: Path) -> None:
+        self.mountpoint, self.workdir = mountpoint, workdir
+        self.control = workdir / "forgetful.sock"
+        self.image = workdir / "forgetful.image"
+        self.log_path = workdir / "forgetful.log"
+        self.proc = None
+        self.cuts = 0
+
+    @staticmethod
+    def check_available() -> None:
+        if os.geteuid() != 0:
+            raise Unavailable("mounting a FUSE file system needs root")
+        if not os.path.exists("/dev/fuse"):
+            raise Unavailable("no /dev/fuse")
+        if ctypes.util.find_library("fuse") is None:
+            raise Unavailable("libfuse2 is missing (apt-get install libfuse2)")
+        if importlib.util.find_spec("fuse") is None:
+            raise Unavailable(f"fusepy is missing from {sys.executable} (pip install fusepy)")
+
+    def start(self, image: Path | None = None) -> None:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, str(Path(__file__).with_name("forgetful_fs.py")), str(self.mountpoint),
+                "--control", str(self.control)]
+        if image is not None:
+            args += ["--image", str(image)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while not (self.mounted() and self.control.exists()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"forgetful_fs.py did not mount {self.mountpoint}: "
+                                     f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.02)
+
+    def _ask(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(120)
+            s.connect(str(self.control))
+            s.sendall(command.encode() + b"\n")
+            return s.makefile("r").readline().strip()
+
+    def stats(self) -> dict:
+        return json.loads(self._ask("stats"))
+
+    def cut(self) -> None:
+        """The power fails: from now on nothing reaches the disk; its durable state is recorded."""
+        if self.image.exists():
+            self.image.unlink()
+        if (answer := self._ask(f"cut {self.image}")) != "ok":
+            raise AssertionError(f"forgetful_fs.py answered {answer!r} to cut")
+        self.cuts += 1
+
+    def power_off(self) -> None:
+        """After a cut: the instance dies (requests still waiting on it fail at once, so that the programs
+        using the disk can be killed and reaped) and the mount goes."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+        if self.mounted():
+            subprocess.run(["umount", "-l", str(self.mountpoint)], check=True)
+
+    def mounted(self) -> bool:
+        """From the mount table: a mount whose process died answers stat with ENOTCONN, which
+        os.path.ismount takes for "not a mount point"."""
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == str(self.mountpoint) for line in f)
+
+    def power_on(self) -> None:
+        """After power_off(): the disk as the cut left it."""
+        self.start(self.image)
