@@ -297,7 +297,10 @@ impl Running {
                 wake = wake.min(now() + BOUNCE_RETRY_SECS);
             }
             if let Some(at) = entry.warning_at(outbound.delay_warning_secs) {
-                wake = wake.min(at);
+                // A warning that could not be written waits for the retry of reports, as a bounce
+                // does: without this the loop would wake at once, again and again.
+                let retry = self.bounce_retry.get(&entry.id).copied().unwrap_or(0);
+                wake = wake.min(at.max(retry));
             }
         }
         wake

@@ -44,9 +44,9 @@ import threading
 import time
 from pathlib import Path
 
-from torture_lib import (DOMAIN, PASSWORD, Attempt, ConnectionLost, ForgetfulMount, SmtpConn, Unavailable,
+from torture_lib import (DOMAIN, PASSWORD, Attempt, ConnectionLost, ForgetfulMount, SmtpConn,
                          build_message, count_files, digest, find_binary, make_server, parse_stored,
-                         random_body, scan_maildirs, stored_form)
+                         power_cuts_unavailable, random_body, scan_maildirs, stored_form)
 
 SMTP_LOCALS = ["alice", "bob", "carol", "dave"]
 # poplib refuses lines over 2048 octets; the messages have longer ones (the server allows any length).
@@ -477,12 +477,9 @@ def main() -> int:
                     help="the storage root on forgetful_fs.py: every kill is a power cut that loses what was "
                          "not fsynced (needs root, libfuse2 and fusepy; exit status 77 when missing)")
     args = ap.parse_args()
-    if args.power_cuts:
-        try:
-            ForgetfulMount.check_available()
-        except Unavailable as e:
-            print(f"SKIPPED: power cuts cannot run here: {e}")
-            return 77
+    if args.power_cuts and (why := power_cuts_unavailable()):
+        print(f"SKIPPED: power cuts cannot run here: {why}")
+        return 77
     seed = args.seed or str(random.SystemRandom().randrange(10**9))
     print(f"crash_loop: seed {seed} (rerun with --seed {seed}), {args.kills} {'power cuts' if args.power_cuts else 'kills'}, "
           f"{args.smtp_clients} SMTP + {args.pop3_clients} POP3 clients", flush=True)

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from torture_lib import PASSWORD, DOMAIN, find_binary, make_server
+from torture_lib import PASSWORD, DOMAIN, ForgetfulMount, find_binary, make_server, power_cuts_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from e2e_helpers import free_port, make_ca_and_cert, port_accepts, wait_until  # noqa: E402
@@ -63,7 +63,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--bin", default=None)
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--power-cuts", action="store_true",
+                    help="the storage root on forgetful_fs.py: every kill is a power cut that loses what was "
+                         "not fsynced (needs root, libfuse2 and fusepy; exit status 77 when missing)")
     args = ap.parse_args()
+    if args.power_cuts and (why := power_cuts_unavailable()):
+        print(f"SKIPPED: power cuts cannot run here: {why}")
+        return 77
     if shutil.which("smtp-sink") is None and not os.path.exists("/usr/sbin/smtp-sink"):
         print("SKIP: smtp-sink (Debian package postfix) is not installed")
         return 77
@@ -82,6 +88,7 @@ def main() -> int:
                       extra_listeners=("submission",),
                       extra_toml=f"\n[outbound]\nport = {port}\nretry_intervals_secs = [1]\n"
                                  "connect_timeout_secs = 5\nmax_connections_per_domain = 4\n")
+    disk = ForgetfulMount(srv.state_dir, work) if args.power_cuts else None
     sent: dict[str, str] = {}  # token -> sha256 of the body
     acked: set[str] = set()
     lock = threading.Lock()
@@ -121,14 +128,25 @@ def main() -> int:
     try:
         for ip in SINKS:
             wait_until(lambda ip=ip: port_accepts(port, ip), timeout=10, message="smtp-sink did not start")
+        if disk:
+            disk.start()
         srv.start()
         threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(args.workers)]
         for t in threads:
             t.start()
         for kill in range(args.kills):
             time.sleep(rng.uniform(0.3, 2.0))
-            os.kill(srv.proc.pid, signal.SIGKILL)
-            srv.proc.wait(timeout=10)
+            if disk:
+                # As in crash_loop.py: the disk freezes first, the server is reaped once the disk's
+                # process is gone, and the disk comes back with what was durable at the cut.
+                disk.cut()
+                os.kill(srv.proc.pid, signal.SIGKILL)
+                disk.power_off()
+                srv.proc.wait(timeout=10)
+                disk.power_on()
+            else:
+                os.kill(srv.proc.pid, signal.SIGKILL)
+                srv.proc.wait(timeout=10)
             srv.start()
         stop.set()
         for t in threads:
@@ -154,6 +172,8 @@ def main() -> int:
         stop.set()
         if srv.running:
             srv.kill()
+        if disk:
+            disk.power_off()
         for p in sinks:
             p.terminate()
             p.wait(timeout=10)
@@ -180,7 +200,8 @@ def main() -> int:
     lost = sorted(acked - set(received))
     duplicates = sum(n - 1 for n in received.values())
     unacked_delivered = len(set(received) - acked)
-    print(f"queue crash: seed {seed}, {args.kills} kills in {time.time() - started:.0f} s: "
+    what = "power cuts" if disk else "kills"
+    print(f"queue crash: seed {seed}, {args.kills} {what} in {time.time() - started:.0f} s: "
           f"{len(acked)} acknowledged, {len(received)} delivered ({sum(received.values())} copies), "
           f"{len(lost)} lost, {corrupt} corrupt, {duplicates} duplicates, "
           f"{unacked_delivered} delivered without their 250, {aborted} transactions cut off")

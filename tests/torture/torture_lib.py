@@ -335,6 +335,15 @@ class Unavailable(Exception):
     """What a test needs cannot run here (exit status 77: a skip)."""
 
 
+def power_cuts_unavailable() -> str | None:
+    """Why the power-cut tests cannot run here (the caller skips: exit status 77), or None."""
+    try:
+        ForgetfulMount.check_available()
+    except Unavailable as e:
+        return str(e)
+    return None
+
+
 class ForgetfulMount:
     """A forgetful_fs.py instance mounted at `mountpoint`: a disk whose power can be cut. `cut()` freezes
     it and records what was durable; `power_on()` (after the programs using it were killed) mounts a fresh
