@@ -182,6 +182,9 @@ struct Message {
     /// What failed was a full file system (or quota): 452 4.3.1 rather than 451 4.3.0.
     full: bool,
     pending: Vec<u8>,
+    /// Octets of the message so far (stored form), written or not: a message larger than the whole
+    /// file system gets 552 rather than 452.
+    received: u64,
     /// Submission: adds Message-ID and Date when the message has none.
     fixer: Option<MissingHeaders>,
     /// The client's first octets were appended (after our trace headers).
@@ -249,6 +252,7 @@ impl Message {
 
     /// Adds message bytes (stored form), through the submission header check when there is one.
     fn append(&mut self, bytes: &[u8]) {
+        self.received += bytes.len() as u64;
         match &mut self.fixer {
             Some(fixer) => fixer.push(bytes, &mut self.pending),
             None => self.pending.extend_from_slice(bytes),
@@ -257,6 +261,7 @@ impl Message {
 
     fn discard(&mut self) {
         self.pending.clear();
+        self.received = 0;
         self.fixer = None;
         self.content_started = false;
         self.failed = false;
@@ -280,9 +285,11 @@ impl Message {
         let spool = match (self.spool.take(), self.failed) {
             (Some(spool), false) => spool,
             _ => {
-                let full = self.full;
+                let (full, received) = (self.full, self.received);
                 self.discard();
-                return Err(if full {
+                return Err(if full && shared.store.never_fits(received) {
+                    Refusal::Permanent(reply::LARGER_THAN_STORAGE)
+                } else if full {
                     Refusal::Full
                 } else {
                     Refusal::Temporary

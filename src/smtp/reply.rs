@@ -111,6 +111,10 @@ pub const BAD_LINE_ENDING: Reply = Reply::new(
     "Message refused: bare CR or LF; lines must end with CRLF",
 );
 pub const DATA_LINE_TOO_LONG: Reply = Reply::new(550, "5.6.0", "Message refused: line too long");
+/// RFC 5321 §4.2.2 552 "exceeded storage allocation", RFC 3463 5.3.4: the message is larger than the
+/// whole file system of the store; retrying cannot help.
+pub const LARGER_THAN_STORAGE: Reply =
+    Reply::new(552, "5.3.4", "Message too big for this system's storage");
 pub const MESSAGE_TOO_BIG: Reply = Reply::new(
     552,
     "5.3.4",

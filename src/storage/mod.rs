@@ -105,6 +105,16 @@ impl Store {
         }
     }
 
+    /// Whether a message of `size` octets can never be stored: it is larger than the whole file system
+    /// holding the storage root, so no amount of freed space helps (SMTP then says 552, not 452).
+    /// Quotas are not known here: a quota that is full stays a temporary refusal.
+    pub fn never_fits(&self, size: u64) -> bool {
+        nix::sys::statvfs::statvfs(&self.root).is_ok_and(|fs| {
+            let total = u64::from(fs.blocks()).saturating_mul(u64::from(fs.fragment_size()));
+            total > 0 && size >= total
+        })
+    }
+
     pub fn maildir(&self, account: &Account) -> PathBuf {
         self.root.join(account.maildir())
     }
@@ -371,6 +381,16 @@ mod tests {
         for path in locks.into_iter().chain([message]) {
             assert_eq!(mode(&path), "600", "{}", path.display());
         }
+    }
+
+    #[test]
+    fn only_a_message_larger_than_the_file_system_never_fits() {
+        let (_d, store) = store();
+        let fs = nix::sys::statvfs::statvfs(store.root()).unwrap();
+        let total = u64::from(fs.blocks()) * u64::from(fs.fragment_size());
+        assert!(!store.never_fits(1));
+        assert!(!store.never_fits(total - 1));
+        assert!(store.never_fits(total));
     }
 
     #[test]

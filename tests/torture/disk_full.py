@@ -7,9 +7,9 @@ What must hold (failures make the exit status 1):
     refused message is anywhere;
   - no partial file in any new/ or cur/, and neither spool/ nor any tmp/ keeps a file after a refusal;
   - the server keeps serving: once POP3 deletes mail (QUIT +OK on the full disk), mail is accepted again;
-  - a message larger than the whole file system is refused (ideally `552`, RFC 5321 §4.2.2's "exceeded
+  - a message larger than the whole file system is refused for good: `552 5.3.4` (RFC 5321 §4.2.2's "exceeded
     storage allocation", since retrying cannot help) and the space it took comes back.
-What is recorded, not judged: the reply to a message that can never fit, and whether the server starts
+What is recorded, not judged: whether the server starts
 again while the disk is full (its start-up probe writes a file).
 
 Needs root (mount). The tmpfs is unmounted at the end whatever happens.
@@ -35,6 +35,8 @@ from torture_lib import (DOMAIN, PASSWORD, Attempt, ConnectionLost, SmtpConn, bu
 FS_SIZE = 2 * 1024 * 1024
 # RFC 3463 4.3.1 "mail system full"; a 451 4.3.0 here would say "try again" without saying why.
 EXPECTED_FULL = ("452 4.3.1",)
+# RFC 5321 §4.2.2 552 "exceeded storage allocation", RFC 3463 5.3.4 "message too big for system".
+EXPECTED_NEVER_FITS = "552 5.3.4"
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
 
 
@@ -162,6 +164,9 @@ def scenario(run: Run) -> dict:
     figures["larger_than_fs"] = huge.reply
     if huge.outcome == "acked":
         run.problems.append(f"a {huge.size}-octet message got a 250 on a {FS_SIZE}-octet file system")
+    elif not huge.reply.startswith(EXPECTED_NEVER_FITS):
+        run.problems.append(f"a message larger than the file system got {huge.reply!r}, not a permanent "
+                            f"{EXPECTED_NEVER_FITS} (retrying cannot help)")
     after = run.send((BOB,), 1_000)
     figures["small_after_larger_than_fs"] = after.reply
     if after.outcome != "acked":
