@@ -325,11 +325,9 @@ impl Outbound {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
             }
         }
-        if let Some(path) = &config.tls_trust_file {
-            if secrets == SecretFiles::Read {
-                crate::delivery::tls::read_trust_file(path)
-                    .map_err(|e| ConfigError::invalid("outbound.tls_trust_file", e))?;
-            }
+        if let (Some(path), SecretFiles::Read) = (&config.tls_trust_file, secrets) {
+            crate::delivery::tls::read_trust_file(path)
+                .map_err(|e| ConfigError::invalid("outbound.tls_trust_file", e))?;
         }
         let mut dkim = Vec::new();
         for (i, key) in config.dkim.iter().enumerate() {

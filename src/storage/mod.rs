@@ -110,7 +110,9 @@ impl Store {
     /// Quotas are not known here: a quota that is full stays a temporary refusal.
     pub fn never_fits(&self, size: u64) -> bool {
         nix::sys::statvfs::statvfs(&self.root).is_ok_and(|fs| {
-            let total = u64::from(fs.blocks()).saturating_mul(u64::from(fs.fragment_size()));
+            // fsblkcnt_t and c_ulong are u64 on 64-bit Linux; `as` keeps 32-bit targets building.
+            #[allow(clippy::unnecessary_cast)]
+            let total = (fs.blocks() as u64).saturating_mul(fs.fragment_size() as u64);
             total > 0 && size >= total
         })
     }
@@ -387,7 +389,8 @@ mod tests {
     fn only_a_message_larger_than_the_file_system_never_fits() {
         let (_d, store) = store();
         let fs = nix::sys::statvfs::statvfs(store.root()).unwrap();
-        let total = u64::from(fs.blocks()) * u64::from(fs.fragment_size());
+        #[allow(clippy::unnecessary_cast)]
+        let total = fs.blocks() as u64 * fs.fragment_size() as u64;
         assert!(!store.never_fits(1));
         assert!(!store.never_fits(total - 1));
         assert!(store.never_fits(total));
