@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 from test_tls_submission import TLS_LISTENERS, make_cert
+from conftest import ALICE
 from e2e_helpers import connect_from, greeted, wait_until
 
 
@@ -144,3 +146,98 @@ def test_two_thousand_idle_connections_are_capped_memory_bounded_and_timed_out(s
         for c in conns:
             c.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def drip(sock: socket.socket, preamble: bytes, expect: bytes, payload: bytes, gap: float, result: dict) -> None:
+    """Sends `preamble` (reading replies until `expect`), then one octet of `payload` (cycled) every
+    `gap` seconds until the server answers or closes. Records how long the drip was held and the answer."""
+    f = sock.makefile("rb")
+    try:
+        f.readline()  # the greeting
+        if preamble:
+            sock.sendall(preamble)
+            while expect not in (line := f.readline()):
+                if not line:
+                    raise AssertionError(f"closed before {expect!r}")
+        started = time.monotonic()
+        sock.settimeout(gap)
+        i = 0
+        while True:
+            try:
+                sock.sendall(payload[i % len(payload):i % len(payload) + 1])
+            except OSError:
+                result["answer"] = "reset"
+                break
+            i += 1
+            try:
+                answer = sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                answer = b""
+            result["answer"] = answer.decode(errors="replace").strip() or "closed"
+            break
+        result["held"] = time.monotonic() - started
+        result["octets"] = i
+    except Exception as e:  # noqa: BLE001 - recorded and asserted on by the test
+        result["answer"] = f"error: {e!r}"
+    finally:
+        sock.close()
+
+
+def test_slow_drip_clients_cannot_hold_slots_past_the_per_request_deadlines(server_factory):
+    # Before per-request deadlines, every octet restarted the timeout, so one octet a second held a slot
+    # for the whole session limit (an hour): max_connections drippers shut the server for everyone.
+    # Here 100 drippers fill every slot: 60 dripping an SMTP command, 20 dripping a message after DATA's
+    # 354, 20 dripping a POP3 command, each one octet every 0.25 s. The command and POP3 deadlines are
+    # 3 s; the DATA deadline is 3 s plus what min_data_rate allows for the octets received (a few here).
+    srv = server_factory(limits={"max_connections": 100, "max_connections_per_ip": 5,
+                                 "command_timeout_secs": 3, "data_timeout_secs": 3,
+                                 "pop3_idle_timeout_secs": 3})
+    srv.start()
+    kinds = (["smtp-command"] * 60) + (["smtp-data"] * 20) + (["pop3-command"] * 20)
+    results: list[dict] = []
+    threads = []
+    for i, kind in enumerate(kinds):
+        source = f"127.3.{i // 5}.{1 + i % 5}"
+        if kind == "pop3-command":
+            sock = connect_from(source, srv.pop3_port)
+            args = (b"", b"", f"USER {ALICE}".encode(), 0.25)
+        elif kind == "smtp-data":
+            sock = connect_from(source, srv.smtp_port)
+            args = (f"EHLO drip.example\r\nMAIL FROM:<d@drip.example>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode(),
+                    b"354 ", b"Subject: drip\r\n\r\nslow\r\n", 0.25)
+        else:
+            sock = connect_from(source, srv.smtp_port)
+            args = (b"", b"", b"EHLO drip.example", 0.25)
+        result = {"kind": kind}
+        results.append(result)
+        threads.append(threading.Thread(target=drip, args=(sock, *args, result), daemon=True))
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    # Every slot is held: a new client is refused with 421 (or closed), not queued behind them.
+    refused = connect_from("127.0.0.9", srv.smtp_port)
+    answer = greeting(refused)
+    refused.close()
+    assert answer == b"" or answer.startswith(b"421 4."), answer
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a dripper was still held after 30 s"
+    # All were cut by the deadline of the request they were dripping, with its reply.
+    by_answer: dict[str, int] = {}
+    for r in results:
+        key = f"{r['kind']}: {r['answer'][:40]}"
+        by_answer[key] = by_answer.get(key, 0) + 1
+    longest = max(r.get("held", 0) for r in results)
+    print(f"100 drippers: {by_answer}; longest held {longest:.1f} s of drip")
+    for r in results:
+        if r["kind"] == "pop3-command":
+            assert r["answer"].startswith("-ERR [SYS/TEMP] idle timeout"), r
+        else:
+            assert r["answer"].startswith("421 4.4.2"), r
+        # The deadline is 3 s (plus, for DATA, a few octets / 500 per s); the session limit is an hour.
+        assert r["held"] < 10, r
+    # Nothing of the dripped messages was stored, and a fresh client is served at once.
+    assert srv.stored_messages(ALICE) == []
+    assert greeted("127.0.0.9", srv.smtp_port)
