@@ -7,6 +7,9 @@
 //!   [`refusal_allowance`] refusals are under way, so a client over a limit learns why.
 //! - Closed without a word beyond that: the number of open client sockets can never exceed
 //!   `max_connections + refusal_allowance`, so a flood cannot exhaust file descriptors.
+//! - On an implicit-TLS listener (465, 995), served only while fewer than [`handshake_allowance`]
+//!   handshakes are under way, closed otherwise: connections that never finish their handshake from
+//!   many addresses cannot take the slots port 25's plaintext clients need.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -22,6 +25,11 @@ pub fn refusal_allowance(limits: &Limits) -> usize {
 
 /// Refusals under way for one address at most: one flooding address cannot take every refusal slot.
 pub const REFUSALS_PER_ADDRESS: usize = 2;
+
+/// Implicit-TLS handshakes under way at most: a quarter of `max_connections` (at least one).
+pub fn handshake_allowance(limits: &Limits) -> usize {
+    (limits.max_connections / 4).max(1)
+}
 
 /// Client sockets open at most, served and refused together.
 pub fn socket_cap(limits: &Limits) -> usize {
@@ -41,6 +49,14 @@ struct Counts {
     per_ip: HashMap<IpAddr, usize>,
     /// Refusals under way per address key.
     refusing_per_ip: HashMap<IpAddr, usize>,
+    /// Implicit-TLS handshakes under way (each also counted in `served`).
+    handshaking: usize,
+}
+
+/// An implicit-TLS handshake under way; its place is counted until it is dropped (handshake done or
+/// failed).
+pub struct Handshake {
+    admission: Arc<Admission>,
 }
 
 /// What to do with an accepted socket. A ticket keeps its place counted until it is dropped.
@@ -88,6 +104,18 @@ impl Admission {
         Verdict::Close
     }
 
+    /// Takes a handshake place for a served implicit-TLS connection, if one is free.
+    pub fn start_handshake(self: &Arc<Self>, limits: &Limits) -> Option<Handshake> {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if c.handshaking >= handshake_allowance(limits) {
+            return None;
+        }
+        c.handshaking += 1;
+        Some(Handshake {
+            admission: self.clone(),
+        })
+    }
+
     /// Connections being served.
     pub fn served(&self) -> usize {
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).served
@@ -114,6 +142,17 @@ impl Drop for Ticket {
                 map.remove(&self.ip);
             }
         }
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        let mut c = self
+            .admission
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.handshaking -= 1;
     }
 }
 
@@ -181,5 +220,20 @@ mod tests {
         drop(tickets);
         assert_eq!(a.served(), 0);
         assert!(a.counts.lock().unwrap().per_ip.is_empty());
+    }
+
+    #[test]
+    fn unfinished_tls_handshakes_take_at_most_a_quarter_of_the_slots() {
+        let a = Arc::new(Admission::default());
+        let l = limits(100, 1000);
+        let held: Vec<_> = (0..100).filter_map(|_| a.start_handshake(&l)).collect();
+        assert_eq!(held.len(), handshake_allowance(&l));
+        assert_eq!(held.len(), 25);
+        assert!(a.start_handshake(&l).is_none());
+        drop(held.into_iter().next());
+        assert!(
+            a.start_handshake(&l).is_some(),
+            "a finished handshake frees its place"
+        );
     }
 }

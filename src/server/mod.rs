@@ -27,7 +27,7 @@ use crate::config::{ConfigError, Protocol, Settings};
 use crate::storage::Store;
 use crate::storage::queue::Queue;
 use crate::systemd::{self, InheritedSocket, NotifyState};
-use admission::{Admission, Verdict};
+use admission::{Admission, Handshake, Verdict};
 use conn::Connection;
 
 /// Re-reads the configuration for a reload (the same sources as at start).
@@ -367,7 +367,20 @@ async fn accept_loop(
                 failures.store(0, Ordering::Relaxed);
                 let peer = client_address(peer);
                 let key = auth::address_key(peer.ip());
-                match shared.admission.admit(key, &shared.settings().limits) {
+                let limits = &shared.settings().limits;
+                let mut verdict = shared.admission.admit(key, limits);
+                let mut handshake = None;
+                if protocol.implicit_tls() && matches!(verdict, Verdict::Serve(_)) {
+                    handshake = shared.admission.start_handshake(limits);
+                    if handshake.is_none() {
+                        verdict = Verdict::Close;
+                        tracing::warn!(
+                            listener = protocol.name(),
+                            "TLS handshakes under way at their cap (limits.max_connections / 4), closing {peer}"
+                        );
+                    }
+                }
+                match verdict {
                     Verdict::Close => {
                         closed_quietly += 1;
                         if closed_quietly.is_power_of_two() {
@@ -379,7 +392,14 @@ async fn accept_loop(
                         }
                     }
                     verdict => {
-                        tracker.spawn(connection(stream, peer, protocol, shared.clone(), verdict));
+                        tracker.spawn(connection(
+                            stream,
+                            peer,
+                            protocol,
+                            shared.clone(),
+                            verdict,
+                            handshake,
+                        ));
                     }
                 }
             }
@@ -416,6 +436,7 @@ async fn connection(
     protocol: Protocol,
     shared: Arc<Shared>,
     verdict: Verdict,
+    handshake: Option<Handshake>,
 ) {
     let (_ticket, busy) = match verdict {
         Verdict::Serve(t) => (t, false),
@@ -425,19 +446,27 @@ async fn connection(
     let id = shared.stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("conn", id, proto = protocol.name(), peer = %peer);
-    serve(Connection::plain(stream), peer, protocol, shared, busy)
-        .instrument(span)
-        .await
+    serve(
+        Connection::plain(stream),
+        peer,
+        protocol,
+        shared,
+        busy,
+        handshake,
+    )
+    .instrument(span)
+    .await
 }
 
 /// Serves one admitted connection (or refuses it, `busy`): implicit TLS first, within the handshake
-/// timeout, then the protocol.
+/// timeout (holding its `handshake` place until then), then the protocol.
 pub async fn serve<S: conn::Io>(
     mut conn: Connection<S>,
     peer: SocketAddr,
     protocol: Protocol,
     shared: Arc<Shared>,
     busy: bool,
+    handshake: Option<Handshake>,
 ) {
     tracing::debug!("connected");
     let settings = shared.settings();
@@ -456,6 +485,7 @@ pub async fn serve<S: conn::Io>(
             return;
         }
     }
+    drop(handshake);
     if protocol.is_pop3() {
         pop3::serve(conn, peer, protocol, shared, busy).await
     } else {

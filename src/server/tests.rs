@@ -70,6 +70,7 @@ impl Harness {
             protocol,
             self.shared.clone(),
             false,
+            None,
         ));
         (client, task)
     }

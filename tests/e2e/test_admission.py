@@ -49,6 +49,8 @@ def test_silent_tls_flood_from_one_address_does_not_lock_out_others(server_facto
         pop.close()
         # The flood holds at most max_connections + the refusal allowance sockets (256 + 32).
         fds = open_fds(srv.proc.pid)
+        print(f"1,000 silent TLS connections: port 25 and POP3 greet another address; server fds {fds}, "
+              f"RSS {rss_kib(srv.proc.pid)} KiB")
         assert fds < 256 + 32 + 40, f"{fds} fds open"
         # The flooding address itself is over its per-address limit: refused, not served.
         same = connect_from("127.0.0.1", srv.smtp_port)
@@ -67,6 +69,41 @@ def test_silent_tls_flood_from_one_address_does_not_lock_out_others(server_facto
         for s in flood:
             s.close()
     assert "TLS handshake timed out" in srv.log_text()
+
+
+def test_silent_tls_flood_from_many_addresses_leaves_port_25_greeting(server_factory, tmp_path):
+    # Before: every implicit-TLS connection in its handshake took a served slot, so 1,000 silent
+    # connections to 465/995 from 200 addresses (5 each, within max_connections_per_ip) held all 256
+    # slots for the whole handshake timeout, and port 25 answered everyone else 421.
+    cert, key = make_cert(tmp_path, "flood")
+    srv = server_factory(tls={"certificate": cert, "key": key}, extra_listeners=TLS_LISTENERS,
+                         limits={"tls_handshake_timeout_secs": 5})
+    srv.start()
+    flood = []
+    try:
+        for i in range(1000):
+            port = srv.ports["submissions"] if i % 2 else srv.ports["pop3s"]
+            flood.append(connect_from(f"127.4.{i // 5 // 250}.{1 + (i // 5) % 250}", port))
+        time.sleep(0.5)
+        greetings = []
+        for n in range(20):
+            other = connect_from(f"127.5.0.{1 + n}", srv.smtp_port)
+            greetings.append(greeting(other))
+            other.close()
+        pop = connect_from("127.5.1.1", srv.pop3_port)
+        pop_greeting = greeting(pop)
+        pop.close()
+        fds = open_fds(srv.proc.pid)
+        print(f"1,000 silent TLS connections from 200 addresses: {sum(g.startswith(b'220 ') for g in greetings)} "
+              f"of 20 new port-25 clients greeted; server fds {fds}")
+        assert all(g.startswith(b"220 ") for g in greetings), greetings
+        assert pop_greeting.startswith(b"+OK"), pop_greeting
+        # A quarter of max_connections may be in a handshake, plus the refusal allowance.
+        assert fds < 256 // 4 + 32 + 40, f"{fds} fds open"
+    finally:
+        for s in flood:
+            s.close()
+    assert "TLS handshakes under way at their cap" in srv.log_text()
 
 
 def test_fd_exhaustion_backs_off_and_recovers_without_spinning(server_factory):
@@ -89,6 +126,7 @@ def test_fd_exhaustion_backs_off_and_recovers_without_spinning(server_factory):
         before = cpu_seconds(srv.proc.pid)
         time.sleep(2)
         spent = cpu_seconds(srv.proc.pid) - before
+        print(f"out of fds with {len(held)} connections held: {spent:.2f} s of CPU in 2 s")
         # Backing off 100 ms per failed accept costs next to nothing; a spin would use a whole core.
         assert spent < 1.0, f"{spent:.2f} s of CPU in 2 s while out of fds"
         wait_until(lambda: "accept failed, backing off" in srv.log_text(), timeout=5,

@@ -19,7 +19,9 @@ the process, as a real disk loses what was in its queue.
     forgetful_fs.py MOUNTPOINT --control SOCKET [--image FILE]
 
 The control socket also answers `stats` (fsync and directory-fsync counts since the first mount, as
-JSON). Needs fusepy and libfuse2 (Debian: libfuse2), and root (or fuse access) to mount.
+JSON), and injects faults: `fail OP[,OP...] ERRNO` makes those operations (FUSE's names: write, fsync,
+create, link, unlink, read, ...) fail with that errno (a name such as EIO) until `heal`. Unlike strace's
+injection, which hits every write() of the process (tokio's eventfd wake-ups too), this hits only files. Needs fusepy and libfuse2 (Debian: libfuse2), and root (or fuse access) to mount.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class ForgetfulFS(Operations):
         self.next_ino = 1 + max(self._inodes(root))
         self.handles: dict[int, Node] = {}
         self.next_fh = 1
+        self.failing: dict[str, int] = {}  # operation -> errno, set over the control socket
 
     @staticmethod
     def _inodes(node: Node):
@@ -111,6 +114,9 @@ class ForgetfulFS(Operations):
 
     def __call__(self, op, *args):
         with self._mutex:
+            if op in self.failing:
+                self.stats[f"failed_{op}"] = self.stats.get(f"failed_{op}", 0) + 1
+                raise FuseOSError(self.failing[op])
             return super().__call__(op, *args)
 
     def init(self, path):
@@ -134,6 +140,14 @@ class ForgetfulFS(Operations):
                     with open(image + ".tmp", "wb") as f:
                         pickle.dump((durable_copy(self.root), self.stats), f, protocol=pickle.HIGHEST_PROTOCOL)
                     os.rename(image + ".tmp", image)
+                    conn.sendall(b"ok\n")
+                elif command[:1] == ["fail"] and len(command) == 3 and hasattr(errno, command[2]):
+                    with self._mutex:
+                        self.failing = {op: getattr(errno, command[2]) for op in command[1].split(",")}
+                    conn.sendall(b"ok\n")
+                elif command == ["heal"]:
+                    with self._mutex:
+                        self.failing = {}
                     conn.sendall(b"ok\n")
                 elif command == ["stats"]:
                     with self._mutex:

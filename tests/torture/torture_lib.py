@@ -393,6 +393,15 @@ class ForgetfulMount:
     def stats(self) -> dict:
         return json.loads(self._ask("stats"))
 
+    def fail(self, ops: str, error: str = "EIO") -> None:
+        """From now on the operations `ops` (FUSE names, comma-separated) fail with `error`."""
+        if (answer := self._ask(f"fail {ops} {error}")) != "ok":
+            raise AssertionError(f"forgetful_fs.py answered {answer!r} to fail")
+
+    def heal(self) -> None:
+        if (answer := self._ask("heal")) != "ok":
+            raise AssertionError(f"forgetful_fs.py answered {answer!r} to heal")
+
     def cut(self) -> None:
         """The power fails: from now on nothing reaches the disk; its durable state is recorded."""
         if self.image.exists():
