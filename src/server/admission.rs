@@ -73,9 +73,13 @@ pub struct Ticket {
 }
 
 impl Admission {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Decides for a connection from `ip` (already reduced with [`super::auth::address_key`]).
     pub fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Verdict {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.counts();
         let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
         if c.served < limits.max_connections && from_ip < limits.max_connections_per_ip {
             c.served += 1;
@@ -106,7 +110,7 @@ impl Admission {
 
     /// Takes a handshake place for a served implicit-TLS connection, if one is free.
     pub fn start_handshake(self: &Arc<Self>, limits: &Limits) -> Option<Handshake> {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.counts();
         if c.handshaking >= handshake_allowance(limits) {
             return None;
         }
@@ -118,17 +122,13 @@ impl Admission {
 
     /// Connections being served.
     pub fn served(&self) -> usize {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).served
+        self.counts().served
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut c = self
-            .admission
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut c = self.admission.counts();
         let map = if self.served {
             c.served -= 1;
             &mut c.per_ip
@@ -147,11 +147,7 @@ impl Drop for Ticket {
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        let mut c = self
-            .admission
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut c = self.admission.counts();
         c.handshaking -= 1;
     }
 }

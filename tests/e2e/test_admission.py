@@ -27,19 +27,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tls_flood_server(server_factory, tmp_path, handshake_timeout: int):
+    cert, key = make_cert(tmp_path, "flood")
+    srv = server_factory(tls={"certificate": cert, "key": key}, extra_listeners=TLS_LISTENERS,
+                         limits={"tls_handshake_timeout_secs": handshake_timeout})
+    srv.start()
+    return srv
+
+
+def silent_tls_connections(srv, sources) -> list[socket.socket]:
+    """One silent connection per source, alternately to 465 and 995: handshakes that never start."""
+    return [connect_from(source, srv.ports["submissions"] if i % 2 else srv.ports["pop3s"])
+            for i, source in enumerate(sources)]
+
+
 def test_silent_tls_flood_from_one_address_does_not_lock_out_others(server_factory, tmp_path):
     # Before: the implicit-TLS handshake ran before admission, with the 300 s command timeout, so
     # ~1,000 silent connections to 465/995 from one address made every listener answer 421 (and
     # past 1,024 fds, accept() failed on every listener).
-    cert, key = make_cert(tmp_path, "flood")
-    srv = server_factory(tls={"certificate": cert, "key": key}, extra_listeners=TLS_LISTENERS,
-                         limits={"tls_handshake_timeout_secs": 3})
-    srv.start()
+    srv = tls_flood_server(server_factory, tmp_path, 3)
     flood = []
     try:
-        for i in range(1000):
-            port = srv.ports["submissions"] if i % 2 else srv.ports["pop3s"]
-            flood.append(connect_from("127.0.0.1", port))
+        flood = silent_tls_connections(srv, ["127.0.0.1"] * 1000)
         # Another address is greeted at once on port 25 and on POP3, while the flood is open.
         other = connect_from("127.0.0.2", srv.smtp_port)
         assert greeting(other).startswith(b"220 "), "SMTP still greets other clients"
@@ -75,15 +84,10 @@ def test_silent_tls_flood_from_many_addresses_leaves_port_25_greeting(server_fac
     # Before: every implicit-TLS connection in its handshake took a served slot, so 1,000 silent
     # connections to 465/995 from 200 addresses (5 each, within max_connections_per_ip) held all 256
     # slots for the whole handshake timeout, and port 25 answered everyone else 421.
-    cert, key = make_cert(tmp_path, "flood")
-    srv = server_factory(tls={"certificate": cert, "key": key}, extra_listeners=TLS_LISTENERS,
-                         limits={"tls_handshake_timeout_secs": 5})
-    srv.start()
+    srv = tls_flood_server(server_factory, tmp_path, 5)
     flood = []
     try:
-        for i in range(1000):
-            port = srv.ports["submissions"] if i % 2 else srv.ports["pop3s"]
-            flood.append(connect_from(f"127.4.{i // 5 // 250}.{1 + (i // 5) % 250}", port))
+        flood = silent_tls_connections(srv, [f"127.4.{i // 5 // 250}.{1 + (i // 5) % 250}" for i in range(1000)])
         time.sleep(0.5)
         greetings = []
         for n in range(20):
