@@ -357,6 +357,7 @@ async fn accept_loop(
     failures: &AtomicU32,
 ) {
     let mut closed_quietly = 0u64;
+    let mut handshakes_capped = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -368,16 +369,21 @@ async fn accept_loop(
                 let peer = client_address(peer);
                 let key = auth::address_key(peer.ip());
                 let limits = &shared.settings().limits;
-                let mut verdict = shared.admission.admit(key, limits);
+                let verdict = shared.admission.admit(key, limits);
                 let mut handshake = None;
                 if protocol.implicit_tls() && matches!(verdict, Verdict::Serve(_)) {
                     handshake = shared.admission.start_handshake(limits);
                     if handshake.is_none() {
-                        verdict = Verdict::Close;
-                        tracing::warn!(
-                            listener = protocol.name(),
-                            "TLS handshakes under way at their cap (limits.max_connections / 4), closing {peer}"
-                        );
+                        // Closed without a word, like a connection over the socket cap.
+                        handshakes_capped += 1;
+                        if handshakes_capped.is_power_of_two() {
+                            tracing::warn!(
+                                closed = handshakes_capped,
+                                listener = protocol.name(),
+                                "TLS handshakes under way at their cap (limits.max_connections / 4), closing {peer}"
+                            );
+                        }
+                        continue;
                     }
                 }
                 match verdict {

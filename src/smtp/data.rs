@@ -142,7 +142,10 @@ impl DataReader {
         let piece = &input[stuffing..consumed];
         self.in_line = true;
         self.line_len += piece.len();
-        (consumed, self.content(piece, DataStep::Partial(piece)))
+        (
+            consumed,
+            self.content(piece, LineEnd::NotYet, DataStep::Partial(piece)),
+        )
     }
 
     /// A line end at `input[lf]`: the end of data, or the line (or the rest of it after its pieces).
@@ -160,28 +163,36 @@ impl DataReader {
         if self.too_long(line_len) {
             return (consumed, self.fail(DataError::LineTooLong));
         }
-        if !ends_crlf {
-            return (consumed, self.fail(DataError::BareLineEnding));
-        }
         let line = &line[stuffing..];
-        self.size = self.size.saturating_add(2);
-        (consumed, self.content(line, DataStep::Line(line)))
+        let end = if ends_crlf {
+            LineEnd::Crlf
+        } else {
+            LineEnd::BareLf
+        };
+        (consumed, self.content(line, end, DataStep::Line(line)))
     }
 
-    /// Message content `bytes` (a line or a piece): checked and counted, then `step` unless the
-    /// message already failed.
-    fn content<'a>(&mut self, bytes: &[u8], step: DataStep<'a>) -> DataStep<'a> {
-        if bytes.contains(&b'\r') {
-            return self.fail(DataError::BareLineEnding);
+    /// Message content `bytes` (a line or a piece of one) and how it `end`s: checked and counted,
+    /// then `step` unless the message failed. Of a bare CR or LF and the octet past the size limit,
+    /// the one that comes first in the stream is reported: a long line is checked whole or in
+    /// pieces depending on how the network split it, and the reply must not depend on that.
+    fn content<'a>(&mut self, bytes: &[u8], end: LineEnd, step: DataStep<'a>) -> DataStep<'a> {
+        // Octets that still fit, and the size in CRLF form (a bare LF counts as the CRLF it lacks).
+        let room = self.max_size.saturating_sub(self.size);
+        let total = bytes.len() as u64 + if end == LineEnd::NotYet { 0 } else { 2 };
+        self.size = self.size.saturating_add(total);
+        let bare = bytes
+            .iter()
+            .position(|&b| b == b'\r')
+            .or((end == LineEnd::BareLf).then_some(bytes.len()));
+        let over = (total > room).then_some(room);
+        match (bare, over) {
+            (Some(at), Some(over)) if at as u64 >= over => self.fail(DataError::TooBig),
+            (Some(_), _) => self.fail(DataError::BareLineEnding),
+            (None, Some(_)) => self.fail(DataError::TooBig),
+            (None, None) if self.error.is_some() => DataStep::Skipped,
+            (None, None) => step,
         }
-        self.size = self.size.saturating_add(bytes.len() as u64);
-        if self.size > self.max_size {
-            return self.fail(DataError::TooBig);
-        }
-        if self.error.is_some() {
-            return DataStep::Skipped;
-        }
-        step
     }
 
     fn end_line(&mut self) {
@@ -197,6 +208,15 @@ impl DataReader {
         self.error = Some(error);
         DataStep::Failed(error)
     }
+}
+
+/// How the octets handed to `DataReader::content` end.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LineEnd {
+    /// A piece of a long line: its end is still to come.
+    NotYet,
+    Crlf,
+    BareLf,
 }
 
 /// The reader of BDAT chunks (RFC 3030): chunks are delimited by their declared size, so there is no
@@ -238,11 +258,13 @@ impl ChunkReader {
         if self.error.is_some() {
             return None;
         }
-        self.size = self.size.saturating_add(chunk.len() as u64);
-        if self.size > self.max_size {
-            return self.fail(DataError::TooBig);
-        }
+        // Octet by octet, so that the first violation in the stream is the one reported however the
+        // network split the chunk.
         for &b in chunk {
+            self.size += 1;
+            if self.size > self.max_size {
+                return self.fail(DataError::TooBig);
+            }
             match (self.prev_cr, b) {
                 (true, b'\n') => {
                     out.push(b'\n');
@@ -468,6 +490,66 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert_eq!(end, Some(Err(DataError::TooBig)));
         assert_eq!(consumed, input.len());
+    }
+
+    /// A line of `len` octets with a CR at `cr` (when given), ended by `end`, then the end of data.
+    fn line_with_cr(len: usize, cr: Option<usize>, end: &[u8]) -> Vec<u8> {
+        let mut line = vec![b'y'; len];
+        if let Some(at) = cr {
+            line[at] = b'\r';
+        }
+        [b"Subject: long\r\n\r\n".as_slice(), &line, end, b".\r\n"].concat()
+    }
+
+    // Found by the smtp_session fuzz target: a 13 KiB line with a bare CR at octet 8,755, in a message
+    // over the 2,000-octet limit, got 550 (bare CR) when it came whole and 552 (too big) when it came
+    // in small chunks, because the reader then saw it in pieces and counted the size of the first
+    // piece before it reached the CR.
+    #[test]
+    fn a_bare_cr_past_the_size_limit_is_too_big_however_the_line_is_split() {
+        let input = line_with_cr(13_000, Some(8_755), b"\r\n");
+        let (_, end, _) = for_all_chunks(&input, None, 2000);
+        assert_eq!(end, Some(Err(DataError::TooBig)));
+    }
+
+    #[test]
+    fn a_bare_cr_before_the_size_limit_is_a_bare_line_ending_however_the_line_is_split() {
+        let input = line_with_cr(13_000, Some(100), b"\r\n");
+        let (_, end, _) = for_all_chunks(&input, None, 2000);
+        assert_eq!(end, Some(Err(DataError::BareLineEnding)));
+        let input = line_with_cr(13_000, Some(9_000), b"\r\n");
+        let (_, end, _) = for_all_chunks(&input, None, 20_000);
+        assert_eq!(end, Some(Err(DataError::BareLineEnding)));
+    }
+
+    #[test]
+    fn a_long_line_ended_by_a_bare_lf_is_judged_in_stream_order() {
+        let input = line_with_cr(13_000, None, b"\n\r\n");
+        let (_, end, _) = for_all_chunks(&input, None, 2000);
+        assert_eq!(
+            end,
+            Some(Err(DataError::TooBig)),
+            "the size limit comes first"
+        );
+        let (_, end, _) = for_all_chunks(&input, None, 20_000);
+        assert_eq!(end, Some(Err(DataError::BareLineEnding)));
+    }
+
+    #[test]
+    fn bdat_reports_the_first_violation_in_the_stream_however_the_chunk_is_split() {
+        let mut message = vec![b'y'; 3000];
+        message[2500] = b'\r';
+        assert_eq!(all_splits(&message, None, 2000).1, Err(DataError::TooBig));
+        assert_eq!(
+            all_splits(&message, None, 4000).1,
+            Err(DataError::BareLineEnding)
+        );
+        message[2500] = b'y';
+        message[1000] = b'\n';
+        assert_eq!(
+            all_splits(&message, None, 2000).1,
+            Err(DataError::BareLineEnding)
+        );
     }
 
     #[test]
