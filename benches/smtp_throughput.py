@@ -102,6 +102,7 @@ smtp = ["127.0.0.1:{self.port}"]
 pop3 = []
 [limits]
 max_connections = 1100
+max_connections_per_ip = 1100
 [accounts."{USER}"]
 password_hash = "{hashed}"
 """)
