@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main() -> int:
-    runs = json.load(open(sys.argv[1]))
+    runs = [r for r in json.load(open(sys.argv[1])) if "size" in r]  # not the idle-connection runs
     out = sys.argv[2] if len(sys.argv) > 2 else "docs/benchmarks-smtp.png"
     by = defaultdict(list)
     for r in runs:
