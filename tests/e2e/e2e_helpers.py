@@ -365,6 +365,11 @@ class RustmailServer:
         except FileNotFoundError:
             return "<no log file>"
 
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        """Waits until the log matches the regular expression `pattern` (e.g. a line the server writes
+        only after the peer's reply, which the peer may have stored a moment before); returns the match."""
+        return wait_until(lambda: re.search(pattern, self.log_text()), timeout=timeout, message=self.log_tail)
+
     def log_size(self) -> int:
         try:
             return self.log_path.stat().st_size
@@ -756,11 +761,12 @@ def greeted(source: str, port: int) -> bool:
         s.close()
 
 
-def served_sessions(port: int, sources: list[str]) -> list[socket.socket] | None:
-    """One connection from each source, all greeted with 220 (kept open); None (all closed) if not.
-    For wait_until: right after start, the start-up port probes may still count for a moment."""
-    held = [connect_from(source, port) for source in sources]
-    if all(s.makefile("rb").readline().startswith(b"220") for s in held):
+def served_sessions(targets: list[tuple[str, int]]) -> list[socket.socket] | None:
+    """One connection per (source address, port), each greeted (SMTP 220 or POP3 +OK, kept open, the
+    greeting read); None (all closed) if any was not. For wait_until: right after start, the start-up
+    port probes may still count against the connection cap for a moment."""
+    held = [connect_from(source, port) for source, port in targets]
+    if all(s.makefile("rb").readline().startswith((b"220", b"+OK")) for s in held):
         return held
     for s in held:
         s.close()

@@ -10,7 +10,7 @@ import time
 
 from test_tls_submission import TLS_LISTENERS, make_cert
 from conftest import ALICE
-from e2e_helpers import connect_from, greeted, wait_until
+from e2e_helpers import connect_from, greeted, served_sessions, wait_until
 
 
 
@@ -191,11 +191,11 @@ def test_two_thousand_idle_connections_are_capped_memory_bounded_and_timed_out(s
 
 
 def drip(sock: socket.socket, preamble: bytes, expect: bytes, payload: bytes, gap: float, result: dict) -> None:
-    """Sends `preamble` (reading replies until `expect`), then one octet of `payload` (cycled) every
-    `gap` seconds until the server answers or closes. Records how long the drip was held and the answer."""
+    """On a greeted connection, sends `preamble` (reading replies until `expect`), then one octet of
+    `payload` (cycled) every `gap` seconds until the server answers or closes. Records how long the drip
+    was held and the answer."""
     f = sock.makefile("rb")
     try:
-        f.readline()  # the greeting
         if preamble:
             sock.sendall(preamble)
             while expect not in (line := f.readline()):
@@ -238,19 +238,19 @@ def test_slow_drip_clients_cannot_hold_slots_past_the_per_request_deadlines(serv
                                  "pop3_idle_timeout_secs": 3})
     srv.start()
     kinds = (["smtp-command"] * 60) + (["smtp-data"] * 20) + (["pop3-command"] * 20)
+    targets = [(f"127.3.{i // 5}.{1 + i % 5}", srv.pop3_port if kind == "pop3-command" else srv.smtp_port)
+               for i, kind in enumerate(kinds)]
+    # All 100 greeted before the drip starts (the start-up probe may hold a slot for a moment).
+    socks = wait_until(lambda: served_sessions(targets), timeout=10, message="100 drippers to be greeted")
     results: list[dict] = []
     threads = []
-    for i, kind in enumerate(kinds):
-        source = f"127.3.{i // 5}.{1 + i % 5}"
+    for sock, kind in zip(socks, kinds):
         if kind == "pop3-command":
-            sock = connect_from(source, srv.pop3_port)
             args = (b"", b"", f"USER {ALICE}".encode(), 0.25)
         elif kind == "smtp-data":
-            sock = connect_from(source, srv.smtp_port)
             args = (f"EHLO drip.example\r\nMAIL FROM:<d@drip.example>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode(),
                     b"354 ", b"Subject: drip\r\n\r\nslow\r\n", 0.25)
         else:
-            sock = connect_from(source, srv.smtp_port)
             args = (b"", b"", b"EHLO drip.example", 0.25)
         result = {"kind": kind}
         results.append(result)

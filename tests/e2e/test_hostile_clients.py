@@ -89,7 +89,7 @@ def test_connections_per_ip_are_capped(server_factory):
     srv = server_factory(limits={"max_connections_per_ip": 3})
     srv.start()
 
-    held = wait_until(lambda: served_sessions(srv.smtp_port, ["127.0.0.1"] * 3), timeout=10,
+    held = wait_until(lambda: served_sessions([("127.0.0.1", srv.smtp_port)] * 3), timeout=10,
                       message="three connections to be served")
     try:
         extra = socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10)

@@ -295,8 +295,9 @@ def test_submitted_mail_arrives_at_the_second_mx_over_verified_tls_with_a_dkim_s
     assert dkim.verify(raw, dnsfunc=dnsfunc), "dkimpy rejects the signature"
     tampered = raw.replace(b"Hello from a.test.", b"Hello from elsewhere")
     assert not dkim.verify(tampered, dnsfunc=dnsfunc), "the check can fail: a changed body is refused"
+    # B stores the message a moment before A reads B's 250 and logs the attempt: wait for A's line.
+    net.a.wait_for_log(r"delivery delivered: \S+ to <bob@b\.test> via mx2\.b\.test \(tls verified\)")
     log = net.a.log_text()
-    assert re.search(r"delivery delivered: \S+ to <bob@b\.test> via mx2\.b\.test \(tls verified\)", log), log
     assert "mx1.b.test" in log, "the first MX was tried before the fallback"
     # bob reads it over POP3 on B.
     p = net.b.pop3(BOB)
@@ -480,7 +481,7 @@ def test_a_postfix_peer_without_starttls_gets_plain_text_when_opportunistic_and_
     assert "\n.leading dot\n..two\nend\n" in dump, "dot-stuffing undone by the peer gives the original"
     assert "Return-Path" not in dump, "our own Return-Path is not sent on"
     assert "X-Mail-Args: <alice@a.test>\n" in dump, "no SIZE= to a peer that did not offer SIZE (RFC 1870)"
-    assert re.search(r"delivery delivered: \S+ to <carol@c\.test> via mx\.c\.test \(tls none\)", net.a.log_text())
+    net.a.wait_for_log(r"delivery delivered: \S+ to <carol@c\.test> via mx\.c\.test \(tls none\)")
 
 
 def test_required_tls_defers_rather_than_send_in_plain_text(net_factory):
@@ -542,7 +543,7 @@ def test_smarthost_with_auth_over_starttls_carries_everything(net_factory, tmp_p
     (msg,) = wait_for_messages(net.b, BOB, 1)
     assert "with ESMTPSA" in msg.get_all("Received")[0], "B received it authenticated over TLS"
     assert "authenticated as bob@b.test" in net.b.log_text()
-    assert re.search(r"via 127\.0\.0\.3 \(tls verified\)", net.a.log_text()), net.a.log_tail()
+    net.a.wait_for_log(r"via 127\.0\.0\.3 \(tls verified\)")
     assert "mx1.b.test" not in net.a.log_text(), "the MX was not used"
 
 
@@ -563,7 +564,7 @@ def test_mta_sts_enforce_delivers_to_a_listed_mx_over_verified_tls(net_factory):
     net = net_factory(mta_sts=policy)
     net.submit([BOB], "sts ok")
     (msg,) = wait_for_messages(net.b, BOB, 1)
-    assert re.search(r"via mx2\.b\.test \(tls verified\)", net.a.log_text()), net.a.log_tail()
+    net.a.wait_for_log(r"via mx2\.b\.test \(tls verified\)")
     assert "MTA-STS policy fetched" in net.a.log_text()
 
 
@@ -582,7 +583,7 @@ def test_without_a_policy_the_same_unverifiable_peer_gets_the_mail_encrypted(net
     net = net_factory(b_untrusted=True)
     net.submit([BOB], "opportunistic")
     wait_for_messages(net.b, BOB, 1)
-    assert re.search(r"via mx2\.b\.test \(tls unverified\)", net.a.log_text()), net.a.log_tail()
+    net.a.wait_for_log(r"via mx2\.b\.test \(tls unverified\)")
 
 
 def test_dsn_parameters_go_on_to_a_peer_that_offers_dsn(net_factory):

@@ -241,7 +241,7 @@ def test_max_connections_is_global_and_refuses_with_421_and_sys_temp(server_fact
     srv.start()
 
     sources = [f"127.0.0.{i}" for i in (1, 2, 3)]
-    held = wait_until(lambda: served_sessions(srv.smtp_port, sources), timeout=10,
+    held = wait_until(lambda: served_sessions([(s, srv.smtp_port) for s in sources]), timeout=10,
                       message="three sessions to be served")
     try:
         extra = connect_from("127.0.0.4", srv.smtp_port)
