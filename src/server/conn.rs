@@ -15,8 +15,26 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 
 /// What a client stream must be: TCP in production, an in-memory pipe in tests.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Resolves once a read may find something (a socket: readable, or closed), so that an idle
+    /// connection waits without an input buffer. Resolving early is allowed: the read that follows
+    /// then waits in the ordinary way.
+    fn readable(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
+impl Io for tokio::net::TcpStream {
+    async fn readable(&self) {
+        // An error (the socket is gone) is the read's to report.
+        let _ = tokio::net::TcpStream::readable(self).await;
+    }
+}
+
+impl Io for tokio::io::DuplexStream {}
+
+/// Input is read this much at a time (at least).
+const READ_CHUNK: usize = 8192;
 
 /// Closing (TLS close_notify, then the linger) takes no longer than this.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -52,7 +70,8 @@ impl<S: Io> Connection<S> {
     pub fn plain(stream: S) -> Connection<S> {
         Connection {
             stream: Some(Either::Left(stream)),
-            input: Vec::with_capacity(8192),
+            // Allocated when input arrives: most of an idle connection's memory was this buffer.
+            input: Vec::new(),
             start: 0,
             received: 0,
         }
@@ -83,10 +102,21 @@ impl<S: Io> Connection<S> {
             self.input.drain(..self.start);
             self.start = 0;
         }
-        self.input.reserve(8192);
         let read = async {
             match &mut self.stream {
-                Some(s) => s.read_buf(&mut self.input).await,
+                Some(s) => {
+                    if self.input.is_empty() {
+                        // Nothing half-read is kept: wait without the buffer (an idle client can
+                        // take minutes), then read into a new one. TLS keeps its own buffers, so
+                        // a TLS stream gains nothing by waiting first.
+                        self.input = Vec::new();
+                        if let Either::Left(plain) = s {
+                            plain.readable().await;
+                        }
+                    }
+                    self.input.reserve(READ_CHUNK);
+                    s.read_buf(&mut self.input).await
+                }
                 None => Ok(0),
             }
         };

@@ -466,6 +466,11 @@ async fn connection(
 
 /// Serves one admitted connection (or refuses it, `busy`): implicit TLS first, within the handshake
 /// timeout (holding its `handshake` place until then), then the protocol.
+///
+/// An async fn's state is as large as the largest future it awaits inline, and every connection,
+/// idle or not, carries its state: the drivers box the rare, large steps (TLS handshakes, AUTH, the
+/// start and end of a message, POP3 login, RETR and UPDATE, closing), so that they cost memory only
+/// while they run (`an_idle_connection_carries_a_small_state`).
 pub async fn serve<S: conn::Io>(
     mut conn: Connection<S>,
     peer: SocketAddr,
@@ -487,7 +492,7 @@ pub async fn serve<S: conn::Io>(
             // A refusal is worth a short handshake only.
             timeout = timeout.min(REFUSAL_HANDSHAKE);
         }
-        if !conn.upgrade(&tls.config, timeout, "connect").await {
+        if !Box::pin(conn.upgrade(&tls.config, timeout, "connect")).await {
             return;
         }
     }

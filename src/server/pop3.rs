@@ -86,8 +86,7 @@ pub async fn serve<S: Io>(
     let mut session = Session::new(settings.clone(), plaintext_ok, stls, banner.clone());
     if busy {
         session.refuse_busy();
-        conn.close(session.outbox(), conn::after(REFUSAL_TIMEOUT))
-            .await;
+        Box::pin(conn.close(session.outbox(), conn::after(REFUSAL_TIMEOUT))).await;
         return;
     }
     let limits = &settings.limits;
@@ -112,7 +111,8 @@ pub async fn serve<S: Io>(
                 continue;
             }
             Event::Login { user, credential } => {
-                let result = login(&shared, &user, credential, banner.as_deref(), ip).await;
+                let result =
+                    Box::pin(login(&shared, &user, credential, banner.as_deref(), ip)).await;
                 session.login_result(result.map(|(drop, listing)| {
                     maildrop = Some(drop);
                     listing
@@ -122,7 +122,16 @@ pub async fn serve<S: Io>(
             Event::Retrieve { index, top } => {
                 let drop = maildrop.as_mut().expect("RETR only after login");
                 let path = drop.paths[index].clone();
-                if !retrieve(&mut conn, &mut session, index, path, top, &deadlines).await {
+                if !Box::pin(retrieve(
+                    &mut conn,
+                    &mut session,
+                    index,
+                    path,
+                    top,
+                    &deadlines,
+                ))
+                .await
+                {
                     return;
                 }
                 if top.is_none() {
@@ -137,7 +146,7 @@ pub async fn serve<S: Io>(
                 }
                 let Some(tls) = &settings.tls else { return };
                 // The core discards whatever came in clear after STLS.
-                if !conn.upgrade(&tls.config, handshake, "STLS").await {
+                if !Box::pin(conn.upgrade(&tls.config, handshake, "STLS")).await {
                     return;
                 }
                 session.tls_started();
@@ -149,14 +158,14 @@ pub async fn serve<S: Io>(
                 let paths: Vec<PathBuf> = delete.iter().map(|&i| drop.paths[i].clone()).collect();
                 let seen = drop.take_seen(&delete);
                 let count = paths.len();
-                let result = blocking(move || {
+                let result = Box::pin(blocking(move || {
                     mark_all_seen(seen);
                     if paths.is_empty() {
                         Ok(())
                     } else {
                         storage::expunge(&dir, &paths)
                     }
-                })
+                }))
                 .await;
                 match &result {
                     Ok(()) => tracing::info!(deleted = count, "mailbox updated"),
@@ -166,7 +175,7 @@ pub async fn serve<S: Io>(
                 continue;
             }
             Event::Close => {
-                conn.close(session.outbox(), deadlines.reply()).await;
+                Box::pin(conn.close(session.outbox(), deadlines.reply())).await;
                 return;
             }
         }

@@ -38,8 +38,7 @@ pub async fn serve<S: Io>(
     let mut session = Session::new(settings.clone(), peer.ip(), channel);
     if busy {
         session.refuse_busy();
-        conn.close(session.outbox(), conn::after(REFUSAL_TIMEOUT))
-            .await;
+        Box::pin(conn.close(session.outbox(), conn::after(REFUSAL_TIMEOUT))).await;
         return;
     }
     let mut deadlines = Deadlines::new(
@@ -67,7 +66,7 @@ pub async fn serve<S: Io>(
                 }
                 conn.consume(used);
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
-                    message.write_pending().await;
+                    Box::pin(message.write_pending()).await;
                 }
                 continue;
             }
@@ -75,14 +74,14 @@ pub async fn serve<S: Io>(
             Event::MessageStart => {
                 conn.consume(used);
                 deadlines.new_transfer();
-                message.start(&shared, &session).await;
+                Box::pin(message.start(&shared, &session)).await;
                 continue;
             }
             Event::MessageBytes => {
                 conn.consume(used);
                 message.append_content(&session.take_message_bytes());
                 if message.pending.len() >= SPOOL_WRITE_CHUNK {
-                    message.write_pending().await;
+                    Box::pin(message.write_pending()).await;
                 }
                 continue;
             }
@@ -95,7 +94,7 @@ pub async fn serve<S: Io>(
                 conn.consume(used);
                 // The tail of a last BDAT chunk (nothing for DATA).
                 message.append_content(&session.take_message_bytes());
-                match message.finish(&shared, &session).await {
+                match Box::pin(message.finish(&shared, &session)).await {
                     Ok(id) => session.message_stored(Ok(&id)),
                     Err(Refusal::Temporary) => session.message_stored(Err(reply::STORAGE_FAILED)),
                     Err(Refusal::Full) => session.message_stored(Err(reply::STORAGE_FULL)),
@@ -111,7 +110,7 @@ pub async fn serve<S: Io>(
                 session.outbox().clear();
                 let Some(tls) = &settings.tls else { return };
                 // The core discards whatever came in clear after STARTTLS (CVE-2011-0411).
-                if !conn.upgrade(&tls.config, handshake, "STARTTLS").await {
+                if !Box::pin(conn.upgrade(&tls.config, handshake, "STARTTLS")).await {
                     return;
                 }
                 session.tls_started();
@@ -119,16 +118,17 @@ pub async fn serve<S: Io>(
             }
             Event::Authenticate { user, password } => {
                 conn.consume(used);
-                let outcome = match check_password(&shared, peer.ip(), &user, password).await {
-                    Login::Accepted(account) => AuthOutcome::Accepted(account),
-                    Login::Rejected => AuthOutcome::Rejected,
-                    Login::Throttled => AuthOutcome::Throttled,
-                };
+                let outcome =
+                    match Box::pin(check_password(&shared, peer.ip(), &user, password)).await {
+                        Login::Accepted(account) => AuthOutcome::Accepted(account),
+                        Login::Rejected => AuthOutcome::Rejected,
+                        Login::Throttled => AuthOutcome::Throttled,
+                    };
                 session.auth_result(outcome);
                 continue;
             }
             Event::Close => {
-                conn.close(session.outbox(), deadlines.reply()).await;
+                Box::pin(conn.close(session.outbox(), deadlines.reply())).await;
                 return;
             }
         }
