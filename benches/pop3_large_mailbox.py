@@ -14,37 +14,15 @@ Asserts nothing about speed; it does check that both servers list the same messa
 """
 
 import argparse
-import os
 import poplib
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-USER = "alice@example.test"
-PASSWORD = "bench-password"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port):
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port)).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on {port}")
-
+from benchlib import PASSWORD, REPO, sha512_crypt, work_dir
+from servers import USER, Dovecot, Rustmail
 
 def write_maildir(root: Path, messages: int, foreign: bool) -> int:
     for sub in ("cur", "new", "tmp"):
@@ -92,74 +70,27 @@ def measure(port, runs):
 
 
 def run_rustmail(work, maildir_src, hashed, binary, runs):
-    state = work / "rustmail"
-    shutil.copytree(maildir_src, state / "mail/example.test/alice")
-    smtp, pop3 = free_port(), free_port()
-    config = work / "rustmail.toml"
-    config.write_text(f"""hostname = "mx.test"
-domains = ["example.test"]
-storage_root = "{state}"
-[listen]
-smtp = ["127.0.0.1:{smtp}"]
-pop3 = ["127.0.0.1:{pop3}"]
-[accounts."{USER}"]
-password_hash = "{hashed}"
-""")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUSTMAIL_")}
-    server = subprocess.Popen([binary, "serve", "--config", str(config)], stderr=subprocess.DEVNULL, env=env)
+    server = Rustmail(work, Path(binary), [USER], hashed)
+    server.prepare()
+    shutil.copytree(maildir_src, server.maildir(USER))
+    server.start(prepare=False)
     try:
-        wait_port(pop3)
-        return measure(pop3, runs)
+        return measure(server.pop3_port, runs)
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 def run_dovecot(work, maildir_src, hashed, runs):
     if shutil.which("dovecot") is None:
         return None
-    home = work / "dovecot"
-    maildir = home / "Maildir"
-    shutil.copytree(maildir_src, maildir)
-    for sub in ("run", "state"):
-        (home / sub).mkdir()
-    subprocess.run(["chown", "-R", "nobody:nogroup", str(maildir)], check=True)
-    os.chmod(work, 0o755)
-    os.chmod(home, 0o755)
-    port = free_port()
-    (home / "passwd").write_text(f"{USER}:{hashed}:65534:65534::{home}::userdb_mail=maildir:{maildir}\n")
-    conf = home / "dovecot.conf"
-    conf.write_text(f"""base_dir = {home}/run
-state_dir = {home}/state
-log_path = {home}/dovecot.log
-protocols = pop3
-listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-default_login_user = dovenull
-default_internal_user = dovecot
-pop3_uidl_format = %f
-passdb {{
-  driver = passwd-file
-  args = scheme=SHA512-CRYPT {home}/passwd
-}}
-userdb {{
-  driver = passwd-file
-  args = {home}/passwd
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    port = {port}
-  }}
-}}
-""")
-    subprocess.run(["dovecot", "-c", str(conf)], check=True)
+    server = Dovecot(work, [USER], hashed)
+    server.prepare()
+    shutil.copytree(maildir_src, server.maildir(USER))
+    server.start(prepare=False)
     try:
-        wait_port(port)
-        return measure(port, runs)
+        return measure(server.pop3_port, runs)
     finally:
-        subprocess.run(["dovecot", "-c", str(conf), "stop"], check=False)
+        server.stop()
 
 
 def main():
@@ -170,12 +101,11 @@ def main():
     ap.add_argument("--binary", default=str(REPO / "target/release/rustmail"))
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="rustmail-bench-"))
+    work = work_dir()
     try:
         total = write_maildir(work / "source", args.messages, args.foreign)
         # The same SHA-512-crypt hash for both servers, so that password checking costs the same.
-        import crypt  # noqa: PLC0415 (deprecated but present in 3.11; only the benchmark uses it)
-        hashed = crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_SHA512))
+        hashed = sha512_crypt(PASSWORD)
         ours = run_rustmail(work, work / "source", hashed, args.binary, args.runs)
         theirs = run_dovecot(work, work / "source", hashed, args.runs)
         kind = "foreign names (sizes read from files)" if args.foreign else "rustmail names (sizes in names)"
