@@ -26,8 +26,22 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 
 impl Io for tokio::net::TcpStream {
     async fn readable(&self) {
-        // An error (the socket is gone) is the read's to report.
-        let _ = tokio::net::TcpStream::readable(self).await;
+        // Readiness can be stale (an accepted socket starts out marked readable): a one-octet peek,
+        // which consumes nothing, tells. Its WouldBlock, inside try_io, clears the mark, and the wait
+        // goes on. Bytes, the end of the stream or an error: the read that follows reports them.
+        loop {
+            if tokio::net::TcpStream::readable(self).await.is_err() {
+                return;
+            }
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            let peeked = self.try_io(tokio::io::Interest::READABLE, || {
+                socket2::SockRef::from(self).peek(&mut probe)
+            });
+            match peeked {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                _ => return,
+            }
+        }
     }
 }
 
@@ -358,6 +372,33 @@ pub fn transfer_allowance(octets: u64, min_rate: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_idle_client_over_tcp_is_waited_for_without_an_input_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::plain(server);
+        assert!(
+            conn.write(b"220 hello\r\n", after(Duration::from_secs(5)))
+                .await
+        );
+        let idle = after(Duration::from_millis(200));
+        assert_eq!(
+            conn.read(idle, std::future::pending()).await,
+            Input::Timeout
+        );
+        assert_eq!(conn.input.capacity(), 0, "the wait held a buffer");
+        client.write_all(b"EHLO x\r\n").await.unwrap();
+        let soon = after(Duration::from_secs(5));
+        assert_eq!(conn.read(soon, std::future::pending()).await, Input::Data);
+        assert_eq!(conn.pending(), b"EHLO x\r\n");
+        conn.consume(8);
+        drop(client);
+        assert_eq!(conn.read(soon, std::future::pending()).await, Input::Eof);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn read_ends_at_the_absolute_deadline_however_often_bytes_trickle() {
