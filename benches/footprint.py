@@ -218,8 +218,10 @@ def main() -> int:
     startups, mib, messages = (1, 1, 20) if args.smoke else (args.startups, args.large_mib, 200)
     work = work_dir()
     hashed = sha512_crypt(PASSWORD)
-    rustmail = Rustmail(work, binary, [USER], hashed)
-    postfix, dovecot = Postfix(work), Dovecot(work, [USER], hashed)
+    # Both take the large message (their defaults refuse it: Postfix's above 10 MB).
+    limit = (mib + 8) * 2**20
+    rustmail = Rustmail(work, binary, [USER], hashed, max_message_size=limit)
+    postfix, dovecot = Postfix(work, max_message_size=limit), Dovecot(work, [USER], hashed)
     results: dict = {"startup": [], "large": [], "fsync": []}
     problems = []
     try:

@@ -21,8 +21,10 @@ class Rustmail:
 
     name = "rustmail"
 
-    def __init__(self, work: Path, binary: Path, users: list[str], password_hash: str) -> None:
+    def __init__(self, work: Path, binary: Path, users: list[str], password_hash: str,
+                 max_message_size: int | None = None) -> None:
         self.work, self.binary, self.users, self.hash = work / "rustmail", binary, users, password_hash
+        self.max_message_size = max_message_size
         self.proc = None
         self.log = None
 
@@ -45,6 +47,7 @@ pop3 = ["127.0.0.1:{self.pop3_port}"]
 [limits]
 max_connections = 1100
 max_connections_per_ip = 1100
+{f"max_message_size = {self.max_message_size}" if self.max_message_size else ""}
 {accounts}""")
 
     @property
@@ -86,8 +89,9 @@ class Postfix:
 
     name = "postfix"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, max_message_size: int | None = None) -> None:
         self.work = work / "postfix"
+        self.max_message_size = max_message_size
 
     def prepare(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -136,6 +140,10 @@ smtpd_client_message_rate_limit = 0
 default_process_limit = 1100
 biff = no
 """)
+        if self.max_message_size:
+            with open(etc / "main.cf", "a") as f:
+                f.write(f"message_size_limit = {self.max_message_size}\n"
+                        f"virtual_mailbox_limit = {2 * self.max_message_size}\n")
         # The machine's /etc/postfix stays as it is: this mount namespace sees ours there.
         subprocess.run(["mount", "--bind", str(etc), "/etc/postfix"], check=True)
 
