@@ -75,6 +75,16 @@ impl Harness {
         (client, task)
     }
 
+    /// Stores `body` (LF line ends, as stored) for alice.
+    fn deliver_body(&self, body: &[u8]) {
+        let settings = self.shared.settings();
+        let account = settings.directory.account("alice@example.org").unwrap();
+        let maildir = self.shared.store.ensure_maildir(account).unwrap();
+        let mut spool = self.shared.store.spool().unwrap();
+        spool.append(body).unwrap();
+        spool.deliver(&[maildir], None).unwrap();
+    }
+
     /// Stores a message of `size` octets for alice.
     fn deliver(&self, size: usize) {
         let settings = self.shared.settings();
@@ -314,4 +324,70 @@ async fn an_idle_connection_carries_a_small_state() {
             "{protocol:?}: {size} octets of state per connection"
         );
     }
+}
+
+#[tokio::test]
+async fn pipelined_retrs_give_every_message_exactly_whatever_was_read_ahead() {
+    // RETR of a small message reads the small ones after it in the same trip; a large one (here the
+    // 21st, 100 KiB) ends a read-ahead and is streamed. Every RETR, in order, again out of order, and
+    // TOP, must give exactly the stored message.
+    let h = Harness::new(|_| {});
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    for i in 0..45 {
+        let mut body = format!("Subject: message {i}\n\nThe body of message {i}.\n").into_bytes();
+        if i == 20 {
+            while body.len() < 100 * 1024 {
+                body.extend_from_slice(
+                    b"A long line of the one large message in this mailbox, far past the head.\n",
+                );
+            }
+        }
+        h.deliver_body(&body);
+        bodies.push(body);
+    }
+    let (mut client, _task) = h.connect(Protocol::Pop3, 1 << 22);
+    read_until(&mut client, "+OK").await;
+    client
+        .write_all(b"USER alice@example.org\r\nPASS pw\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, "maildrop has 45").await;
+    let mut commands = String::new();
+    for n in 1..=45 {
+        commands.push_str(&format!("RETR {n}\r\n"));
+    }
+    commands.push_str("RETR 30\r\nRETR 2\r\nTOP 7 0\r\nRETR 44\r\nQUIT\r\n");
+    client.write_all(commands.as_bytes()).await.unwrap();
+    let got = read_until(&mut client, "signing off").await;
+    // Each answer: "+OK ...\r\n", the message in CRLF form, ".\r\n".
+    let answers: Vec<Vec<u8>> = got
+        .split("\r\n.\r\n")
+        .filter(|a| a.contains("+OK") && !a.contains("signing off"))
+        .filter_map(|a| a.split_once("+OK").map(|(_, rest)| rest.to_string()))
+        .filter_map(|a| {
+            a.split_once("\r\n")
+                .map(|(_, msg)| format!("{msg}\r\n").replace("\r\n", "\n").into_bytes())
+        })
+        .collect();
+    assert_eq!(answers.len(), 49, "45 + 4 multi-line answers");
+    let mut seen = answers[..45].to_vec();
+    seen.sort();
+    let mut stored = bodies.clone();
+    stored.sort();
+    assert!(
+        seen == stored,
+        "the 45 RETRs gave exactly the 45 stored messages"
+    );
+    assert_eq!(answers[45], answers[29], "RETR 30 again");
+    assert_eq!(
+        answers[46], answers[1],
+        "RETR 2 again, after the read-ahead moved on"
+    );
+    let head_of_7 = String::from_utf8(answers[6].clone()).unwrap();
+    let head_of_7 = head_of_7.split_once("\n\n").unwrap().0;
+    assert_eq!(
+        String::from_utf8(answers[47].clone()).unwrap(),
+        format!("{head_of_7}\n\n")
+    );
+    assert_eq!(answers[48], answers[43], "RETR 44 again");
 }
