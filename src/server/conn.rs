@@ -17,30 +17,29 @@ use tokio_util::either::Either;
 /// What a client stream must be: TCP in production, an in-memory pipe in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Resolves once a read may find something (a socket: readable, or closed), so that an idle
-    /// connection waits without an input buffer. Resolving early is allowed: the read that follows
-    /// then waits in the ordinary way.
-    fn readable(&self) -> impl Future<Output = ()> + Send {
+    /// connection waits without an input buffer; `first`: nothing has been read from the stream yet.
+    /// Resolving early is allowed: the read that follows then waits in the ordinary way.
+    fn readable(&self, first: bool) -> impl Future<Output = ()> + Send {
+        let _ = first;
         std::future::ready(())
     }
 }
 
 impl Io for tokio::net::TcpStream {
-    async fn readable(&self) {
-        // Readiness can be stale (an accepted socket starts out marked readable): a one-octet peek,
-        // which consumes nothing, tells. Its WouldBlock, inside try_io, clears the mark, and the wait
-        // goes on. Bytes, the end of the stream or an error: the read that follows reports them.
-        loop {
-            if tokio::net::TcpStream::readable(self).await.is_err() {
-                return;
-            }
-            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-            let peeked = self.try_io(tokio::io::Interest::READABLE, || {
-                socket2::SockRef::from(self).peek(&mut probe)
-            });
-            match peeked {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                _ => return,
-            }
+    async fn readable(&self, first: bool) {
+        // tokio clears a socket's readiness after a read that did not fill the buffer, so later
+        // waits are real. Only an accepted socket's first one can be stale (it starts out marked
+        // readable): a one-octet peek, which consumes nothing, tells, and its WouldBlock, inside
+        // try_io, clears the mark. Bytes, the end of the stream or an error: the read reports them.
+        if tokio::net::TcpStream::readable(self).await.is_err() || !first {
+            return;
+        }
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let peeked = self.try_io(tokio::io::Interest::READABLE, || {
+            socket2::SockRef::from(self).peek(&mut probe)
+        });
+        if peeked.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock) {
+            let _ = tokio::net::TcpStream::readable(self).await;
         }
     }
 }
@@ -125,7 +124,7 @@ impl<S: Io> Connection<S> {
                         // a TLS stream gains nothing by waiting first.
                         self.input = Vec::new();
                         if let Either::Left(plain) = s {
-                            plain.readable().await;
+                            plain.readable(self.received == 0).await;
                         }
                     }
                     self.input.reserve(READ_CHUNK);
@@ -396,6 +395,16 @@ mod tests {
         assert_eq!(conn.read(soon, std::future::pending()).await, Input::Data);
         assert_eq!(conn.pending(), b"EHLO x\r\n");
         conn.consume(8);
+        // Idle again after a read: the wait still holds no buffer (and does not peek to know it).
+        let idle = after(Duration::from_millis(200));
+        assert_eq!(
+            conn.read(idle, std::future::pending()).await,
+            Input::Timeout
+        );
+        assert_eq!(conn.input.capacity(), 0, "the second wait held a buffer");
+        // The client reads the greeting first: closing with it unread would send a reset, not EOF.
+        let mut greeting = [0u8; 11];
+        client.read_exact(&mut greeting).await.unwrap();
         drop(client);
         assert_eq!(conn.read(soon, std::future::pending()).await, Input::Eof);
     }
