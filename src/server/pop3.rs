@@ -391,16 +391,15 @@ async fn retrieve<S: Io>(
     let mut encoder = Encoder::new(top);
     let mut out = std::mem::take(session.outbox());
     encoder.encode(&head, &mut out);
-    if head.len() < HEAD || encoder.is_done() {
-        encoder.finish(&mut out);
-        return conn.write(&out, deadlines.download_step(deadline)).await;
-    }
-    // A large message: stream the rest with bounded memory.
-    let Some(file) = file else {
-        // Only whole messages are read ahead (shorter than HEAD): never here, and whole if it were.
-        encoder.finish(&mut out);
-        return conn.write(&out, deadlines.download_step(deadline)).await;
+    // Whole already (what was read ahead is: it has no file), or all that TOP asked for.
+    let file = match file {
+        Some(file) if head.len() >= HEAD && !encoder.is_done() => file,
+        _ => {
+            encoder.finish(&mut out);
+            return conn.write(&out, deadlines.download_step(deadline)).await;
+        }
     };
+    // A large message: stream the rest with bounded memory.
     let mut file = tokio::fs::File::from_std(file);
     let mut chunk = vec![0u8; HEAD];
     loop {

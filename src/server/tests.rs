@@ -87,18 +87,13 @@ impl Harness {
 
     /// Stores a message of `size` octets for alice.
     fn deliver(&self, size: usize) {
-        let settings = self.shared.settings();
-        let account = settings.directory.account("alice@example.org").unwrap();
-        let maildir = self.shared.store.ensure_maildir(account).unwrap();
-        let mut spool = self.shared.store.spool().unwrap();
         let mut body = b"Subject: big\n\n".to_vec();
         while body.len() < size {
             body.extend_from_slice(
                 b"0123456789012345678901234567890123456789012345678901234567890123456789\n",
             );
         }
-        spool.append(&body).unwrap();
-        spool.deliver(&[maildir], None).unwrap();
+        self.deliver_body(&body);
     }
 }
 
