@@ -136,6 +136,18 @@ def median_spread(values: list[float], digits: int = 0) -> str:
     return f"{f.format(statistics.median(values))} ({f.format(min(values))}-{f.format(max(values))})"
 
 
+def report(problems: list[str], results, json_path: str | None) -> int:
+    """The end of every benchmark: the raw figures to `json_path` (when given), each problem printed;
+    the exit status (1 when there was one)."""
+    import json  # noqa: PLC0415
+
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    return 1 if problems else 0
+
+
 def in_namespaces(script: str) -> None:
     """Re-executes the running script in network and mount namespaces of its own, with loopback up."""
     if os.environ.get("RUSTMAIL_BENCH_NS") == "1":

@@ -21,8 +21,8 @@ Asserts nothing about speed or size; it does check that the message came through
 from __future__ import annotations
 
 import argparse
-import json
 import poplib
+import shutil
 import smtplib
 import socket
 import statistics
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import DOMAIN, PASSWORD, REPO, ensure_debian, in_namespaces, peak_rss_kib, sha512_crypt, work_dir
+from benchlib import DOMAIN, PASSWORD, REPO, ensure_debian, in_namespaces, peak_rss_kib, report, sha512_crypt, work_dir
 from servers import USER, Dovecot, Postfix, Rustmail
 
 
@@ -262,15 +262,9 @@ def main() -> int:
         print(f"sync calls per message ({messages} x 4 KiB over 4 connections, strace -f)")
         for r in results["fsync"]:
             print(f"  {r['server']:9} {r['per_message']:5.2f}  {r['sync_calls']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
     finally:
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(work, ignore_errors=True)
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    return 1 if problems else 0
+    return report(problems, results, args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ downloaded intact and that every mailbox is empty afterwards, and exits 1 if not
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -25,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (DOMAIN, PASSWORD, REPO, ensure_debian, idle_connections, in_namespaces, median_spread, sha512_crypt,
-                      work_dir)
+from benchlib import (DOMAIN, PASSWORD, REPO, ensure_debian, idle_connections, in_namespaces, median_spread, report,
+                      sha512_crypt, work_dir)
 from servers import Dovecot, Rustmail
 
 CLIENTS = Path("/dev/shm/rustmail-bench-pop3")
@@ -157,13 +156,9 @@ def main() -> int:
                       f" {res['pss_kib'] / 1024:>11.1f} MiB {res['processes']:>10}")
                 if res["greeted"] != 1000:
                     problems.append(f"{server.name}: {res['greeted']} of 1000 idle connections greeted")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    return 1 if problems else 0
+    return report(problems, results, args.json)
 
 
 if __name__ == "__main__":

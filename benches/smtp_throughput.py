@@ -20,7 +20,6 @@ every message arrived, and exits 1 if one did not.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -28,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (DOMAIN, PASSWORD, REPO, count_files, ensure_debian, idle_connections, in_namespaces, sha512_crypt,
-                      work_dir)
+from benchlib import (DOMAIN, PASSWORD, REPO, count_files, ensure_debian, idle_connections, in_namespaces, report,
+                      sha512_crypt, work_dir)
 from servers import USER, Postfix, Rustmail, Sink
 
 SCENARIOS = [  # (message size in octets, parallel connections)
@@ -121,11 +120,7 @@ def measure(args, servers, scenarios, runs, messages, results, problems) -> int:
             results.append(res)
             print(f"{server.name:30} {res['greeted']:>8} {res['pss_kib_before'] / 1024:>9.1f} MiB"
                   f" {res['pss_kib'] / 1024:>11.1f} MiB {res['processes']:>10}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    return 1 if problems else 0
+    return report(problems, results, args.json)
 
 
 if __name__ == "__main__":
