@@ -159,11 +159,15 @@ pub async fn serve<S: Io>(
                 let paths: Vec<PathBuf> = delete.iter().map(|&i| drop.paths[i].clone()).collect();
                 let seen = drop.take_seen(&delete);
                 let count = paths.len();
+                let store = shared.store.clone();
                 let result = Box::pin(blocking(move || {
                     mark_all_seen(seen);
                     if paths.is_empty() {
                         Ok(())
                     } else {
+                        // A message deleted before the journal settled it would come back after a
+                        // crash: wait for that first (at once when nothing is waiting).
+                        store.barrier()?;
                         storage::expunge(&dir, &paths)
                     }
                 }))

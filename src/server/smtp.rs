@@ -74,7 +74,7 @@ pub async fn serve<S: Io>(
             Event::MessageStart => {
                 conn.consume(used);
                 deadlines.new_transfer();
-                Box::pin(message.start(&shared, &session)).await;
+                message.start(&shared, &session);
                 continue;
             }
             Event::MessageBytes => {
@@ -192,10 +192,11 @@ struct Message {
 }
 
 impl Message {
-    async fn start(&mut self, shared: &Arc<Shared>, session: &Session) {
+    /// Starts a message: its queue id and trace headers (no disk I/O: the spool file is created at the
+    /// first write).
+    fn start(&mut self, shared: &Arc<Shared>, session: &Session) {
         self.discard();
-        let shared2 = shared.clone();
-        match blocking(move || shared2.store.spool()).await {
+        match shared.store.spool() {
             Ok(spool) => {
                 let date = chrono::Local::now().to_rfc2822();
                 if session.envelope().is_some_and(|e| e.submitter.is_some()) {
@@ -271,6 +272,19 @@ impl Message {
         }
     }
 
+    /// Why a message whose spool file could not be created or written is refused (and forgets it).
+    fn storage_refusal(&mut self, shared: &Arc<Shared>) -> Refusal {
+        let (full, received) = (self.full, self.received);
+        self.discard();
+        if full && shared.store.never_fits(received) {
+            Refusal::Permanent(reply::LARGER_THAN_STORAGE)
+        } else if full {
+            Refusal::Full
+        } else {
+            Refusal::Temporary
+        }
+    }
+
     /// Makes the message durable; returns its queue id.
     async fn finish(&mut self, shared: &Arc<Shared>, session: &Session) -> Result<String, Refusal> {
         let envelope = session.envelope().expect("a message has an envelope");
@@ -281,21 +295,14 @@ impl Message {
                 return Err(Refusal::Permanent(reply));
             }
         }
-        self.write_pending().await;
-        let spool = match (self.spool.take(), self.failed) {
+        // The last bytes are written in the same trip to the store as the delivery: one hand-off to
+        // a blocking thread per (small) message, not one per step.
+        let pending = std::mem::take(&mut self.pending);
+        let mut spool = match (self.spool.take(), self.failed) {
             (Some(spool), false) => spool,
-            _ => {
-                let (full, received) = (self.full, self.received);
-                self.discard();
-                return Err(if full && shared.store.never_fits(received) {
-                    Refusal::Permanent(reply::LARGER_THAN_STORAGE)
-                } else if full {
-                    Refusal::Full
-                } else {
-                    Refusal::Temporary
-                });
-            }
+            _ => return Err(self.storage_refusal(shared)),
         };
+        let received = self.received;
         let from = envelope
             .from
             .as_ref()
@@ -303,7 +310,7 @@ impl Message {
         let rcpts: Vec<String> = envelope.recipients.iter().map(|m| m.raw.clone()).collect();
         let accounts = envelope.mailboxes.clone();
         let id = spool.id().to_string();
-        let size = spool.size();
+        let (size, lines, eight_bit) = spool.stats_with(&pending);
         // Recipients at other domains: queued, in the same all-or-nothing step as local delivery.
         // The message as the queue and the delivery reports know it.
         let message = Entry {
@@ -314,10 +321,10 @@ impl Message {
             // Needed only when an address, or the header (8-bit then), is UTF-8.
             smtputf8: envelope.from.as_ref().is_some_and(|m| m.is_utf8())
                 || envelope.remote.iter().any(|(m, _)| m.is_utf8())
-                || (envelope.smtputf8 && spool.eight_bit()),
-            eight_bit: spool.eight_bit(),
+                || (envelope.smtputf8 && eight_bit),
+            eight_bit,
             size,
-            lines: spool.lines(),
+            lines,
             ret_full: envelope.dsn.ret_full,
             envid: envelope.dsn.envid.clone(),
             recipients: Vec::new(),
@@ -352,8 +359,12 @@ impl Message {
         };
         let shared2 = shared.clone();
         let entry = queued.clone();
+        // Ok(Err(e)): the spool file could not be written; Err(e): the delivery failed.
         let result = blocking(move || {
             let _guard = guard;
+            if let Err(e) = spool.append(&pending) {
+                return Ok(Err(e));
+            }
             let queue = &shared2.outbox.queue;
             // What a NOTIFY=SUCCESS notice returns is read before the spool file goes.
             let original =
@@ -363,9 +374,20 @@ impl Message {
                 .map(|a| shared2.store.ensure_maildir(a))
                 .collect::<std::io::Result<Vec<_>>>()
                 .and_then(|maildirs| spool.deliver(&maildirs, entry.as_ref().map(|e| (queue, e))))
-                .map(|()| original)
+                .map(|()| Ok(original))
         })
         .await;
+        let result = match result {
+            Ok(Err(e)) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot write the spool file");
+                self.failed = true;
+                self.full = is_full(&e);
+                self.received = received;
+                return Err(self.storage_refusal(shared));
+            }
+            Ok(Ok(original)) => Ok(original),
+            Err(e) => Err(e),
+        };
         if let (Ok(_), Some(entry)) = (&result, queued) {
             shared.outbox.queued(entry);
         }

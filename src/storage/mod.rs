@@ -20,6 +20,7 @@
 //! are in `spool.rs`, reading and changing a Maildir as POP3 does in `maildir.rs`.
 
 mod group_sync;
+mod journal;
 mod maildir;
 pub mod queue;
 mod spool;
@@ -48,6 +49,8 @@ pub struct Store {
     /// The host part of Maildir names, with `/`, `:` and `,` escaped as the Maildir convention asks.
     host: String,
     seq: AtomicU64,
+    /// Group commit of small local deliveries (`journal.rs`). Dropped before the lock.
+    journal: Option<journal::Journal>,
     /// Held for the life of the store: see [`lock_root`].
     _lock: Flock<File>,
 }
@@ -57,8 +60,9 @@ impl Store {
     /// Fails if another instance has the root open.
     pub fn open(root: &Path, hostname: &str) -> io::Result<Store> {
         ensure_dir_all(root)?;
-        let store = Store {
+        let mut store = Store {
             _lock: lock_root(root)?,
+            journal: None,
             root: root.to_path_buf(),
             host: hostname
                 .replace('/', "\\057")
@@ -74,7 +78,33 @@ impl Store {
             let _ = fs::remove_file(entry?.path());
         }
         store.probe()?;
+        // After the probe: a store that cannot be written is refused for that, with its message. The
+        // replay of what a crash left unsettled must succeed, or acknowledged mail could be missing.
+        let (journal, replayed) = journal::Journal::open(root).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot open or replay the delivery journal {}: {e}",
+                    root.join("journal").display()
+                ),
+            )
+        })?;
+        if replayed > 0 {
+            tracing::warn!(
+                replayed,
+                "the delivery journal put back {replayed} message copies a crash had left unsettled"
+            );
+        }
+        store.journal = Some(journal);
         Ok(store)
+    }
+
+    /// Returns once every message acknowledged so far is durable in its Maildirs without the journal:
+    /// POP3 calls it before deleting, so that a crash never brings deleted mail back.
+    pub fn barrier(&self) -> io::Result<()> {
+        self.journal
+            .as_ref()
+            .map_or(Ok(()), |j| j.inner().barrier())
     }
 
     pub fn root(&self) -> &Path {
@@ -147,7 +177,7 @@ impl Store {
         Ok(dir)
     }
 
-    /// Starts receiving a message into the spool.
+    /// Starts receiving a message into the spool (its file is created at the first write).
     pub fn spool(&self) -> io::Result<Spool> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -162,7 +192,7 @@ impl Store {
             seq
         );
         let name = format!("{id}.{}", self.host);
-        Spool::create(self.spool_dir().join(&id), id, name)
+        Spool::create(self.spool_dir().join(&id), id, name, self.journal.as_ref())
     }
 }
 
@@ -242,9 +272,10 @@ fn create_dir(path: &Path) -> io::Result<()> {
     chmod
 }
 
-/// Creates a new owner-only file (O_EXCL), for writing; the chmod as in [`create_dir`].
+/// Creates a new owner-only file (O_EXCL), for writing and reading back; the chmod as in [`create_dir`].
 fn create_new(path: &Path) -> io::Result<File> {
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(FILE_MODE)

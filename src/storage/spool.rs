@@ -6,15 +6,19 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::journal::{self, Journal};
 use super::queue::{Entry, Queue};
 use super::{create_new, fsync_dir};
 
-/// A message being received. Dropped without [`Spool::deliver`], it removes itself.
+/// A message being received. Its file is created at the first write (so that starting a message costs
+/// no trip to the disk); dropped without [`Spool::deliver`], it removes itself.
 #[derive(Debug)]
 pub struct Spool {
-    file: File,
+    file: Option<File>,
     path: PathBuf,
     id: String,
     /// Maildir base name (id and host).
@@ -23,13 +27,21 @@ pub struct Spool {
     lines: u64,
     eight_bit: bool,
     delivered: bool,
+    /// The store's journal, when it has one: small local deliveries are committed there.
+    journal: Option<Arc<journal::Inner>>,
 }
 
 impl Spool {
     /// `path` is in the spool; `name` is the Maildir base name (id and host).
-    pub(super) fn create(path: PathBuf, id: String, name: String) -> io::Result<Spool> {
+    pub(super) fn create(
+        path: PathBuf,
+        id: String,
+        name: String,
+        journal: Option<&Journal>,
+    ) -> io::Result<Spool> {
         Ok(Spool {
-            file: create_new(&path)?,
+            journal: journal.map(Journal::inner),
+            file: None,
             path,
             name,
             id,
@@ -60,14 +72,31 @@ impl Spool {
         self.lines
     }
 
+    /// Size, line count and 8-bitness as they will be once `more` is appended.
+    pub fn stats_with(&self, more: &[u8]) -> (u64, u64, bool) {
+        (
+            self.size + more.len() as u64,
+            self.lines + more.iter().filter(|&&b| b == b'\n').count() as u64,
+            self.eight_bit || !more.is_ascii(),
+        )
+    }
+
     /// Whether any octet above 127 was written (8BITMIME content).
     pub fn eight_bit(&self) -> bool {
         self.eight_bit
     }
 
+    /// The spool file, created (O_EXCL, 0600) on first use.
+    fn file(&mut self) -> io::Result<&File> {
+        if self.file.is_none() {
+            self.file = Some(create_new(&self.path)?);
+        }
+        Ok(self.file.as_ref().expect("just created"))
+    }
+
     /// Appends LF-terminated text (no CR: the SMTP session refuses messages with bare CR).
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        self.file()?.write_all(bytes)?;
         self.size += bytes.len() as u64;
         self.lines += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
         self.eight_bit |= !bytes.is_ascii();
@@ -87,13 +116,21 @@ impl Spool {
         queued: Option<(&Queue, &Entry)>,
         link: Link,
     ) -> io::Result<()> {
-        self.file.sync_all()?;
+        let name = format!("{},S={},W={}", self.name, self.size, self.size + self.lines);
+        if queued.is_none()
+            && self.size <= journal::MAX_MESSAGE
+            && !maildirs.is_empty()
+            && let Some(journal) = self.journal.clone()
+            && self.deliver_journalled(&journal, maildirs, &name, link)?
+        {
+            return Ok(());
+        }
+        self.file()?.sync_all()?;
         // Queued first: a failure after it takes the entry back out (a crash leaves a duplicate for the
         // remote recipients of a message the client will send again, never a loss).
         if let Some((queue, entry)) = queued {
             queue.enqueue(&self.path, entry)?;
         }
-        let name = format!("{},S={},W={}", self.name, self.size, self.size + self.lines);
         let mut done: Vec<PathBuf> = Vec::new();
         for dir in maildirs {
             match deliver_into(&self.path, dir, &name, link) {
@@ -102,12 +139,7 @@ impl Spool {
                     if let Some((queue, entry)) = queued {
                         let _ = queue.remove(&entry.id);
                     }
-                    for path in &done {
-                        let _ = fs::remove_file(path);
-                        if let Some(parent) = path.parent() {
-                            let _ = fsync_dir(parent);
-                        }
-                    }
+                    take_back(&done);
                     return Err(e);
                 }
             }
@@ -116,11 +148,59 @@ impl Spool {
         let _ = fs::remove_file(&self.path);
         Ok(())
     }
+
+    /// Commits the message to the journal (durable once this returns `Ok(true)`), links it into every
+    /// Maildir and leaves the fsyncs there to the journal's settling thread. `Ok(false)`: not
+    /// journalled (no room, or a Maildir that cannot be hard-linked into), nothing done: deliver it the
+    /// direct way. A failure after the commit takes the links back out and cancels the commit.
+    fn deliver_journalled(
+        &mut self,
+        journal: &journal::Inner,
+        maildirs: &[PathBuf],
+        name: &str,
+        link: Link,
+    ) -> io::Result<bool> {
+        let mut body = vec![0; self.size as usize];
+        self.file()?.read_exact_at(&mut body, 0)?;
+        let Some(seq) = journal.commit(maildirs, name, &body)? else {
+            return Ok(false);
+        };
+        let mut done: Vec<PathBuf> = Vec::new();
+        for dir in maildirs {
+            match link_into(&self.path, dir, name, link) {
+                Ok(path) => done.push(path),
+                Err(e) => {
+                    take_back(&done);
+                    journal.cancel(seq);
+                    return if cannot_link(&e) { Ok(false) } else { Err(e) };
+                }
+            }
+        }
+        let file = self.file()?.try_clone().inspect_err(|_| {
+            take_back(&done);
+            journal.cancel(seq);
+        })?;
+        journal.settle(seq, file, name, maildirs);
+        self.delivered = true;
+        let _ = fs::remove_file(&self.path);
+        Ok(true)
+    }
+}
+
+/// Removes the messages of a delivery that failed part way, durably: a name another delivery's fsync
+/// made durable must not come back after a crash.
+fn take_back(done: &[PathBuf]) {
+    for path in done {
+        let _ = fs::remove_file(path);
+        if let Some(parent) = path.parent() {
+            let _ = fsync_dir(parent);
+        }
+    }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        if !self.delivered {
+        if !self.delivered && self.file.is_some() {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -149,6 +229,17 @@ fn deliver_into(spooled: &Path, maildir: &Path, name: &str, link: Link) -> io::R
         return Err(e);
     }
     Ok(new)
+}
+
+/// [`deliver_into`] for a journalled message: linked only (a Maildir that needs a copy is refused with
+/// the link's error), nothing fsynced.
+fn link_into(spooled: &Path, maildir: &Path, name: &str, link: Link) -> io::Result<PathBuf> {
+    let tmp = maildir.join("tmp").join(name);
+    let new = maildir.join("new").join(name);
+    link(spooled, &tmp)?;
+    let published = publish(&tmp, &new, link);
+    let _ = fs::remove_file(&tmp);
+    published.map(|()| new)
 }
 
 /// Whether link(2) failed because this pair of paths can never be hard-linked, rather than for a reason a

@@ -1,8 +1,12 @@
 """The durability order, seen in the system calls of the real binary under strace: nothing is
 acknowledged before it is on disk.
 
-- SMTP `250` after DATA: the spool file is fsynced, linked into each recipient's tmp/ and new/, and each
-  new/ directory is fsynced, all before the `250` is sent.
+- SMTP `250` after DATA, a small message (the journal, src/storage/journal.rs): its record is written
+  to a journal segment and that segment fdatasynced before the `250`; it is linked into each
+  recipient's tmp/ and new/ after that; later the settling thread fsyncs the file, then each new/,
+  then writes and fdatasyncs a checkpoint, in that order.
+- SMTP `250` after DATA, a message too large for the journal: the spool file is fsynced, linked into
+  each recipient's tmp/ and new/, and each new/ directory is fsynced, all before the `250` is sent.
 - POP3 `+OK` of QUIT: the deleted files are unlinked and their directory fsynced before the `+OK`.
 """
 
@@ -19,7 +23,7 @@ import pytest
 from conftest import ALICE, BOB, PASSWORDS
 from e2e_helpers import make_message, strace_attached, wait_until
 
-SYSCALLS = "fsync,fdatasync,link,linkat,rename,renameat,renameat2,unlink,unlinkat,sendto,write,writev"
+SYSCALLS = "fsync,fdatasync,pwrite64,link,linkat,rename,renameat,renameat2,unlink,unlinkat,sendto,write,writev"
 
 LINE = re.compile(r"^(\d+) +(.*)$")
 RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)$")
@@ -82,9 +86,9 @@ def traced(server_factory, tmp_path):
         yield srv, trace
 
 
-def test_250_only_after_spool_fsync_links_and_new_directory_fsyncs(traced):
-    srv, trace = traced
-    _, msg = make_message(ALICE, body_lines=[b"durable"] * 50)
+def send_to_both(srv, body_lines: list[bytes]) -> str:
+    """Sends one message to alice and bob; its queue id."""
+    _, msg = make_message(ALICE, body_lines=body_lines)
     with smtplib.SMTP("127.0.0.1", srv.smtp_port, timeout=30) as c:
         c.ehlo("client.test")
         c.mail("sender@client.test")
@@ -92,26 +96,76 @@ def test_250_only_after_spool_fsync_links_and_new_directory_fsyncs(traced):
         c.rcpt(BOB)
         code, reply = c.data(msg)
     assert code == 250, reply
-    queue_id = reply.decode().rsplit(" ", 1)[1]
+    return reply.decode().rsplit(" ", 1)[1]
 
-    def acknowledged():
-        calls = parse_strace(trace)
-        return any(c.name == "sendto" and f"queued as {queue_id}" in c.text for c in calls) and calls
 
-    calls = wait_until(acknowledged, timeout=10, message="the 250 in the trace")
-    ack = first(calls, ("sendto", "write", "writev"), f"queued as {queue_id}")
+def acknowledged(trace: Path, queue_id: str, more=lambda calls: True):
+    calls = wait_until(lambda: (calls := parse_strace(trace)) and any(
+        c.name == "sendto" and f"queued as {queue_id}" in c.text for c in calls) and more(calls) and calls,
+        timeout=10, message="the 250 (and what follows it) in the trace")
+    return calls, first(calls, ("sendto", "write", "writev"), f"queued as {queue_id}")
+
+
+def links(calls: list[Call], source: str, queue_id: str, address: str) -> tuple[Call, Call, str]:
+    """The link into tmp/ and the move into new/ of `address`'s Maildir, and that Maildir's path."""
+    local, domain = address.split("@")
+    maildir = f"/mail/{domain}/{local}"
+    into_tmp = first(calls, ("link", "linkat"), source, f"{maildir}/tmp/")
+    into_new = first(calls, ("link", "linkat", "rename", "renameat", "renameat2"),
+                     f"{maildir}/tmp/{queue_id}", f"{maildir}/new/{queue_id}")
+    assert before(into_tmp, into_new), f"{address}: tmp/ before new/"
+    return into_tmp, into_new, maildir
+
+
+def syncs_of(calls: list[Call], needle: str, after: Call) -> list[Call]:
+    return [c for c in calls if c.name in ("fsync", "fdatasync") and needle in c.text and c.entered > after.finished]
+
+
+def test_250_of_a_small_message_only_after_its_journal_record_is_fdatasynced(traced):
+    srv, trace = traced
+    queue_id = send_to_both(srv, [b"durable"] * 50)
+
+    def settled(calls):  # the checkpoint after the new/ fsyncs, when the settling thread has run
+        try:
+            return bool(checkpoint_after_settling(calls))
+        except AssertionError:
+            return False
+
+    def checkpoint_after_settling(calls):
+        new_syncs = []
+        for address in (ALICE, BOB):
+            _, into_new, maildir = links(calls, f"/spool/{queue_id}", queue_id, address)
+            file_sync = [c for c in syncs_of(calls, f"{queue_id}", into_new) if c.name == "fsync"]
+            assert file_sync, f"{address}: the message file fsynced after the link"
+            dir_sync = syncs_of(calls, f"{maildir}/new>", file_sync[0])
+            assert dir_sync, f"{address}: new/ fsynced after the file"
+            new_syncs.append(dir_sync[0])
+        last = max(new_syncs, key=lambda c: c.finished)
+        return syncs_of(calls, "/journal/", last)
+
+    calls, ack = acknowledged(trace, queue_id, settled)
+    record = first(calls, "pwrite64", "/journal/", queue_id)
+    journal_sync = syncs_of(calls, "/journal/", record)
+    assert journal_sync and before(journal_sync[0], ack), "the journal fdatasynced after the record, before the 250"
+    for address in (ALICE, BOB):
+        into_tmp, _, _ = links(calls, f"/spool/{queue_id}", queue_id, address)
+        assert before(journal_sync[0], into_tmp), f"{address}: linked after the journal fdatasync"
+    assert not [c for c in calls if c.name == "fsync" and f"/spool/{queue_id}" in c.text and c.finished < ack.entered], \
+        "no fsync of the spool file before the 250 (the journal stands in for it)"
+    assert checkpoint_after_settling(calls), "a checkpoint fdatasynced after the files and new/ were"
+
+
+def test_250_of_a_message_too_large_for_the_journal_only_after_spool_fsync_links_and_new_fsyncs(traced):
+    srv, trace = traced
+    queue_id = send_to_both(srv, [b"x" * 998] * 1200)  # 1.2 MB: above the journal's 1 MiB
+    calls, ack = acknowledged(trace, queue_id)
+    assert not [c for c in calls if c.name == "pwrite64" and queue_id in c.text], "not journalled"
     spool_fsync = first(calls, ("fsync", "fdatasync"), f"/spool/{queue_id}")
     assert before(spool_fsync, ack), "spool file fsynced before the 250"
     for address in (ALICE, BOB):
-        local, domain = address.split("@")
-        maildir = f"/mail/{domain}/{local}"
-        into_tmp = first(calls, ("link", "linkat"), f"/spool/{queue_id}", f"{maildir}/tmp/")
-        into_new = first(calls, ("link", "linkat", "rename", "renameat", "renameat2"),
-                         f"{maildir}/tmp/{queue_id}", f"{maildir}/new/{queue_id}")
-        new_fsync = [c for c in calls if c.name in ("fsync", "fdatasync")
-                     and f"{maildir}/new>" in c.text and c.entered > into_new.finished]
+        into_tmp, into_new, maildir = links(calls, f"/spool/{queue_id}", queue_id, address)
+        new_fsync = syncs_of(calls, f"{maildir}/new>", into_new)
         assert before(spool_fsync, into_tmp), f"{address}: linked after the spool fsync"
-        assert before(into_tmp, into_new), f"{address}: tmp/ before new/"
         assert new_fsync, f"{address}: new/ fsynced after the link"
         assert before(new_fsync[0], ack), f"{address}: new/ fsynced before the 250"
 

@@ -44,20 +44,28 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
-        "no-fsync-of-new",
-        "src/storage/spool.rs",
-        'published.and_then(|()| fsync_dir(&maildir.join("new")))',
-        "published",
+        "no-journal-fdatasync",
+        "src/storage/journal.rs",
+        "match self.syncs.sync(&path, |_| file.sync_data()) {",
+        "match Ok::<(), io::Error>(()) {",
         r"LOST: ",
-        "delivery does not fsync new/ after linking the message into it",
+        "a journalled message is acknowledged without the fdatasync of its journal segment",
     ),
     Mutation(
-        "no-fsync-of-message",
-        "src/storage/spool.rs",
-        "        self.file.sync_all()?;\n        // Queued first",
-        "        // Queued first",
+        "no-fsync-of-message-before-checkpoint",
+        "src/storage/journal.rs",
+        "chunk.iter().try_for_each(Pending::sync_file)",
+        "chunk.iter().try_for_each(|_| Ok::<(), io::Error>(()))",
         r"corrupt or partial: ",
-        "delivery does not fsync the message file before linking it",
+        "the journal checkpoints messages whose Maildir files were not fsynced",
+    ),
+    Mutation(
+        "no-fsync-of-new-before-checkpoint",
+        "src/storage/journal.rs",
+        "dirs.into_iter().try_for_each(|d| fsync_dir(&d))",
+        "dirs.into_iter().try_for_each(|_| Ok::<(), io::Error>(()))",
+        r"LOST: ",
+        "the journal checkpoints messages whose new/ directories were not fsynced",
     ),
     Mutation(
         "no-fsync-at-expunge",
