@@ -626,5 +626,21 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(std::io::Error::other(format!("blocking task failed: {e}"))))
 }
 
+/// [`blocking`] for the short step on the hot path, a message's delivery: run on this worker thread
+/// (`block_in_place`: the runtime hands the worker's other tasks to another thread) rather than sent to
+/// the blocking pool, whose hand-off wakes a thread each way (up to milliseconds each on a virtual
+/// machine whose idle CPU sleeps, seen under strace). Like a pool task, it cannot be cut short once
+/// started. On a current-thread runtime (tests) it goes to the pool.
+async fn blocking_inline<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() != RuntimeFlavor::MultiThread {
+        return blocking(f).await;
+    }
+    tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
+        .unwrap_or_else(|_| Err(std::io::Error::other("blocking step panicked")))
+}
+
 #[cfg(test)]
 mod tests;

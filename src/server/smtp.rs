@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::auth::{Login, check_password};
 use super::conn::{self, Connection, Deadlines, Input, Io};
-use super::{Shared, blocking};
+use super::{Shared, blocking, blocking_inline};
 use crate::config::Protocol;
 use crate::smtp::headers::MissingHeaders;
 use crate::smtp::reply::{self, Reply};
@@ -360,7 +360,7 @@ impl Message {
         let shared2 = shared.clone();
         let entry = queued.clone();
         // Ok(Err(e)): the spool file could not be written; Err(e): the delivery failed.
-        let result = blocking(move || {
+        let result = blocking_inline(move || {
             let _guard = guard;
             if let Err(e) = spool.append(&pending) {
                 return Ok(Err(e));

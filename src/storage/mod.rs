@@ -5,19 +5,25 @@
 //! .rustmail.lock                  held (flock) by the instance using this root: one instance per root
 //! spool/                          messages being received; never acknowledged, emptied at start
 //! mail/<domain>/<local>/{tmp,new,cur}   one Maildir per account, readable by Dovecot, mutt, …
+//! journal/                       the delivery journal (`journal.rs`): segments of committed messages
 //! ```
-//! Delivery (the meaning of SMTP's `250`): the spooled message is fsynced, hard-linked into each
-//! recipient's `tmp/` (or copied there and fsynced, if the Maildir is on another file system), moved into
-//! `new/`, and `new/` is fsynced (one fsync shared by the deliveries waiting for it: group commit);
-//! only then is the message acknowledged. A failure removes what was
-//! already delivered, so the client's retry never meets a half delivery.
+//! Delivery (the meaning of SMTP's `250`): a small message for local recipients only is committed to
+//! the journal (one `fdatasync` shared by every message committed meanwhile), then hard-linked into
+//! each recipient's `tmp/` and `new/`; the journal's settling thread makes the Maildir copies durable
+//! shortly after and a restart replays what it had not. Any other message is delivered directly: the
+//! spooled message is fsynced, hard-linked into each recipient's `tmp/` (or copied there and fsynced,
+//! if the Maildir is on another file system), moved into `new/`, and `new/` is fsynced (one fsync
+//! shared by the deliveries waiting for it: group commit). Either way the message is acknowledged only
+//! once it survives a power cut. A failure removes what was already delivered, so the client's retry
+//! never meets a half delivery.
 //!
 //! Messages are stored with LF line endings, as Maildir readers expect. File names follow the Maildir
 //! convention `<secs>.M<usec>P<pid>Q<seq>.<host>,S=<octets>,W=<octets in CRLF form>` (the `S=`/`W=` fields
 //! as Dovecot writes them), so POP3 sizes are known without opening the file.
 //!
 //! This file holds the [`Store`] (the layout, and the helpers every part shares); receiving and delivery
-//! are in `spool.rs`, reading and changing a Maildir as POP3 does in `maildir.rs`.
+//! are in `spool.rs`, the journal in `journal.rs`, reading and changing a Maildir as POP3 does in
+//! `maildir.rs`.
 
 mod group_sync;
 mod journal;

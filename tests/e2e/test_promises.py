@@ -120,6 +120,11 @@ def start_data(port: int) -> tuple[socket.socket, object]:
     return c, f
 
 
+# The server keeps the first bytes of a message in memory and creates its spool file once this much has
+# come (src/server/smtp.rs, SPOOL_WRITE_CHUNK: 256 KiB); a test that needs the file sends more.
+PAST_THE_FIRST_WRITE = (b"x" * 998 + b"\r\n") * 300
+
+
 def spool_files(srv) -> list[Path]:
     spool = srv.state_dir / "spool"
     return sorted(spool.iterdir()) if spool.is_dir() else []
@@ -215,7 +220,7 @@ def test_stop_deadline_holds_against_a_transfer_stalled_in_data(server_factory):
     srv.start()
     c, _ = start_data(srv.smtp_port)
     try:
-        c.sendall(b"Subject: stalled\r\n\r\nthe first half of a message that never ends\r\n")
+        c.sendall(b"Subject: stalled\r\n\r\nthe first half of a message that never ends\r\n" + PAST_THE_FIRST_WRITE)
         wait_until(lambda: spool_files(srv), timeout=10, message="the message to be spooled")
         started = time.monotonic()
         code = srv.stop(timeout=9)  # kills and fails past 9 s: shutdown_timeout + margin, far from 300
@@ -274,7 +279,7 @@ def test_max_connections_is_global_and_refuses_with_421_and_sys_temp(server_fact
 def test_spool_left_by_a_crash_in_data_is_emptied_at_start(server):
     c, _ = start_data(server.smtp_port)
     try:
-        c.sendall(b"Subject: cut by a crash\r\n\r\n" + b"x" * 998 + b"\r\n")
+        c.sendall(b"Subject: cut by a crash\r\n\r\n" + PAST_THE_FIRST_WRITE)
         wait_until(lambda: spool_files(server), timeout=10, message="the message to be spooled")
         server.kill()  # SIGKILL: no destructor runs, the spool file stays
     finally:
