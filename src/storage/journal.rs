@@ -34,6 +34,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -141,6 +142,13 @@ struct State {
 
 struct Segment {
     generation: u64,
+    /// Random for each generation, and in every record's CRC: a stale record of an older generation
+    /// (or bytes a client put in a message body) can never pass for one of this generation.
+    nonce: u64,
+    /// Failed flushes of this generation. Once one failed, the kernel may have dropped pages of it: no
+    /// record is written after that (a hole would hide it at replay), and a commit whose flush
+    /// succeeded after the failure is failed too.
+    failures: Arc<AtomicU64>,
     file: Arc<File>,
     path: PathBuf,
     /// Where the next record goes.
@@ -154,6 +162,9 @@ struct Segment {
 pub struct Pending {
     seq: u64,
     at: Instant,
+    /// An fsync of its copies failed once: only writing them again from the journal settles it now (a
+    /// second fsync after a failure may succeed without the pages the kernel dropped).
+    needs_rewrite: bool,
     file: File,
     name: String,
     maildirs: Vec<PathBuf>,
@@ -283,12 +294,15 @@ impl Inner {
         if need + SEGMENT_HEADER + CHECKPOINT_ROOM > SEGMENT_SIZE {
             return Ok(None);
         }
-        let (seq, file, path) = {
+        let (seq, file, path, failures) = {
             let mut st = locked(&self.state);
             if st.stop {
                 return Ok(None);
             }
-            let fits = |s: &Segment| s.len + need + CHECKPOINT_ROOM <= SEGMENT_SIZE;
+            let fits = |s: &Segment| {
+                s.len + need + CHECKPOINT_ROOM <= SEGMENT_SIZE
+                    && s.failures.load(Ordering::SeqCst) == 0
+            };
             if !st.current.as_ref().is_some_and(fits) && !st.rotate()? {
                 // Out of segments until the settling thread frees or makes one.
                 self.work.notify_one();
@@ -296,7 +310,7 @@ impl Inner {
             }
             let seq = st.next_seq;
             let seg = st.current.as_mut().expect("rotated");
-            let record = record(MESSAGE, seg.generation, seq, &payload);
+            let record = record(MESSAGE, seg, seq, &payload);
             seg.file.write_all_at(&record, seg.len)?;
             let at = (
                 seg.file.clone(),
@@ -305,14 +319,20 @@ impl Inner {
             );
             seg.len += record.len() as u64;
             seg.max_seq = seq;
-            let (file, path) = (seg.file.clone(), seg.path.clone());
+            let (file, path, failures) = (seg.file.clone(), seg.path.clone(), seg.failures.clone());
             st.next_seq += 1;
             st.outstanding.insert(seq);
             st.records.insert(seq, at);
-            (seq, file, path)
+            (seq, file, path, failures)
         };
-        match self.syncs.sync(&path, |_| file.sync_data()) {
-            Ok(()) => Ok(Some(seq)),
+        match self.syncs.sync(&path, |_| flush(&file, &failures)) {
+            Ok(()) if failures.load(Ordering::SeqCst) == 0 => Ok(Some(seq)),
+            Ok(()) => {
+                self.cancel(seq);
+                Err(io::Error::other(
+                    "an earlier flush of this journal segment failed",
+                ))
+            }
             Err(e) => {
                 self.cancel(seq);
                 Err(e)
@@ -325,6 +345,7 @@ impl Inner {
         locked(&self.state).pending.push(Pending {
             seq,
             at: Instant::now(),
+            needs_rewrite: false,
             file,
             name: name.to_string(),
             maildirs: maildirs.to_vec(),
@@ -397,7 +418,7 @@ impl Inner {
                     }
                     let behind = st.checkpoint_value() > st.durable;
                     let urgent = st.stop
-                        || st.barriers > 0
+                        || (st.barriers > 0 && !st.pending.is_empty())
                         || st.wants_spare()
                         || st.pending.len() >= SETTLE_BATCH;
                     if urgent || (behind && st.pending.is_empty()) {
@@ -431,19 +452,27 @@ impl Inner {
             self.make_spare();
             // After a failed fsync the kernel may have dropped the pages it could not write, and a
             // second fsync would succeed without them: the copies are written again from the journal.
-            let (settled, kept) = match settle_files(&batch) {
-                Ok(()) => (batch, Vec::new()),
+            let (mut to_rewrite, plain): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|p| p.needs_rewrite);
+            let mut settled = Vec::new();
+            match settle_files(&plain) {
+                Ok(()) => settled = plain,
                 Err(e) => {
-                    tracing::warn!(error = %e, messages = batch.len(), "an fsync failed while settling journalled messages: writing them again from the journal");
-                    batch.into_iter().partition(|p| match self.rewrite(p) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::error!(error = %e, name = %p.name, "cannot write a journalled message into its Maildirs; retrying (it is safe in the journal)");
-                            false
-                        }
-                    })
+                    tracing::warn!(error = %e, messages = plain.len(), "an fsync failed while settling journalled messages: writing them again from the journal");
+                    to_rewrite.extend(plain);
                 }
-            };
+            }
+            let mut kept = Vec::new();
+            for mut p in to_rewrite {
+                match self.rewrite(&p) {
+                    Ok(()) => settled.push(p),
+                    Err(e) => {
+                        tracing::error!(error = %e, name = %p.name, "cannot write a journalled message into its Maildirs; retrying (it is safe in the journal)");
+                        p.needs_rewrite = true;
+                        kept.push(p);
+                    }
+                }
+            }
             {
                 let mut st = locked(&self.state);
                 for p in &settled {
@@ -509,13 +538,16 @@ impl Inner {
 
     /// Writes a checkpoint of what is settled, makes it durable, and frees the segments it covers.
     fn checkpoint(&self) -> io::Result<()> {
-        let (value, generation, file, path) = {
+        let (value, generation, file, path, failures) = {
             let mut st = locked(&self.state);
             let value = st.checkpoint_value();
             if value <= st.durable {
                 return Ok(());
             }
-            let fits = |s: &Segment| s.len + RECORD_HEADER as u64 <= SEGMENT_SIZE;
+            let fits = |s: &Segment| {
+                s.len + RECORD_HEADER as u64 <= SEGMENT_SIZE
+                    && s.failures.load(Ordering::SeqCst) == 0
+            };
             if !st.current.as_ref().is_some_and(fits) && !st.rotate()? {
                 if st.count > MAX_SEGMENTS {
                     return Err(io::Error::other("no journal segment for a checkpoint"));
@@ -534,12 +566,23 @@ impl Inner {
                 return self.checkpoint();
             }
             let seg = st.current.as_mut().expect("rotated");
-            let record = record(CHECKPOINT, seg.generation, value, &[]);
+            let record = record(CHECKPOINT, seg, value, &[]);
             seg.file.write_all_at(&record, seg.len)?;
             seg.len += record.len() as u64;
-            (value, seg.generation, seg.file.clone(), seg.path.clone())
+            (
+                value,
+                seg.generation,
+                seg.file.clone(),
+                seg.path.clone(),
+                seg.failures.clone(),
+            )
         };
-        self.syncs.sync(&path, |_| file.sync_data())?;
+        self.syncs.sync(&path, |_| flush(&file, &failures))?;
+        if failures.load(Ordering::SeqCst) > 0 {
+            return Err(io::Error::other(
+                "an earlier flush of this journal segment failed",
+            ));
+        }
         let mut st = locked(&self.state);
         if value > st.durable {
             st.durable = value;
@@ -581,11 +624,14 @@ impl State {
             return Ok(false);
         };
         seg.generation = self.next_generation;
+        seg.nonce = random_u64();
+        seg.failures = Arc::default();
         seg.len = SEGMENT_HEADER;
         seg.max_seq = 0;
         let mut header = [0u8; SEGMENT_HEADER as usize];
         header[..8].copy_from_slice(SEGMENT_MAGIC);
         header[8..16].copy_from_slice(&seg.generation.to_le_bytes());
+        header[16..24].copy_from_slice(&seg.nonce.to_le_bytes());
         if let Err(e) = seg.file.write_all_at(&header, 0) {
             self.free.push(seg);
             return Err(e);
@@ -598,27 +644,41 @@ impl State {
     }
 }
 
+/// 64 unpredictable bits, from the standard library's randomly keyed hasher (no dependency for it).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
 fn put_field(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
     out.extend_from_slice(bytes);
 }
 
 /// One record: header and payload.
-fn record(kind: u8, generation: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
+fn record(kind: u8, seg: &Segment, seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
     out.extend_from_slice(RECORD_MAGIC);
     out.extend_from_slice(&[kind, 0, 0, 0]);
-    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&seg.generation.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    let crc = crc(&out, payload);
+    let crc = crc(seg.nonce, &out, payload);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(payload);
     out
 }
 
-fn crc(header: &[u8], payload: &[u8]) -> u32 {
+fn crc(nonce: u64, header: &[u8], payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    h.update(&nonce.to_le_bytes());
     h.update(&header[..28]);
     h.update(payload);
     h.finalize()
@@ -641,10 +701,19 @@ fn create_segment(dir: &Path, name: u64) -> io::Result<Segment> {
     }
     Ok(Segment {
         generation: 0,
+        nonce: 0,
+        failures: Arc::default(),
         file: Arc::new(open_segment(&path)?),
         path,
         len: SEGMENT_HEADER,
         max_seq: 0,
+    })
+}
+
+/// The fdatasync of a segment; a failure is counted on the segment at once, before any later round.
+fn flush(file: &File, failures: &AtomicU64) -> io::Result<()> {
+    file.sync_data().inspect_err(|_| {
+        failures.fetch_add(1, Ordering::SeqCst);
     })
 }
 
@@ -674,11 +743,13 @@ fn settle_files(batch: &[Pending]) -> io::Result<()> {
             })
         })?;
     }
-    let dirs: HashSet<PathBuf> = batch
-        .iter()
-        .flat_map(|p| p.maildirs.iter().map(|m| m.join("new")))
-        .collect();
-    dirs.into_iter().try_for_each(|d| fsync_dir(&d))
+    // new/, then cur/: a reader may have moved the message from new/ to cur/ (a POP3 login) and not
+    // yet fsynced cur/; the fsync of new/ makes the removal durable, so cur/'s fsync must follow before
+    // the checkpoint, or a power cut could leave the message under neither name.
+    let maildirs: HashSet<&PathBuf> = batch.iter().flat_map(|p| &p.maildirs).collect();
+    maildirs
+        .into_iter()
+        .try_for_each(|m| fsync_dir(&m.join("new")).and_then(|()| fsync_dir(&m.join("cur"))))
 }
 
 /// What the replay at opening found.
@@ -716,6 +787,8 @@ fn recover(dir: &Path, root: &Path) -> io::Result<Recovered> {
         next_name = next_name.max(number + 1);
         segments.push(Segment {
             generation: 0,
+            nonce: 0,
+            failures: Arc::default(),
             file: Arc::new(open_segment(&path)?),
             path,
             len: SEGMENT_HEADER,
@@ -735,9 +808,10 @@ fn recover(dir: &Path, root: &Path) -> io::Result<Recovered> {
         }
         let generation = u64::from_le_bytes(data[8..16].try_into().expect("8 octets"));
         seg.generation = generation;
+        let nonce = u64::from_le_bytes(data[16..24].try_into().expect("8 octets"));
         max_generation = max_generation.max(generation);
         let mut at = SEGMENT_HEADER as usize;
-        while let Some((kind, seq, len)) = parse_record(&data, at, generation) {
+        while let Some((kind, seq, len)) = parse_record(&data, at, generation, nonce) {
             had_records = true;
             match kind {
                 MESSAGE => {
@@ -765,12 +839,23 @@ fn recover(dir: &Path, root: &Path) -> io::Result<Recovered> {
             continue;
         };
         for rel in maildirs {
+            let inside = rel.starts_with("mail")
+                && rel
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside {
+                tracing::error!(seq, path = %rel.display(), "a journal record names a Maildir outside the store: skipped");
+                continue;
+            }
             let maildir = root.join(rel);
             if put_into(&maildir, name, body, &mut cur_listings, false)? {
                 replayed += 1;
             }
         }
     }
+    // Reused newest last (pop() takes from the end): the segment holding the newest checkpoint is
+    // never the one the restart's checkpoint overwrites.
+    segments.sort_by_key(|s| std::cmp::Reverse(s.generation));
     if replayed > 0 {
         tracing::warn!(
             replayed,
@@ -788,7 +873,7 @@ fn recover(dir: &Path, root: &Path) -> io::Result<Recovered> {
 }
 
 /// The record at `at` if it is whole and of this generation: (kind, sequence number, payload length).
-fn parse_record(data: &[u8], at: usize, generation: u64) -> Option<(u8, u64, usize)> {
+fn parse_record(data: &[u8], at: usize, generation: u64, nonce: u64) -> Option<(u8, u64, usize)> {
     let header = data.get(at..at + RECORD_HEADER)?;
     if &header[..4] != RECORD_MAGIC
         || u64::from_le_bytes(header[8..16].try_into().ok()?) != generation
@@ -800,7 +885,7 @@ fn parse_record(data: &[u8], at: usize, generation: u64) -> Option<(u8, u64, usi
     let len = u32::from_le_bytes(header[24..28].try_into().ok()?) as usize;
     let stored = u32::from_le_bytes(header[28..32].try_into().ok()?);
     let payload = data.get(at + RECORD_HEADER..at + RECORD_HEADER + len)?;
-    (matches!(kind, MESSAGE | CHECKPOINT) && crc(header, payload) == stored)
+    (matches!(kind, MESSAGE | CHECKPOINT) && crc(nonce, header, payload) == stored)
         .then_some((kind, seq, len))
 }
 
@@ -861,6 +946,10 @@ fn put_into(
         && !rewrite
         && fs::read(path).is_ok_and(|held| held == body)
     {
+        // Whole, but perhaps only in the page cache (the process died, the machine did not): made
+        // durable before the checkpoint that follows the replay covers it.
+        File::open(path)?.sync_all()?;
+        fsync_dir(path.parent().expect("in a Maildir"))?;
         return Ok(false);
     }
     // Written in tmp/ and fsynced first; then into new/ (or over the partial copy) and the directory
@@ -941,6 +1030,38 @@ mod tests {
             new_files(&b).is_empty(),
             "repaired where the reader had put it"
         );
+    }
+
+    #[test]
+    fn a_whole_copy_found_at_replay_is_made_durable_before_the_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let a = maildir(root.path(), "a");
+        let (journal, _) = Journal::open(root.path()).unwrap();
+        let inner = journal.inner();
+        commit(&inner, std::slice::from_ref(&a), "m1", b"whole");
+        fs::write(a.join("new/m1"), b"whole").unwrap(); // linked, in the page cache only
+        journal.crash(); // a SIGKILL: the machine (and its page cache) lives on
+        super::super::tests::FSYNCED.take();
+        let (_journal, replayed) = Journal::open(root.path()).unwrap();
+        assert_eq!(replayed, 0, "nothing to write again");
+        let synced = super::super::tests::FSYNCED.take();
+        assert!(
+            synced.contains(&a.join("new")),
+            "new/ fsynced at replay: {synced:?}"
+        );
+    }
+
+    #[test]
+    fn a_record_naming_a_maildir_outside_the_store_is_not_replayed() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = elsewhere.path().join("victim");
+        let (journal, _) = Journal::open(root.path()).unwrap();
+        commit(&journal.inner(), std::slice::from_ref(&outside), "m1", b"x");
+        journal.crash();
+        let (_journal, replayed) = Journal::open(root.path()).unwrap();
+        assert_eq!(replayed, 0);
+        assert!(!outside.exists(), "nothing written outside the store");
     }
 
     #[test]

@@ -165,25 +165,37 @@ impl Spool {
         let Some(seq) = journal.commit(maildirs, name, &body)? else {
             return Ok(false);
         };
+        // Whatever way this returns (a panic included) without handing the message to the settling
+        // thread, the commit is cancelled: a commit left open would hold back every checkpoint.
+        let commit = Uncommitted { journal, seq };
         let mut done: Vec<PathBuf> = Vec::new();
         for dir in maildirs {
             match link_into(&self.path, dir, name, link) {
                 Ok(path) => done.push(path),
                 Err(e) => {
                     take_back(&done);
-                    journal.cancel(seq);
                     return if cannot_link(&e) { Ok(false) } else { Err(e) };
                 }
             }
         }
-        let file = self.file()?.try_clone().inspect_err(|_| {
-            take_back(&done);
-            journal.cancel(seq);
-        })?;
+        let file = self.file()?.try_clone().inspect_err(|_| take_back(&done))?;
+        std::mem::forget(commit);
         journal.settle(seq, file, name, maildirs);
         self.delivered = true;
         let _ = fs::remove_file(&self.path);
         Ok(true)
+    }
+}
+
+/// A journal commit not yet handed to the settling thread: cancelled when dropped.
+struct Uncommitted<'a> {
+    journal: &'a journal::Inner,
+    seq: u64,
+}
+
+impl Drop for Uncommitted<'_> {
+    fn drop(&mut self) {
+        self.journal.cancel(self.seq);
     }
 }
 

@@ -46,7 +46,7 @@ MUTATIONS = [
     Mutation(
         "no-journal-fdatasync",
         "src/storage/journal.rs",
-        "match self.syncs.sync(&path, |_| file.sync_data()) {",
+        "match self.syncs.sync(&path, |_| flush(&file, &failures)) {",
         "match Ok::<(), io::Error>(()) {",
         r"LOST: ",
         "a journalled message is acknowledged without the fdatasync of its journal segment",
@@ -62,8 +62,8 @@ MUTATIONS = [
     Mutation(
         "no-fsync-of-new-before-checkpoint",
         "src/storage/journal.rs",
-        "dirs.into_iter().try_for_each(|d| fsync_dir(&d))",
-        "dirs.into_iter().try_for_each(|_| Ok::<(), io::Error>(()))",
+        'fsync_dir(&m.join("new")).and_then(|()| fsync_dir(&m.join("cur")))',
+        'fsync_dir(&m.join("cur"))',
         r"LOST: ",
         "the journal checkpoints messages whose new/ directories were not fsynced",
     ),
