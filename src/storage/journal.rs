@@ -17,14 +17,14 @@
 //! so that appending never changes their size. Each begins with a header naming its generation; a
 //! segment is reused (a new generation) once every message in it is settled and a later segment holds a
 //! checkpoint covering them. Records: a 32-octet header (magic, kind, generation, sequence number,
-//! length, CRC-32 of header and payload) and a payload; the log of a segment ends at the first record
+//! length, CRC-32 of the generation's random nonce, header and payload) and a payload; the log of a segment ends at the first record
 //! that does not check (a stale record of an older generation, zeros, or a torn write).
 //!
 //! Not journalled (delivered the direct way, file and directory fsynced before the `250`): messages
 //! larger than [`MAX_MESSAGE`], messages with queued (remote) recipients, Maildirs that cannot be
 //! hard-linked into, and any message while the journal has no room.
 //!
-//! POP3 calls [`Journal::barrier`] before deleting: a message deleted before its checkpoint would be
+//! POP3 calls [`Inner::barrier`] (through `Store::barrier`) before deleting: a message deleted before its checkpoint would be
 //! replayed after a crash (deleted mail coming back).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -155,6 +155,56 @@ struct Segment {
     len: u64,
     /// The highest message sequence number written into this generation.
     max_seq: u64,
+}
+
+/// What flushing a segment needs, taken under the lock and used outside it.
+struct Flush {
+    file: Arc<File>,
+    path: PathBuf,
+    failures: Arc<AtomicU64>,
+}
+
+impl Segment {
+    /// A segment file as found or just made: free, of no generation yet.
+    fn open(path: PathBuf) -> io::Result<Segment> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(FILE_MODE)
+            .open(&path)?;
+        Ok(Segment {
+            generation: 0,
+            nonce: 0,
+            failures: Arc::default(),
+            file: Arc::new(file),
+            path,
+            len: SEGMENT_HEADER,
+            max_seq: 0,
+        })
+    }
+
+    /// Whether `octets` more fit, and the generation never failed a flush (no record is written behind
+    /// a possible hole).
+    fn has_room(&self, octets: u64) -> bool {
+        self.len + octets <= SEGMENT_SIZE && self.failures.load(Ordering::SeqCst) == 0
+    }
+
+    /// Writes a record at the end of the log; where its payload is.
+    fn append(&mut self, kind: u8, seq: u64, payload: &[u8]) -> io::Result<u64> {
+        let record = record(kind, self, seq, payload);
+        self.file.write_all_at(&record, self.len)?;
+        let at = self.len + RECORD_HEADER as u64;
+        self.len += record.len() as u64;
+        Ok(at)
+    }
+
+    fn flush(&self) -> Flush {
+        Flush {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            failures: self.failures.clone(),
+        }
+    }
 }
 
 /// A message linked into its Maildirs: the file (one inode, hard-linked into each), its name there and
@@ -294,45 +344,29 @@ impl Inner {
         if need + SEGMENT_HEADER + CHECKPOINT_ROOM > SEGMENT_SIZE {
             return Ok(None);
         }
-        let (seq, file, path, failures) = {
+        let (seq, flush) = {
             let mut st = locked(&self.state);
             if st.stop {
                 return Ok(None);
             }
-            let fits = |s: &Segment| {
-                s.len + need + CHECKPOINT_ROOM <= SEGMENT_SIZE
-                    && s.failures.load(Ordering::SeqCst) == 0
-            };
-            if !st.current.as_ref().is_some_and(fits) && !st.rotate()? {
+            let has_room = |s: &Segment| s.has_room(need + CHECKPOINT_ROOM);
+            if !st.current.as_ref().is_some_and(has_room) && !st.rotate()? {
                 // Out of segments until the settling thread frees or makes one.
                 self.work.notify_one();
                 return Ok(None);
             }
             let seq = st.next_seq;
             let seg = st.current.as_mut().expect("rotated");
-            let record = record(MESSAGE, seg, seq, &payload);
-            seg.file.write_all_at(&record, seg.len)?;
-            let at = (
-                seg.file.clone(),
-                seg.len + RECORD_HEADER as u64,
-                payload.len(),
-            );
-            seg.len += record.len() as u64;
+            let at = seg.append(MESSAGE, seq, &payload)?;
             seg.max_seq = seq;
-            let (file, path, failures) = (seg.file.clone(), seg.path.clone(), seg.failures.clone());
+            let (record, flush) = ((seg.file.clone(), at, payload.len()), seg.flush());
             st.next_seq += 1;
             st.outstanding.insert(seq);
-            st.records.insert(seq, at);
-            (seq, file, path, failures)
+            st.records.insert(seq, record);
+            (seq, flush)
         };
-        match self.syncs.sync(&path, |_| flush(&file, &failures)) {
-            Ok(()) if failures.load(Ordering::SeqCst) == 0 => Ok(Some(seq)),
-            Ok(()) => {
-                self.cancel(seq);
-                Err(io::Error::other(
-                    "an earlier flush of this journal segment failed",
-                ))
-            }
+        match self.flush(&flush) {
+            Ok(()) => Ok(Some(seq)),
             Err(e) => {
                 self.cancel(seq);
                 Err(e)
@@ -521,68 +555,71 @@ impl Inner {
             if !st.wants_spare() {
                 return;
             }
-            st.count += 1;
-            st.next_name += 1;
-            st.next_name - 1
+            st.reserve_segment()
         };
-        match create_segment(&self.dir, name) {
-            Ok(seg) => locked(&self.state).free.push(seg),
+        if let Err(e) = self.add_segment(name) {
+            locked(&self.state).spare_failed = Some(Instant::now());
+            tracing::warn!(error = %e, "cannot make a journal segment: messages are delivered the direct way meanwhile");
+        }
+    }
+
+    /// Makes the segment reserved as `name` and adds it to the free ones (or gives the reservation back).
+    fn add_segment(&self, name: u64) -> io::Result<()> {
+        let made = create_segment(&self.dir, name);
+        let mut st = locked(&self.state);
+        match made {
+            Ok(seg) => {
+                st.free.push(seg);
+                Ok(())
+            }
             Err(e) => {
-                let mut st = locked(&self.state);
                 st.count -= 1;
-                st.spare_failed = Some(Instant::now());
-                tracing::warn!(error = %e, "cannot make a journal segment: messages are delivered the direct way meanwhile");
+                Err(e)
             }
         }
     }
 
+    /// Flushes a segment, sharing the flush with whoever else is waiting for one (group commit). Fails
+    /// also when any flush of the segment's generation failed, before or meanwhile: the kernel may have
+    /// dropped pages of it, and a record behind a hole is not found at replay.
+    fn flush(&self, flush: &Flush) -> io::Result<()> {
+        self.syncs.sync(&flush.path, |_| {
+            flush.file.sync_data().inspect_err(|_| {
+                // Counted at once, before any later round can succeed without the dropped pages.
+                flush.failures.fetch_add(1, Ordering::SeqCst);
+            })
+        })?;
+        if flush.failures.load(Ordering::SeqCst) > 0 {
+            return Err(io::Error::other(
+                "an earlier flush of this journal segment failed",
+            ));
+        }
+        Ok(())
+    }
+
     /// Writes a checkpoint of what is settled, makes it durable, and frees the segments it covers.
     fn checkpoint(&self) -> io::Result<()> {
-        let (value, generation, file, path, failures) = {
+        let (value, generation, flush) = {
             let mut st = locked(&self.state);
             let value = st.checkpoint_value();
             if value <= st.durable {
                 return Ok(());
             }
-            let fits = |s: &Segment| {
-                s.len + RECORD_HEADER as u64 <= SEGMENT_SIZE
-                    && s.failures.load(Ordering::SeqCst) == 0
-            };
-            if !st.current.as_ref().is_some_and(fits) && !st.rotate()? {
+            let has_room = |s: &Segment| s.has_room(RECORD_HEADER as u64);
+            if !st.current.as_ref().is_some_and(has_room) && !st.rotate()? {
                 if st.count > MAX_SEGMENTS {
                     return Err(io::Error::other("no journal segment for a checkpoint"));
                 }
+                let name = st.reserve_segment();
                 drop(st);
-                let name = {
-                    let mut st = locked(&self.state);
-                    st.count += 1;
-                    st.next_name += 1;
-                    st.next_name - 1
-                };
-                let seg = create_segment(&self.dir, name).inspect_err(|_| {
-                    locked(&self.state).count -= 1;
-                })?;
-                locked(&self.state).free.push(seg);
+                self.add_segment(name)?;
                 return self.checkpoint();
             }
             let seg = st.current.as_mut().expect("rotated");
-            let record = record(CHECKPOINT, seg, value, &[]);
-            seg.file.write_all_at(&record, seg.len)?;
-            seg.len += record.len() as u64;
-            (
-                value,
-                seg.generation,
-                seg.file.clone(),
-                seg.path.clone(),
-                seg.failures.clone(),
-            )
+            seg.append(CHECKPOINT, value, &[])?;
+            (value, seg.generation, seg.flush())
         };
-        self.syncs.sync(&path, |_| flush(&file, &failures))?;
-        if failures.load(Ordering::SeqCst) > 0 {
-            return Err(io::Error::other(
-                "an earlier flush of this journal segment failed",
-            ));
-        }
+        self.flush(&flush)?;
         let mut st = locked(&self.state);
         if value > st.durable {
             st.durable = value;
@@ -608,6 +645,14 @@ impl State {
             Some(&first) => first - 1,
             None => self.next_seq - 1,
         }
+    }
+
+    /// Counts a segment about to be made (so that no two threads make the last allowed one) and names
+    /// it.
+    fn reserve_segment(&mut self) -> u64 {
+        self.count += 1;
+        self.next_name += 1;
+        self.next_name - 1
     }
 
     fn wants_spare(&self) -> bool {
@@ -699,30 +744,7 @@ fn create_segment(dir: &Path, name: u64) -> io::Result<Segment> {
         let _ = fs::remove_file(&partial);
         return Err(e);
     }
-    Ok(Segment {
-        generation: 0,
-        nonce: 0,
-        failures: Arc::default(),
-        file: Arc::new(open_segment(&path)?),
-        path,
-        len: SEGMENT_HEADER,
-        max_seq: 0,
-    })
-}
-
-/// The fdatasync of a segment; a failure is counted on the segment at once, before any later round.
-fn flush(file: &File, failures: &AtomicU64) -> io::Result<()> {
-    file.sync_data().inspect_err(|_| {
-        failures.fetch_add(1, Ordering::SeqCst);
-    })
-}
-
-fn open_segment(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(FILE_MODE)
-        .open(path)
+    Segment::open(path)
 }
 
 /// fsyncs every file of the batch (in parallel when there are many), then each `new/` once.
@@ -785,15 +807,7 @@ fn recover(dir: &Path, root: &Path) -> io::Result<Recovered> {
             continue;
         };
         next_name = next_name.max(number + 1);
-        segments.push(Segment {
-            generation: 0,
-            nonce: 0,
-            failures: Arc::default(),
-            file: Arc::new(open_segment(&path)?),
-            path,
-            len: SEGMENT_HEADER,
-            max_seq: 0,
-        });
+        segments.push(Segment::open(path)?);
     }
     let mut checkpoint = 0;
     let mut max_seq = 0;

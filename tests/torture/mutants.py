@@ -46,7 +46,7 @@ MUTATIONS = [
     Mutation(
         "no-journal-fdatasync",
         "src/storage/journal.rs",
-        "match self.syncs.sync(&path, |_| flush(&file, &failures)) {",
+        "match self.flush(&flush) {",
         "match Ok::<(), io::Error>(()) {",
         r"LOST: ",
         "a journalled message is acknowledged without the fdatasync of its journal segment",
