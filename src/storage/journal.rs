@@ -223,15 +223,21 @@ pub struct Pending {
 impl Pending {
     /// fsyncs the message's file: through the descriptor kept from the spool, or, where the file
     /// system cannot fsync a descriptor whose first name is gone (FUSE file systems answer ENOENT),
-    /// through its name in a Maildir (`new/`, or `cur/` where a reader moved it). A message no longer in
-    /// any of its Maildirs was deleted by a reader: nothing left to make durable.
+    /// through its name in a Maildir: `new/` first, then `cur/`, so that a reader moving it from one to
+    /// the other meanwhile is still found. Found nowhere (another program deleted or renamed it): an
+    /// error, so that the copies are written again from the journal rather than counted as settled.
     fn sync_file(&self) -> io::Result<()> {
         match self.file.sync_all() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             other => return other,
         }
+        let moved = format!("{}:", self.name);
         for maildir in &self.maildirs {
-            let moved = format!("{}:", self.name);
+            match File::open(maildir.join("new").join(&self.name)) {
+                Ok(file) => return file.sync_all(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             let in_cur = fs::read_dir(maildir.join("cur"))?.find_map(|e| {
                 let e = e.ok()?;
                 e.file_name()
@@ -239,15 +245,14 @@ impl Pending {
                     .starts_with(&moved)
                     .then(|| e.path())
             });
-            for path in std::iter::once(maildir.join("new").join(&self.name)).chain(in_cur) {
-                match File::open(&path) {
-                    Ok(file) => return file.sync_all(),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+            if let Some(path) = in_cur {
+                return File::open(path)?.sync_all();
             }
         }
-        Ok(())
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{} is in none of its Maildirs", self.name),
+        ))
     }
 }
 
