@@ -36,6 +36,15 @@ pub struct OutboundConfig {
     pub mta_sts: bool,
     /// The HTTPS port policies are fetched from: 443. Another value only makes sense on a test network.
     pub mta_sts_port: u16,
+    /// Authenticate MX hosts with DANE (RFC 7672). rustmail then validates every DNS answer with
+    /// DNSSEC itself (from the root's trust anchors); where a domain's MX records, the host's address
+    /// and its `_25._tcp` TLSA records are all signed, mail goes to that host only over TLS with a
+    /// certificate the TLSA records match. A bogus (badly signed) answer defers delivery. Off by
+    /// default: it needs DNS servers that pass DNSSEC records on (most do; some home routers do not).
+    pub dane: bool,
+    /// DNSKEY records (zone-file lines) to trust instead of the root's built-in keys, for a private
+    /// DNS root or a test network. Only read with `dane = true`.
+    pub dnssec_trust_anchor: Option<PathBuf>,
     /// Waits between attempts for a recipient that got a temporary failure: the n-th retry waits the
     /// n-th value, the last one repeats.
     pub retry_intervals_secs: Vec<u64>,
@@ -71,6 +80,8 @@ impl Default for OutboundConfig {
             tls_trust_file: None,
             mta_sts: true,
             mta_sts_port: 443,
+            dane: false,
+            dnssec_trust_anchor: None,
             retry_intervals_secs: vec![60, 300, 900, 1800, 3600, 7200, 14400],
             max_queue_secs: 5 * 24 * 3600,
             delay_warning_secs: 4 * 3600,
@@ -234,6 +245,8 @@ pub struct Outbound {
     pub tls_trust_file: Option<PathBuf>,
     pub mta_sts: bool,
     pub mta_sts_port: u16,
+    pub dane: bool,
+    pub dnssec_trust_anchor: Option<PathBuf>,
     pub retry_intervals_secs: Vec<u64>,
     pub max_queue_secs: u64,
     pub delay_warning_secs: u64,
@@ -329,6 +342,12 @@ impl Outbound {
             crate::delivery::tls::read_trust_file(path)
                 .map_err(|e| ConfigError::invalid("outbound.tls_trust_file", e))?;
         }
+        if let (true, Some(path), SecretFiles::Read) =
+            (config.dane, &config.dnssec_trust_anchor, secrets)
+        {
+            crate::delivery::route::read_trust_anchor(path)
+                .map_err(|e| ConfigError::invalid("outbound.dnssec_trust_anchor", e))?;
+        }
         let mut dkim = Vec::new();
         for (i, key) in config.dkim.iter().enumerate() {
             let at = |field: &str| format!("outbound.dkim[{i}].{field}");
@@ -369,6 +388,8 @@ impl Outbound {
             tls_trust_file: config.tls_trust_file.clone(),
             mta_sts: config.mta_sts,
             mta_sts_port: config.mta_sts_port,
+            dane: config.dane,
+            dnssec_trust_anchor: config.dnssec_trust_anchor.clone(),
             retry_intervals_secs: config.retry_intervals_secs.clone(),
             max_queue_secs: config.max_queue_secs,
             delay_warning_secs: config.delay_warning_secs,
@@ -406,6 +427,48 @@ mod tests {
         let err = Outbound::from_config(&config, SecretFiles::Read).unwrap_err();
         assert!(err.to_string().contains("outbound.dns_servers[0]"), "{err}");
     }
+
+    #[test]
+    fn a_dnssec_trust_anchor_that_is_not_dnskey_records_is_refused_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("anchor");
+        std::fs::write(&bad, ". DNSKEY 257 3 13 not-base64\n").unwrap();
+        let config = OutboundConfig {
+            dane: true,
+            dnssec_trust_anchor: Some(bad.clone()),
+            ..OutboundConfig::default()
+        };
+        let err = Outbound::from_config(&config, SecretFiles::Read).unwrap_err();
+        assert!(
+            err.to_string().contains("outbound.dnssec_trust_anchor"),
+            "{err}"
+        );
+        // A well-formed DNSKEY record (RSA/SHA-256, as the root's) is taken; an empty file is not.
+        let good = dir.path().join("root.key");
+        std::fs::write(&good, ROOT_KSK_2024).unwrap();
+        let config = OutboundConfig {
+            dnssec_trust_anchor: Some(good),
+            ..config
+        };
+        Outbound::from_config(&config, SecretFiles::Read).unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "; nothing\n").unwrap();
+        let config = OutboundConfig {
+            dnssec_trust_anchor: Some(empty),
+            ..config
+        };
+        let err = Outbound::from_config(&config, SecretFiles::Read).unwrap_err();
+        assert!(err.to_string().contains("no DNSKEY record"), "{err}");
+        // Without DANE the file is never read.
+        let config = OutboundConfig {
+            dane: false,
+            dnssec_trust_anchor: Some(bad),
+            ..OutboundConfig::default()
+        };
+        Outbound::from_config(&config, SecretFiles::Read).unwrap();
+    }
+
+    const ROOT_KSK_2024: &str = ". 172800 IN DNSKEY 257 3 8 AwEAAa96jeuknZlaeSrvyAJj6ZHv28hhOKkx3rLGXVaC6rXTsDc449/cidltpkyGwCJNnOAlFNKF2jBosZBU5eeHspaQWOmOElZsjICMQMC3aeHbGiShvZsx4wMYSjH8e7Vrhbu6irwCzVBApESjbUdpWWmEnhathWu1jo+siFUiRAAxm9qyJNg/wOZqqzL/dL/q8PkcRU5oUKEpUge71M3ej2/7CPqpdVwuMoTvoB+ZOT4YeGyxMvHmbrxlFzGOHOijtzN+u1TQNatX2XBuzZNQ1K+s2CXkPIZo7s6JgZyvaBevYtxPvYLw4z9mR7K2vaF18UYH9Z9GNUUeayffKC73PYc=\n";
 
     #[test]
     fn retry_intervals_repeat_the_last_value() {

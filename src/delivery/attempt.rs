@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::{Client, Failure};
-use super::route::{NoRoute, Resolver};
-use super::tls::ClientTls;
+use super::route::{Host, NoRoute, Resolver, Tlsa};
+use super::tls::{Check, ClientTls};
 use super::wire::{Capabilities, Reply, crlf_form, data_wire_form, without_return_path};
 use crate::config::outbound::{Outbound, TlsPolicy};
 use crate::storage::queue::{Entry, Queue};
@@ -72,6 +72,7 @@ pub async fn run(
                 policy: TlsPolicy::Verified,
                 implicit_tls: relay.implicit_tls,
                 credentials: relay.credentials.as_ref(),
+                dane: None,
             },
         ),
         None => (
@@ -81,6 +82,7 @@ pub async fn run(
                 policy: outbound.tls_for(domain),
                 implicit_tls: false,
                 credentials: None,
+                dane: None,
             },
         ),
     };
@@ -115,6 +117,14 @@ pub async fn run(
     let mut client = None;
     let mut errors = Vec::new();
     'hosts: for host in &hosts {
+        let path = match for_host(ctx, host, &path).await {
+            Ok(path) => path,
+            Err(e) => {
+                tracing::warn!(domain, mx = %host.name, error = %e, "cannot use this host (DANE), trying the next");
+                errors.push(Failure::Connection(e));
+                continue;
+            }
+        };
         for ip in &host.addresses {
             let addr = SocketAddr::new(*ip, path.port);
             match open(ctx, addr, &host.name, &path, helo, connect, command).await {
@@ -221,11 +231,42 @@ async fn apply_mta_sts(
 }
 
 /// How to reach the hosts of a job.
+#[derive(Clone)]
 struct Path<'a> {
     port: u16,
     policy: TlsPolicy,
     implicit_tls: bool,
     credentials: Option<&'a (String, String)>,
+    /// The host's usable TLSA records: its certificate is checked against them, not WebPKI.
+    dane: Option<Arc<Vec<hickory_resolver::proto::rr::rdata::TLSA>>>,
+}
+
+/// How to reach one host: as the job's path says, unless the host's name and its TLSA records are
+/// DNSSEC-signed (RFC 7672 §2.2). Then usable records make TLS mandatory and authenticated by them
+/// (DANE takes precedence over MTA-STS, RFC 8461 §2); signed records none of which is usable make
+/// TLS mandatory without authentication (RFC 7672 §2.2). A TLSA lookup that fails rules the host
+/// out: an attacker able to make it fail could otherwise strip TLS.
+async fn for_host<'a>(ctx: &Context, host: &Host, path: &Path<'a>) -> Result<Path<'a>, String> {
+    let mut path = path.clone();
+    if !host.secure {
+        return Ok(path);
+    }
+    match ctx.resolver.tlsa(&host.name, path.port).await? {
+        Tlsa::Absent => {}
+        Tlsa::Secure(records) => {
+            let usable = super::dane::usable(&records);
+            if usable.is_empty() {
+                tracing::info!(mx = %host.name, "signed TLSA records, none usable for SMTP: TLS required, not authenticated");
+                if path.policy == TlsPolicy::Opportunistic {
+                    path.policy = TlsPolicy::Required;
+                }
+            } else {
+                path.policy = TlsPolicy::Verified;
+                path.dane = Some(Arc::new(usable));
+            }
+        }
+    }
+    Ok(path)
 }
 
 /// A connection ready for MAIL: greeted, EHLO done, TLS as the policy wants, logged in if asked.
@@ -240,12 +281,18 @@ async fn open(
 ) -> Result<Client, Failure> {
     let verified = path.policy == TlsPolicy::Verified;
     let implicit = path.implicit_tls.then_some((&ctx.tls, verified));
+    let check = match &path.dane {
+        Some(records) => Check::Dane(records.clone()),
+        None => Check::WebPki {
+            require_valid: verified,
+        },
+    };
     let mut client = Client::connect(addr, host, connect, command, implicit).await?;
     client.hello(helo).await?;
     if client.tls.is_encrypted() {
         // Implicit TLS: already encrypted.
     } else if client.caps.starttls {
-        match client.starttls(&ctx.tls, verified, helo).await {
+        match client.starttls(&ctx.tls, check, helo).await {
             Ok(()) => {}
             // As Postfix's "may" level: a peer whose TLS is broken still gets its mail, in plain
             // text (an attacker able to break the handshake could as well have hidden STARTTLS).
@@ -258,9 +305,13 @@ async fn open(
         }
     } else if path.policy != TlsPolicy::Opportunistic {
         let _ = client.command("QUIT").await;
+        let why = if path.dane.is_some() {
+            "its TLSA records (DANE) require TLS".to_string()
+        } else {
+            format!("TLS is {} for this domain", path.policy.name())
+        };
         return Err(Failure::Connection(format!(
-            "{host} does not offer STARTTLS, and TLS is {} for this domain",
-            path.policy.name()
+            "{host} does not offer STARTTLS, and {why}"
         )));
     }
     if let Some((user, password)) = path.credentials {

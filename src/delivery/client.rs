@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::tls::ClientTls;
+use super::tls::{Check, ClientTls};
 use super::wire::{Capabilities, Reply, parse_reply};
 
 /// What the connection's encryption was, for the log line of each attempt.
@@ -21,6 +21,8 @@ pub enum TlsState {
     Unverified,
     /// Encrypted with a certificate valid for the host name.
     Verified,
+    /// Encrypted with a certificate the host's DNSSEC-signed TLSA records match (RFC 7672).
+    Dane,
 }
 
 impl TlsState {
@@ -33,6 +35,7 @@ impl TlsState {
             TlsState::None => "none",
             TlsState::Unverified => "unverified",
             TlsState::Verified => "verified",
+            TlsState::Dane => "dane",
         }
     }
 }
@@ -106,7 +109,9 @@ impl Client {
             caps: Capabilities::default(),
         };
         if let Some((tls, require_valid)) = implicit_tls {
-            client.handshake(tls, require_valid).await?;
+            client
+                .handshake(tls, Check::WebPki { require_valid })
+                .await?;
         }
         let greeting = client.read_reply().await?;
         if greeting.code != 220 {
@@ -133,12 +138,11 @@ impl Client {
         Ok(())
     }
 
-    /// STARTTLS (RFC 3207), the handshake, and EHLO again. `require_valid`: a certificate that does
-    /// not verify for the host fails the handshake.
+    /// STARTTLS (RFC 3207), the handshake (its certificate checked as `check` says), and EHLO again.
     pub async fn starttls(
         &mut self,
         tls: &ClientTls,
-        require_valid: bool,
+        check: Check,
         name: &str,
     ) -> Result<(), Failure> {
         let reply = self.command("STARTTLS").await?;
@@ -151,18 +155,19 @@ impl Client {
                 "data sent before the TLS handshake (injection?)".into(),
             ));
         }
-        self.handshake(tls, require_valid).await?;
+        self.handshake(tls, check).await?;
         self.hello(name).await
     }
 
     /// The TLS handshake on the plain connection, recording whether the certificate verified.
-    async fn handshake(&mut self, tls: &ClientTls, require_valid: bool) -> Result<(), Failure> {
+    async fn handshake(&mut self, tls: &ClientTls, check: Check) -> Result<(), Failure> {
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
             return Err(Failure::Connection(
                 "STARTTLS on an encrypted connection".into(),
             ));
         };
-        let (config, verified) = tls.connection(require_valid);
+        let dane = matches!(check, Check::Dane(_));
+        let (config, verified) = tls.connection(check);
         let server_name =
             rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
                 Failure::Connection(format!("{}: not a TLS server name: {e}", self.host))
@@ -171,8 +176,13 @@ impl Client {
         let stream = match timeout(self.timeout, connector.connect(server_name, tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
+                let why = if dane {
+                    " (DANE: the certificate must match its TLSA records)"
+                } else {
+                    ""
+                };
                 return Err(Failure::Connection(format!(
-                    "TLS handshake with {}: {e}",
+                    "TLS handshake with {}{why}: {e}",
                     self.host
                 )));
             }
@@ -184,7 +194,10 @@ impl Client {
             }
         };
         self.stream = Stream::Tls(Box::new(stream));
-        self.tls = if verified.load(Ordering::SeqCst) {
+        self.tls = if dane {
+            // A DANE handshake only succeeds with a matching certificate.
+            TlsState::Dane
+        } else if verified.load(Ordering::SeqCst) {
             TlsState::Verified
         } else {
             TlsState::Unverified

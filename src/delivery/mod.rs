@@ -10,6 +10,7 @@
 pub mod attempt;
 pub mod client;
 pub mod control;
+pub mod dane;
 pub mod dsn;
 pub mod mta_sts;
 pub mod route;
@@ -578,7 +579,13 @@ async fn setup(queue: &Queue, settings: &Settings) -> Option<Arc<Context>> {
     let queue = queue.clone();
     let sts_dir = settings.storage_root.join("mta-sts");
     let made = tokio::task::spawn_blocking(move || {
-        let resolver = route::Resolver::new(&outbound.dns_servers);
+        // DANE needs validated answers; a smarthost is authenticated by WebPKI, never by DANE.
+        let dnssec = if outbound.dane && outbound.smarthost.is_none() {
+            route::Dnssec::Validate(outbound.dnssec_trust_anchor.as_deref())
+        } else {
+            route::Dnssec::Off
+        };
+        let resolver = route::Resolver::new(&outbound.dns_servers, dnssec);
         let tls = tls::ClientTls::new(outbound.tls_trust_file.as_deref());
         let mta_sts = mta_sts::Cache::new(sts_dir, outbound.mta_sts_port);
         (resolver, tls, queue, mta_sts)

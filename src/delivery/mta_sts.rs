@@ -241,7 +241,9 @@ async fn fetch(
         let tcp = TcpStream::connect(SocketAddr::new(address, port))
             .await
             .map_err(|e| format!("connect to {host}: {e}"))?;
-        let (config, _) = tls.connection(true);
+        let (config, _) = tls.connection(super::tls::Check::WebPki {
+            require_valid: true,
+        });
         let name =
             rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
         let stream = tokio_rustls::TlsConnector::from(Arc::clone(&config))

@@ -1,14 +1,20 @@
 //! Where mail for a domain goes (RFC 5321 §5.1): its MX hosts by preference (hosts of equal
 //! preference in random order), the domain itself when it has no MX (the implicit MX), nowhere for a
-//! null MX (RFC 7505); then each host's IPv6 and IPv4 addresses.
+//! null MX (RFC 7505); then each host's IPv6 and IPv4 addresses. With DANE on, every answer is
+//! validated with DNSSEC and each host says whether its name was found securely (RFC 7672 §2.2).
 
 use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::Name;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::rdata::TLSA;
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 
 /// Why there is no host to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,16 +30,54 @@ pub enum NoRoute {
 pub struct Host {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// The MX records that named it (if any) and its addresses were all DNSSEC-signed (RFC 7672
+    /// §2.2): only then may its TLSA records be looked up and trusted.
+    pub secure: bool,
+}
+
+/// A host's TLSA records, as DANE sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tlsa {
+    /// None, or not signed: DANE does not apply.
+    Absent,
+    /// Signed records (possibly none usable: the caller decides).
+    Secure(Vec<TLSA>),
+}
+
+/// Reads a DNSSEC trust anchor file (DNSKEY records), as `outbound.dnssec_trust_anchor`.
+pub fn read_trust_anchor(path: &Path) -> Result<TrustAnchors, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let anchors: TrustAnchors = text
+        .parse()
+        .map_err(|e| format!("cannot read DNSKEY records from {}: {e}", path.display()))?;
+    let has_key = text.lines().any(|line| {
+        let line = line.split(';').next().unwrap_or("");
+        line.split_whitespace()
+            .any(|word| word.eq_ignore_ascii_case("DNSKEY"))
+    });
+    if !has_key {
+        return Err(format!("{} holds no DNSKEY record", path.display()));
+    }
+    Ok(anchors)
+}
+
+/// Whether answers are validated with DNSSEC, and from which trust anchors.
+pub enum Dnssec<'a> {
+    Off,
+    /// The root's built-in keys, or those of the file.
+    Validate(Option<&'a Path>),
 }
 
 #[derive(Clone)]
 pub struct Resolver {
     inner: TokioResolver,
+    validating: bool,
 }
 
 impl Resolver {
     /// The system's resolver configuration, or `servers` when given.
-    pub fn new(servers: &[std::net::SocketAddr]) -> Result<Resolver, String> {
+    pub fn new(servers: &[std::net::SocketAddr], dnssec: Dnssec<'_>) -> Result<Resolver, String> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = if servers.is_empty() {
             TokioResolver::builder(provider)
@@ -56,8 +100,19 @@ impl Resolver {
         };
         // Names are looked up as given, never under a search domain.
         builder.options_mut().ndots = 0;
+        let validating = match dnssec {
+            Dnssec::Off => false,
+            Dnssec::Validate(None) => {
+                builder.options_mut().validate = true;
+                true
+            }
+            Dnssec::Validate(Some(path)) => {
+                builder = builder.with_trust_anchor(Arc::new(read_trust_anchor(path)?));
+                true
+            }
+        };
         let inner = builder.build().map_err(|e| e.to_string())?;
-        Ok(Resolver { inner })
+        Ok(Resolver { inner, validating })
     }
 
     /// The hosts to try for `domain`, most preferred first. An address literal (`[192.0.2.1]`,
@@ -75,14 +130,16 @@ impl Resolver {
             return Ok(vec![Host {
                 name: ip.to_string(),
                 addresses: vec![ip],
+                secure: false,
             }]);
         }
         let ascii = idna::domain_to_ascii(domain).map_err(|_| {
             NoRoute::Permanent("5.1.2", format!("{domain} is not a valid domain name"))
         })?;
         let name = fqdn(&ascii)?;
-        let names = match self.inner.mx_lookup(name.clone()).await {
+        let (names, mx_secure) = match self.inner.mx_lookup(name.clone()).await {
             Ok(lookup) => {
+                let secure = self.all_secure(lookup.answers(), RecordType::MX);
                 let mut mx: Vec<(u16, Name)> = lookup
                     .answers()
                     .iter()
@@ -92,7 +149,7 @@ impl Resolver {
                     })
                     .collect();
                 if mx.is_empty() {
-                    vec![name]
+                    (vec![name], true)
                 } else if mx.len() == 1 && mx[0].1.is_root() {
                     return Err(NoRoute::Permanent(
                         "5.1.10",
@@ -100,20 +157,23 @@ impl Resolver {
                     ));
                 } else {
                     order_by_preference(&mut mx, rand_u64());
-                    mx.into_iter()
+                    let names = mx
+                        .into_iter()
                         .filter(|(_, n)| !n.is_root())
                         .map(|(_, n)| n)
-                        .collect()
+                        .collect();
+                    (names, secure)
                 }
             }
-            Err(e) if e.is_nx_domain() => {
+            Err(e) if negative(&e) == Some(true) => {
                 return Err(NoRoute::Permanent(
                     "5.1.2",
                     format!("{domain} does not exist (NXDOMAIN)"),
                 ));
             }
-            // The domain exists without an MX: the implicit MX is the domain itself.
-            Err(e) if e.is_no_records_found() => vec![name],
+            // The domain exists without an MX: the implicit MX is the domain itself (whose own
+            // address records then decide whether it is secure).
+            Err(e) if negative(&e).is_some() => (vec![name], true),
             Err(e) => {
                 return Err(NoRoute::Temporary(format!(
                     "DNS MX lookup for {domain} failed: {e}"
@@ -125,9 +185,10 @@ impl Resolver {
         for name in names {
             let shown = name.to_ascii().trim_end_matches('.').to_string();
             match self.addresses(&name).await {
-                Ok(addresses) if !addresses.is_empty() => hosts.push(Host {
+                Ok((addresses, secure)) if !addresses.is_empty() => hosts.push(Host {
                     name: shown,
                     addresses,
+                    secure: mx_secure && secure,
                 }),
                 Ok(_) => last_error = Some(format!("{shown} has no address")),
                 Err(e) => last_error = Some(e),
@@ -147,14 +208,16 @@ impl Resolver {
             return Ok(Host {
                 name: name.to_string(),
                 addresses: vec![ip],
+                secure: false,
             });
         }
         let ascii = idna::domain_to_ascii(name)
             .map_err(|_| NoRoute::Temporary(format!("{name} is not a valid host name")))?;
         match self.addresses(&fqdn(&ascii)?).await {
-            Ok(addresses) if !addresses.is_empty() => Ok(Host {
+            Ok((addresses, secure)) if !addresses.is_empty() => Ok(Host {
                 name: name.to_string(),
                 addresses,
+                secure,
             }),
             Ok(_) => Err(NoRoute::Temporary(format!("{name} has no address"))),
             Err(e) => Err(NoRoute::Temporary(e)),
@@ -181,30 +244,69 @@ impl Resolver {
                     _ => None,
                 })
                 .collect()),
-            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) if negative(&e).is_some() => Ok(Vec::new()),
             Err(e) => Err(format!("TXT lookup failed: {e}")),
         }
     }
 
-    /// AAAA then A records of `name`.
-    async fn addresses(&self, name: &Name) -> Result<Vec<IpAddr>, String> {
+    /// The TLSA records of the SMTP service at `host` (`_PORT._tcp.HOST`, RFC 7672 §2.2.3); only
+    /// meaningful for a [`Host::secure`] host. A lookup that fails, or whose answer is bogus, is an
+    /// error: the host must then not be used (§2.2), as an attacker could have caused it.
+    pub async fn tlsa(&self, host: &str, port: u16) -> Result<Tlsa, String> {
+        if !self.validating {
+            return Ok(Tlsa::Absent);
+        }
+        let name = Name::from_ascii(format!("_{port}._tcp.{}.", host.trim_end_matches('.')))
+            .map_err(|e| format!("{host}: no TLSA name: {e}"))?;
+        match self.inner.lookup(name, RecordType::TLSA).await {
+            Ok(lookup) => {
+                if !self.all_secure(lookup.answers(), RecordType::TLSA) {
+                    return Ok(Tlsa::Absent);
+                }
+                Ok(Tlsa::Secure(
+                    lookup
+                        .answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            RData::TLSA(tlsa) => Some(tlsa.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                ))
+            }
+            Err(e) if negative(&e).is_some() => Ok(Tlsa::Absent),
+            Err(e) => Err(format!("TLSA lookup for {host} failed: {e}")),
+        }
+    }
+
+    /// Whether the records of `kind` among `answers` are there and all DNSSEC-signed (never when
+    /// not validating).
+    fn all_secure(&self, answers: &[Record], kind: RecordType) -> bool {
+        let mut records = answers
+            .iter()
+            .filter(|r| r.record_type() == kind)
+            .peekable();
+        self.validating && records.peek().is_some() && records.all(|r| r.proof == Proof::Secure)
+    }
+
+    /// AAAA then A records of `name`, and whether all of them were signed.
+    async fn addresses(&self, name: &Name) -> Result<(Vec<IpAddr>, bool), String> {
         let mut addresses = Vec::new();
         let mut errors = Vec::new();
-        match self.inner.ipv6_lookup(name.clone()).await {
-            Ok(lookup) => addresses.extend(lookup.answers().iter().filter_map(|r| match &r.data {
-                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                _ => None,
-            })),
-            Err(e) if e.is_no_records_found() => {}
-            Err(e) => errors.push(e.to_string()),
-        }
-        match self.inner.ipv4_lookup(name.clone()).await {
-            Ok(lookup) => addresses.extend(lookup.answers().iter().filter_map(|r| match &r.data {
-                RData::A(a) => Some(IpAddr::V4(a.0)),
-                _ => None,
-            })),
-            Err(e) if e.is_no_records_found() => {}
-            Err(e) => errors.push(e.to_string()),
+        let mut secure = true;
+        for kind in [RecordType::AAAA, RecordType::A] {
+            match self.inner.lookup(name.clone(), kind).await {
+                Ok(lookup) => {
+                    secure &= self.all_secure(lookup.answers(), kind);
+                    addresses.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        _ => None,
+                    }));
+                }
+                Err(e) if negative(&e).is_some() => {}
+                Err(e) => errors.push(e.to_string()),
+            }
         }
         if addresses.is_empty() && !errors.is_empty() {
             return Err(format!(
@@ -212,7 +314,21 @@ impl Resolver {
                 errors.join("; ")
             ));
         }
-        Ok(addresses)
+        Ok((addresses, secure && self.validating))
+    }
+}
+
+/// A lookup error that is a negative answer, signed or not (never a bogus one): `Some(true)` when
+/// the name does not exist (NXDOMAIN), `Some(false)` when it has no records of the type asked.
+fn negative(e: &NetError) -> Option<bool> {
+    match e {
+        _ if e.is_no_records_found() => Some(e.is_nx_domain()),
+        NetError::Dns(DnsError::Nsec {
+            response, proof, ..
+        }) if *proof != Proof::Bogus => {
+            Some(response.metadata.response_code == ResponseCode::NXDomain)
+        }
+        _ => None,
     }
 }
 
@@ -274,7 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn address_literals_are_their_own_host() {
-        let resolver = Resolver::new(&["127.0.0.1:9".parse().unwrap()]).unwrap();
+        let resolver = Resolver::new(&["127.0.0.1:9".parse().unwrap()], Dnssec::Off).unwrap();
         for queued in ["[IPv6:::1]", "[ipv6:::1]"] {
             let hosts = resolver.hosts(queued).await.unwrap();
             assert_eq!(hosts[0].addresses, vec!["::1".parse::<IpAddr>().unwrap()]);

@@ -2,6 +2,7 @@
 //! store (plus `outbound.tls_trust_file`) and the MX host name; the policy decides what a failed check
 //! means: `verified` refuses the connection, `opportunistic` and `required` go on encrypted but record
 //! the connection as unverified (RFC 7435: encryption without authentication still beats plain text).
+//! A host with usable DANE records (RFC 7672) is checked against them instead, and only them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,19 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use hickory_resolver::proto::rr::rdata::TLSA;
+
+/// How a handshake checks the server's certificate.
+#[derive(Debug, Clone)]
+pub enum Check {
+    /// WebPKI: the trust store and the host name; `require_valid`: a failed check fails the
+    /// handshake (else it is only recorded).
+    WebPki { require_valid: bool },
+    /// DANE: the host's usable TLSA records (never empty); a certificate none matches fails the
+    /// handshake.
+    Dane(Arc<Vec<TLSA>>),
+}
 
 /// Reads the PEM certificates of `outbound.tls_trust_file`.
 pub fn read_trust_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -60,13 +74,13 @@ impl ClientTls {
         ClientTls { verifier }
     }
 
-    /// A configuration for one connection, and the flag its handshake sets when the certificate was
-    /// valid for the name. `require_valid`: an invalid certificate fails the handshake.
-    pub fn connection(&self, require_valid: bool) -> (Arc<ClientConfig>, Arc<AtomicBool>) {
+    /// A configuration for one connection, and the flag its handshake sets when the certificate
+    /// passed `check`.
+    pub fn connection(&self, check: Check) -> (Arc<ClientConfig>, Arc<AtomicBool>) {
         let verified = Arc::new(AtomicBool::new(false));
         let verifier = Arc::new(Recording {
             inner: self.verifier.clone(),
-            require_valid,
+            check,
             verified: verified.clone(),
         });
         let config = ClientConfig::builder_with_provider(provider())
@@ -86,12 +100,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         .clone()
 }
 
-/// Checks the certificate as WebPKI does and records the verdict; lets an invalid one through unless
-/// asked not to. Handshake signatures are always checked (they bind the session to the certificate).
+/// Checks the certificate as WebPKI (or DANE) does and records the verdict; lets an invalid one
+/// through only when WebPKI was not required. Handshake signatures are always checked (they bind the
+/// session to the certificate).
 #[derive(Debug)]
 struct Recording {
     inner: Option<Arc<WebPkiServerVerifier>>,
-    require_valid: bool,
+    check: Check,
     verified: Arc<AtomicBool>,
 }
 
@@ -104,18 +119,34 @@ impl ServerCertVerifier for Recording {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verdict = match &self.inner {
-            Some(inner) => {
-                inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-            }
-            None => Err(rustls::Error::General("no trust anchors".into())),
+        let (verdict, require_valid) = match (&self.check, &self.inner) {
+            (Check::Dane(records), _) => (
+                super::dane::verify(
+                    records,
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    now,
+                    &provider(),
+                )
+                .map(|()| ServerCertVerified::assertion()),
+                true,
+            ),
+            (Check::WebPki { require_valid }, Some(inner)) => (
+                inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
+                *require_valid,
+            ),
+            (Check::WebPki { require_valid }, None) => (
+                Err(rustls::Error::General("no trust anchors".into())),
+                *require_valid,
+            ),
         };
         match verdict {
             Ok(ok) => {
                 self.verified.store(true, Ordering::SeqCst);
                 Ok(ok)
             }
-            Err(e) if self.require_valid => Err(e),
+            Err(e) if require_valid => Err(e),
             Err(_) => Ok(ServerCertVerified::assertion()),
         }
     }
