@@ -191,4 +191,39 @@ proptest! {
             if b == b'\n' { prop_assert!(i > 0 && out[i - 1] == b'\r'); }
         }
     }
+
+    #[test]
+    fn seven_bit_conversion_never_panics_and_yields_only_7bit(
+        input in proptest::collection::vec(mime_piece(), 0..24)
+    ) {
+        let input = input.concat();
+        if let Some(out) = rustmail::delivery::seven_bit::seven_bit(&input) {
+            prop_assert!(out.iter().all(|&b| b < 0x80 && b != 0));
+            if input.iter().all(|&b| b < 0x80 && b != 0) {
+                prop_assert_eq!(out, input);
+            }
+        }
+    }
+}
+
+/// Pieces of MIME messages (stored form, LF line endings) with 8-bit octets among them.
+fn mime_piece() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(b"\n".to_vec()),
+        Just(b"\n\n".to_vec()),
+        Just(b"Content-Type: multipart/mixed; boundary=b\n".to_vec()),
+        Just(b"Content-Type: multipart/digest; boundary=\"b\"\n".to_vec()),
+        Just(b"Content-Type: message/rfc822\n".to_vec()),
+        Just(b"Content-Type: text/plain\n".to_vec()),
+        Just(b"Content-Type: image/png\n".to_vec()),
+        Just(b"Content-Transfer-Encoding: 8bit\n".to_vec()),
+        Just(b"Content-Transfer-Encoding: base64\n".to_vec()),
+        Just(b"\tcontinued\n".to_vec()),
+        Just(b"--b\n".to_vec()),
+        Just(b"--b--\n".to_vec()),
+        Just(b"--b".to_vec()),
+        Just("caf\u{e9}".as_bytes().to_vec()),
+        Just(vec![0xff, 0x00, b'\r']),
+        proptest::collection::vec(any::<u8>(), 0..40),
+    ]
 }

@@ -349,12 +349,22 @@ async fn transaction(
     if let Some(error) = cannot_take(entry, &client.caps, &client.host) {
         return (every(Outcome::Failed { host, error }), None);
     }
+    // 8-bit content to a server without 8BITMIME is sent converted to 7 bit (RFC 6152 §3).
+    let downgrade = entry.eight_bit && !client.caps.eight_bit_mime;
     let payload = {
         let (queue, id) = (ctx.queue.clone(), entry.id.clone());
         let (outbound, envelope_from) = (outbound.clone(), entry.from.clone());
-        tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, Vec<String>)> {
-            let stored = std::fs::read(queue.message_path(&id))?;
-            let stored = without_return_path(&stored);
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Vec<u8>, Vec<String>)>> {
+            let read = std::fs::read(queue.message_path(&id))?;
+            let mut stored = without_return_path(&read);
+            let converted;
+            if downgrade {
+                let Some(seven) = super::seven_bit::seven_bit(stored) else {
+                    return Ok(None);
+                };
+                converted = seven;
+                stored = &converted;
+            }
             let crlf = crlf_form(stored);
             let mut prefix = Vec::new();
             let mut selectors = Vec::new();
@@ -367,13 +377,22 @@ async fn transaction(
                     Err(error) => tracing::error!(queue_id = %id, %error, "DKIM signing failed"),
                 }
             }
-            Ok((data_wire_form(&prefix, stored), selectors))
+            Ok(Some((data_wire_form(&prefix, stored), selectors)))
         })
         .await
         .expect("the message read task does not panic")
     };
     let (payload, selectors) = match payload {
-        Ok(p) => p,
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            let error = format!(
+                "554 5.6.3 {} does not accept 8-bit messages (no 8BITMIME), and this one cannot \
+                 be converted to 7 bit (8-bit octets in a header, or in content declared base64 \
+                 or quoted-printable)",
+                client.host
+            );
+            return (every(Outcome::Failed { host, error }), None);
+        }
         Err(e) => {
             tracing::error!(queue_id = %entry.id, error = %e, "cannot read the queued message");
             return (
@@ -385,15 +404,31 @@ async fn transaction(
             );
         }
     };
+    // What goes on the wire: the payload without the final ".\r\n".
+    let size = if downgrade {
+        tracing::info!(queue_id = %entry.id, mx = %client.host, "converted to 7 bit: the server does not offer 8BITMIME");
+        let size = payload.len() as u64 - 3;
+        if client.caps.refuses_size(size) {
+            let error = format!(
+                "552 5.3.4 message of {size} octets (converted to 7 bit) is over {}'s limit of {}",
+                client.host,
+                client.caps.size.unwrap_or(0)
+            );
+            return (every(Outcome::Failed { host, error }), None);
+        }
+        size
+    } else {
+        entry.wire_size()
+    };
     if !selectors.is_empty() {
         tracing::info!(queue_id = %entry.id, dkim = %selectors.join(","), "signed");
     }
     let mut mail = format!("MAIL FROM:<{}>", entry.from);
     // RFC 1870 §6: SIZE= only to a server that offered SIZE.
     if client.caps.size.is_some() {
-        mail.push_str(&format!(" SIZE={}", entry.wire_size()));
+        mail.push_str(&format!(" SIZE={size}"));
     }
-    if entry.eight_bit {
+    if entry.eight_bit && !downgrade {
         mail.push_str(" BODY=8BITMIME");
     }
     if entry.smtputf8 {
@@ -521,10 +556,6 @@ fn cannot_take(entry: &Entry, caps: &Capabilities, host: &str) -> Option<String>
             "552 5.3.4 message of {} octets is over {host}'s limit of {}",
             entry.wire_size(),
             caps.size.unwrap_or(0)
-        ))
-    } else if entry.eight_bit && !caps.eight_bit_mime {
-        Some(format!(
-            "554 5.6.3 {host} does not accept 8-bit messages (no 8BITMIME)"
         ))
     } else if entry.smtputf8 && !caps.smtputf8 {
         Some(format!(

@@ -14,6 +14,7 @@ pub mod dane;
 pub mod dsn;
 pub mod mta_sts;
 pub mod route;
+pub mod seven_bit;
 pub mod tls;
 pub mod wire;
 
