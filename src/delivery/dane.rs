@@ -296,6 +296,11 @@ mod tests {
             Matching::Sha256,
             leaf_digest,
         )];
-        assert!(!check(&as_ta, &pki, &[], "mx.example"));
+        assert!(!check(
+            &as_ta,
+            &pki,
+            std::slice::from_ref(&pki.leaf),
+            "mx.example"
+        ));
     }
 }

@@ -165,15 +165,17 @@ impl Resolver {
                     (names, secure)
                 }
             }
-            Err(e) if negative(&e) == Some(true) => {
+            Err(e) if negative(&e).is_some_and(|n| n.nx) => {
                 return Err(NoRoute::Permanent(
                     "5.1.2",
                     format!("{domain} does not exist (NXDOMAIN)"),
                 ));
             }
-            // The domain exists without an MX: the implicit MX is the domain itself (whose own
-            // address records then decide whether it is secure).
-            Err(e) if negative(&e).is_some() => (vec![name], true),
+            // The domain exists without an MX: the implicit MX is the domain itself, secure when
+            // the denial of the MX records and its address records are.
+            Err(e) if negative(&e).is_some() => {
+                (vec![name], negative(&e).is_some_and(|n| n.secure))
+            }
             Err(e) => {
                 return Err(NoRoute::Temporary(format!(
                     "DNS MX lookup for {domain} failed: {e}"
@@ -274,7 +276,12 @@ impl Resolver {
                         .collect(),
                 ))
             }
-            Err(e) if negative(&e).is_some() => Ok(Tlsa::Absent),
+            // Only a signed denial says there are none: the host is secure, so its TLSA records
+            // would be signed too, and an unsigned "none" is what an attacker would answer.
+            Err(e) if negative(&e).is_some_and(|n| n.secure) => Ok(Tlsa::Absent),
+            Err(e) if negative(&e).is_some() => Err(format!(
+                "TLSA lookup for {host}: a denial not proven by DNSSEC"
+            )),
             Err(e) => Err(format!("TLSA lookup for {host} failed: {e}")),
         }
     }
@@ -318,16 +325,34 @@ impl Resolver {
     }
 }
 
-/// A lookup error that is a negative answer, signed or not (never a bogus one): `Some(true)` when
-/// the name does not exist (NXDOMAIN), `Some(false)` when it has no records of the type asked.
-fn negative(e: &NetError) -> Option<bool> {
+/// A negative answer (never a bogus one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Negative {
+    /// NXDOMAIN: the name does not exist (else it has no records of the type asked).
+    nx: bool,
+    /// Proven by signed NSEC or NSEC3 records. An unsigned denial can be forged by anyone on the
+    /// path (hickory accepts one whose unsigned SOA belongs to any provably unsigned zone).
+    secure: bool,
+}
+
+/// The negative answer a lookup error stands for, if it is one.
+fn negative(e: &NetError) -> Option<Negative> {
     match e {
-        _ if e.is_no_records_found() => Some(e.is_nx_domain()),
+        NetError::Dns(DnsError::NoRecordsFound(no)) => Some(Negative {
+            nx: no.response_code == ResponseCode::NXDomain,
+            secure: no.authorities.as_deref().is_some_and(|records| {
+                records.iter().any(|r| {
+                    matches!(r.record_type(), RecordType::NSEC | RecordType::NSEC3)
+                        && r.proof == Proof::Secure
+                })
+            }),
+        }),
         NetError::Dns(DnsError::Nsec {
             response, proof, ..
-        }) if *proof != Proof::Bogus => {
-            Some(response.metadata.response_code == ResponseCode::NXDomain)
-        }
+        }) if *proof != Proof::Bogus => Some(Negative {
+            nx: response.metadata.response_code == ResponseCode::NXDomain,
+            secure: false,
+        }),
         _ => None,
     }
 }

@@ -38,7 +38,8 @@ pytestmark = pytest.mark.skipif(
 ALICE = "alice@a.test"
 PASSWORD = "alice-d4ne!"
 # The destination domains on host B, one per case.
-B_DOMAINS = ["ee.test", "ta.test", "wrong.test", "unusable.test", "insecure.test", "bogus.test", "second.test"]
+B_DOMAINS = ["ee.test", "ta.test", "wrong.test", "unusable.test", "insecure.test", "bogus.test", "second.test",
+             "notlsa.test", "implicit.test", "sub.insecure.test"]
 ZEROS = "00" * 32
 
 
@@ -137,13 +138,19 @@ class World:
         root += ["second.test. MX 10 mx1.second.test.", "second.test. MX 20 mx2.second.test.",
                  "mx1.second.test. A 127.0.0.3", "mx2.second.test. A 127.0.0.3",
                  f"_{port}._tcp.mx1.second.test. TLSA 3 1 1 {ZEROS}", f"_{port}._tcp.mx2.second.test. TLSA {ee}"]
+        # notlsa.test: signed, its MX host has no TLSA records (a signed denial); implicit.test: no MX
+        # (a signed denial), its own address and TLSA records.
+        root += ["notlsa.test. MX 10 mx.notlsa.test.", "mx.notlsa.test. A 127.0.0.3",
+                 "implicit.test. A 127.0.0.3", f"_{port}._tcp.implicit.test. TLSA {ee}"]
         # insecure.test: delegated without DS (unsigned: its TLSA records count for nothing);
         # bogus.test: delegated with a DS that no key of its (unsigned) zone matches.
         root += ["insecure.test. NS ns.test.", "bogus.test. NS ns.test.",
                  f"bogus.test. DS 4711 13 2 {'ab' * 32}"]
         child = lambda name: "\n".join([  # noqa: E731
             "$TTL 300", f"@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300", "@ NS ns.test.",
-            f"@ MX 10 mx.{name}.", "mx A 127.0.0.3", f"_{port}._tcp.mx TLSA 3 1 1 {ZEROS}", ""])
+            f"@ MX 10 mx.{name}.", "mx A 127.0.0.3", f"_{port}._tcp.mx TLSA 3 1 1 {ZEROS}",
+            # An unsigned MX RRset naming a signed host whose TLSA records B does not match.
+            "sub MX 10 mx.wrong.test.", ""])
         self.knot = Knot(mk("knot"), "\n".join(root) + "\n",
                          {"insecure.test": child("insecure.test"), "bogus.test": child("bogus.test")})
         self.b.start()
@@ -196,7 +203,11 @@ def world(tmp_path_factory, rustmail_bin):
     w.close()
 
 
-def delivered_line(world: World, rcpt: str, mx: str, tls: str) -> None:
+def delivered(world: World, rcpt: str, mx: str, tls: str) -> None:
+    """A message to `rcpt` reaches B, and A logs its delivery via `mx` (a pattern) with `tls`."""
+    world.submit(rcpt, f"to {rcpt}")
+    (msg,) = wait_for_messages(world.b, rcpt, 1)
+    assert msg["Subject"] == f"to {rcpt}"
     world.a.wait_for_log(rf"delivery delivered: \S+ to <{rcpt}> via {mx} \(tls {tls}\)", timeout=30)
 
 
@@ -206,16 +217,11 @@ def deferred_line(world: World, rcpt: str) -> str:
 
 
 def test_dane_ee_authenticates_a_certificate_no_certificate_authority_vouches_for(world):
-    world.submit("bob@ee.test", "dane ee")
-    (msg,) = wait_for_messages(world.b, "bob@ee.test", 1)
-    assert msg["Subject"] == "dane ee"
-    delivered_line(world, "bob@ee.test", r"mx\.ee\.test", "dane")
+    delivered(world, "bob@ee.test", r"mx\.ee\.test", "dane")
 
 
 def test_dane_ta_authenticates_a_chain_from_the_pinned_authority(world):
-    world.submit("bob@ta.test", "dane ta")
-    wait_for_messages(world.b, "bob@ta.test", 1)
-    delivered_line(world, "bob@ta.test", r"mx\.ta\.test", "dane")
+    delivered(world, "bob@ta.test", r"mx\.ta\.test", "dane")
 
 
 def test_a_certificate_the_tlsa_records_do_not_match_gets_no_mail_and_stays_queued(world):
@@ -245,23 +251,31 @@ def test_a_host_with_tlsa_records_that_offers_no_starttls_gets_no_plain_text(wor
 
 
 def test_the_next_mx_is_used_when_the_first_fails_its_dane_check(world):
-    world.submit("bob@second.test", "dane fallback")
-    wait_for_messages(world.b, "bob@second.test", 1)
-    delivered_line(world, "bob@second.test", r"mx2\.second\.test", "dane")
-    assert "mx1.second.test" in world.a.log_text()
+    delivered(world, "bob@second.test", r"mx2\.second\.test", "dane")
+    world.a.wait_for_log(r"cannot use this host, trying the next.*mx=mx1\.second\.test.*DANE: the certificate "
+                         r"must match its TLSA records")
 
 
 def test_signed_tlsa_records_none_usable_still_require_tls_without_authentication(world):
-    world.submit("bob@unusable.test", "dane unusable")
-    wait_for_messages(world.b, "bob@unusable.test", 1)
-    delivered_line(world, "bob@unusable.test", r"mx\.unusable\.test", "unverified")
+    delivered(world, "bob@unusable.test", r"mx\.unusable\.test", "unverified")
     refused_in_plain_text(world, "bob@unusable-plain.test", "TLS is required")
 
 
 def test_tlsa_records_of_an_unsigned_zone_count_for_nothing(world):
-    world.submit("bob@insecure.test", "dane insecure")
-    wait_for_messages(world.b, "bob@insecure.test", 1)
-    delivered_line(world, "bob@insecure.test", r"mx\.insecure\.test", "unverified")
+    delivered(world, "bob@insecure.test", r"mx\.insecure\.test", "unverified")
+
+
+def test_a_signed_host_named_by_an_unsigned_mx_record_is_not_held_to_its_tlsa_records(world):
+    # RFC 7672 §2.2.1: the MX RRset must be secure too (else an attacker could have chosen the host).
+    delivered(world, "bob@sub.insecure.test", r"mx\.wrong\.test", "unverified")
+
+
+def test_a_signed_host_without_tlsa_records_gets_mail_as_without_dane(world):
+    delivered(world, "bob@notlsa.test", r"mx\.notlsa\.test", "unverified")
+
+
+def test_the_implicit_mx_of_a_signed_domain_is_held_to_its_tlsa_records(world):
+    delivered(world, "bob@implicit.test", r"implicit\.test", "dane")
 
 
 def test_a_bogus_dnssec_answer_defers_rather_than_deliver(world):
