@@ -335,6 +335,10 @@ fn log_outcome(entry: &Entry, i: usize, mx: Option<&str>, tls: &str, outcome: &O
     );
 }
 
+/// What DATA sends (dot-stuffed, with the final dot), the DKIM selectors that signed it, and its
+/// size as RFC 1870 counts it; `None` from the read: it cannot be converted to 7 bit.
+type Payload = (Vec<u8>, Vec<String>, u64);
+
 /// One message over an open connection. The second value: the connection cannot be used any more.
 async fn transaction(
     ctx: &Context,
@@ -354,7 +358,7 @@ async fn transaction(
     let payload = {
         let (queue, id) = (ctx.queue.clone(), entry.id.clone());
         let (outbound, envelope_from) = (outbound.clone(), entry.from.clone());
-        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Vec<u8>, Vec<String>)>> {
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<Payload>> {
             let read = std::fs::read(queue.message_path(&id))?;
             let mut stored = without_return_path(&read);
             let converted;
@@ -374,15 +378,20 @@ async fn transaction(
                         prefix.extend_from_slice(header.as_bytes());
                         selectors.push(format!("{}/{}", key.domain, key.selector));
                     }
-                    Err(error) => tracing::error!(queue_id = %id, %error, "DKIM signing failed"),
+                    Err(error) => {
+                        tracing::error!(queue_id = %id, %error, "DKIM signing failed")
+                    }
                 }
             }
-            Ok(Some((data_wire_form(&prefix, stored), selectors)))
+            // RFC 1870's size: CRLF lines, no dot-stuffing, the last line completed.
+            let unfinished = !crlf.is_empty() && !crlf.ends_with(b"\n");
+            let size = (prefix.len() + crlf.len() + if unfinished { 2 } else { 0 }) as u64;
+            Ok(Some((data_wire_form(&prefix, stored), selectors, size)))
         })
         .await
         .expect("the message read task does not panic")
     };
-    let (payload, selectors) = match payload {
+    let (payload, selectors, converted_size) = match payload {
         Ok(Some(p)) => p,
         Ok(None) => {
             let error = format!(
@@ -404,10 +413,9 @@ async fn transaction(
             );
         }
     };
-    // What goes on the wire: the payload without the final ".\r\n".
     let size = if downgrade {
         tracing::info!(queue_id = %entry.id, mx = %client.host, "converted to 7 bit: the server does not offer 8BITMIME");
-        let size = payload.len() as u64 - 3;
+        let size = converted_size;
         if client.caps.refuses_size(size) {
             let error = format!(
                 "552 5.3.4 message of {size} octets (converted to 7 bit) is over {}'s limit of {}",

@@ -18,7 +18,7 @@ pub const MAX_DEPTH: usize = 32;
 /// The message in 7 bit, or `None` when it cannot be converted (see the module text).
 pub fn seven_bit(stored: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(stored.len() + stored.len() / 4);
-    entity(stored, "text/plain", true, 0, &mut out)?;
+    entity(stored, "text/plain", true, &[], &mut out)?;
     Some(out)
 }
 
@@ -26,15 +26,17 @@ fn is_8bit(bytes: &[u8]) -> bool {
     bytes.iter().any(|&b| b >= 0x80 || b == 0)
 }
 
-/// One MIME entity (header block, blank line, body) appended to `out` in 7 bit.
+/// One MIME entity (header block, blank line, body) appended to `out` in 7 bit. `message`: the
+/// entity is a message (it gets `MIME-Version`); `boundaries`: those of the enclosing multiparts
+/// (their number is the depth).
 fn entity(
     input: &[u8],
     default_type: &str,
-    top: bool,
-    depth: usize,
+    message: bool,
+    boundaries: &[&str],
     out: &mut Vec<u8>,
 ) -> Option<()> {
-    if depth > MAX_DEPTH {
+    if boundaries.len() > MAX_DEPTH {
         return None;
     }
     if !is_8bit(input) {
@@ -45,7 +47,8 @@ fn entity(
     if is_8bit(header) {
         return None;
     }
-    let fields = Fields::parse(header);
+    // Two Content-Type (or encoding) fields: receivers may read either; not ours to guess.
+    let fields = Fields::parse(header)?;
     let content_type = fields
         .content_type
         .as_deref()
@@ -75,18 +78,23 @@ fn entity(
             out,
             header,
             fields.encoding.is_some().then_some("7bit"),
-            top,
+            message,
         );
-        return multipart(body, &boundary, inner_default, depth, out);
+        let mut inner = boundaries.to_vec();
+        inner.push(&boundary);
+        return multipart(body, &boundary, inner_default, &inner, out);
     }
     if content_type == "message/rfc822" {
         push_header(
             out,
             header,
             fields.encoding.is_some().then_some("7bit"),
-            top,
+            message,
         );
-        return entity(body, "text/plain", false, depth + 1, out);
+        // Nesting counts as a level too.
+        let mut inner = boundaries.to_vec();
+        inner.push("");
+        return entity(body, "text/plain", true, &inner, out);
     }
     if content_type.starts_with("multipart/") || content_type.starts_with("message/") {
         // A multipart without a boundary, or message/global and kin: 8-bit by definition.
@@ -94,12 +102,17 @@ fn entity(
     }
     // The content as it was sent: CRLF line endings (the stored form has LF).
     let canonical = super::wire::crlf_form(body);
-    let (name, encoded) = if content_type.starts_with("text/") {
-        ("quoted-printable", quoted_printable::encode(&canonical))
-    } else {
-        ("base64", base64_lines(&canonical))
+    let qp = content_type
+        .starts_with("text/")
+        .then(|| quoted_printable::encode(&canonical))
+        // A soft line break can start a line with an enclosing delimiter ("--boundary"), which
+        // would end the part early: such text goes as base64, which has no '-'.
+        .filter(|qp| !starts_a_line_with_a_delimiter(qp, boundaries));
+    let (name, encoded) = match qp {
+        Some(qp) => ("quoted-printable", qp),
+        None => ("base64", base64_lines(&canonical)),
     };
-    push_header(out, header, Some(name), top);
+    push_header(out, header, Some(name), message);
     // Back to the stored form, ending in LF where the content did.
     let mut last = 0;
     for (i, &b) in encoded.iter().enumerate() {
@@ -115,6 +128,17 @@ fn entity(
     Some(())
 }
 
+/// Whether a line of `encoded` (CRLF lines) begins with `--` and one of `boundaries`.
+fn starts_a_line_with_a_delimiter(encoded: &[u8], boundaries: &[&str]) -> bool {
+    encoded.split(|&b| b == b'\n').any(|line| {
+        line.strip_prefix(b"--").is_some_and(|rest| {
+            boundaries
+                .iter()
+                .any(|b| !b.is_empty() && rest.starts_with(b.as_bytes()))
+        })
+    })
+}
+
 /// The header block (with its last line's LF) and the body after the blank line. An entity that
 /// starts with a blank line has no fields; one without a blank line is all header.
 fn split_header(input: &[u8]) -> (&[u8], &[u8]) {
@@ -128,8 +152,9 @@ fn split_header(input: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// The header block again, without its `Content-Transfer-Encoding` fields, then the new one (if
-/// any), `MIME-Version` at the top level when it was missing, and the blank line.
-fn push_header(out: &mut Vec<u8>, header: &[u8], encoding: Option<&str>, top: bool) {
+/// any), `MIME-Version` for a message when it was missing (it now uses MIME encodings), and the
+/// blank line.
+fn push_header(out: &mut Vec<u8>, header: &[u8], encoding: Option<&str>, message: bool) {
     let mut has_version = false;
     let mut skipping = false;
     for line in header.split_inclusive(|&b| b == b'\n') {
@@ -145,7 +170,7 @@ fn push_header(out: &mut Vec<u8>, header: &[u8], encoding: Option<&str>, top: bo
     if !header.is_empty() && !header.ends_with(b"\n") {
         out.push(b'\n');
     }
-    if top && !has_version && encoding.is_some() {
+    if message && !has_version {
         out.extend_from_slice(b"MIME-Version: 1.0\n");
     }
     if let Some(encoding) = encoding {
@@ -170,23 +195,24 @@ struct Fields {
 }
 
 impl Fields {
-    fn parse(header: &[u8]) -> Fields {
+    /// `None` when a field appears twice.
+    fn parse(header: &[u8]) -> Option<Fields> {
         let mut fields = Fields {
             content_type: None,
             encoding: None,
         };
         let text = String::from_utf8_lossy(header);
         let mut current: Option<(String, String)> = None;
-        let finish = |field: Option<(String, String)>, fields: &mut Fields| {
+        let mut twice = false;
+        let mut finish = |field: Option<(String, String)>, fields: &mut Fields| {
             if let Some((name, value)) = field {
                 let slot = match name.as_str() {
                     "content-type" => &mut fields.content_type,
                     "content-transfer-encoding" => &mut fields.encoding,
                     _ => return,
                 };
-                if slot.is_none() {
-                    *slot = Some(value);
-                }
+                twice |= slot.is_some();
+                *slot = Some(value);
             }
         };
         for line in text.lines() {
@@ -203,23 +229,41 @@ impl Fields {
             }
         }
         finish(current, &mut fields);
-        fields
+        (!twice).then_some(fields)
     }
 }
 
 /// `type/subtype` of a Content-Type value, lower-cased.
 fn media_type(value: &str) -> String {
-    value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
+    params(value)
+        .first()
+        .map(|t| t.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// A Content-Type value split at the `;` outside quoted strings (RFC 2045 §5.1).
+fn params(value: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let (mut quoted, mut escaped) = (false, false);
+    for c in value.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                parts.push(String::new());
+                continue;
+            }
+            _ => {}
+        }
+        parts.last_mut().expect("never empty").push(c);
+    }
+    parts
 }
 
 /// The `boundary` parameter of a Content-Type value (quoted or not).
 fn boundary(value: &str) -> Option<String> {
-    for param in value.split(';').skip(1) {
+    for param in params(value).iter().skip(1) {
         let Some((name, v)) = param.split_once('=') else {
             continue;
         };
@@ -241,7 +285,7 @@ fn multipart(
     body: &[u8],
     boundary: &str,
     default_type: &str,
-    depth: usize,
+    boundaries: &[&str],
     out: &mut Vec<u8>,
 ) -> Option<()> {
     let delimiter = format!("--{boundary}");
@@ -283,7 +327,7 @@ fn multipart(
             Some(_) => (&body[end..end], &body[end..end]),
             None => (&body[end..], &body[end..end]),
         };
-        entity(part, default_type, false, depth + 1, out)?;
+        entity(part, default_type, false, boundaries, out)?;
         out.extend_from_slice(rest);
     }
     Some(())
@@ -386,8 +430,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            !text.contains("Subject: inner\nMIME-Version"),
-            "no MIME-Version inside: {text}"
+            text.contains(
+                "Subject: inner\nMIME-Version: 1.0\nContent-Transfer-Encoding: quoted-printable\n"
+            ),
+            "the attached message is MIME too: {text}"
         );
         assert!(text.ends_with("--XyZ--\nepilogue\n"), "{text}");
         assert_eq!(text.matches("--XyZ").count(), 5, "{text}");
@@ -410,6 +456,55 @@ mod tests {
         }
         deep.push_str("Subject: x\n\n\u{e9}\n");
         assert_eq!(seven_bit(deep.as_bytes()), None);
+    }
+
+    #[test]
+    fn a_soft_line_break_never_makes_a_delimiter_line() {
+        // Quoted-printable would wrap this line just before "--XyZ--", closing the multipart.
+        let line = format!("Gr\u{fc}\u{df}e {}--XyZ--", "y".repeat(59));
+        let original = format!(
+            "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=XyZ\n\n--XyZ\n\
+             Content-Type: text/plain; charset=utf-8\n\n{line}\n--XyZ\n\nafter\n--XyZ--\n"
+        );
+        let qp = quoted_printable::encode(format!("{line}\r\n").as_bytes());
+        assert!(
+            starts_a_line_with_a_delimiter(&qp, &["XyZ"]),
+            "the case is real"
+        );
+        // (mail-parser finds delimiters in mid-line too, so it cannot judge this one.)
+        let converted = seven_bit(original.as_bytes()).unwrap();
+        let text = String::from_utf8(converted).unwrap();
+        let delimiters: Vec<&str> = text.lines().filter(|l| l.starts_with("--XyZ")).collect();
+        assert_eq!(delimiters, ["--XyZ", "--XyZ", "--XyZ--"], "{text}");
+        let (_, part) = text
+            .split_once("Content-Transfer-Encoding: base64\n\n")
+            .expect("sent as base64");
+        let encoded: String = part.lines().take_while(|l| !l.starts_with("--")).collect();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert_eq!(decoded, line.as_bytes());
+    }
+
+    #[test]
+    fn parameters_are_split_outside_quotes_and_a_doubled_field_is_refused() {
+        let original = "MIME-Version: 1.0\n\
+            Content-Type: multipart/mixed; name=\"a;boundary=x\"; boundary=\"real\"\n\n\
+            --real\nContent-Type: text/plain\n\ncaf\u{e9}\n--real--\n";
+        let text = String::from_utf8(assert_7bit_and_same_content(original.as_bytes())).unwrap();
+        assert!(text.contains("caf=C3=A9\n--real--\n"), "{text}");
+        let doubled = "Content-Type: text/plain\nContent-Type: image/png\n\ncaf\u{e9}\n";
+        assert_eq!(seven_bit(doubled.as_bytes()), None);
+    }
+
+    #[test]
+    fn a_converted_message_always_declares_mime() {
+        let original = "Content-Type: multipart/mixed; boundary=b\n\n--b\n\ncaf\u{e9}\n--b--\n";
+        let text = String::from_utf8(assert_7bit_and_same_content(original.as_bytes())).unwrap();
+        assert!(
+            text.starts_with("Content-Type: multipart/mixed; boundary=b\nMIME-Version: 1.0\n\n"),
+            "{text}"
+        );
     }
 
     #[test]
