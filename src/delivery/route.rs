@@ -139,7 +139,7 @@ impl Resolver {
         let name = fqdn(&ascii)?;
         let (names, mx_secure) = match self.inner.mx_lookup(name.clone()).await {
             Ok(lookup) => {
-                let secure = self.all_secure(lookup.answers(), RecordType::MX);
+                let secure = self.all_secure(&name, lookup.answers(), RecordType::MX);
                 let mut mx: Vec<(u16, Name)> = lookup
                     .answers()
                     .iter()
@@ -260,9 +260,9 @@ impl Resolver {
         }
         let name = Name::from_ascii(format!("_{port}._tcp.{}.", host.trim_end_matches('.')))
             .map_err(|e| format!("{host}: no TLSA name: {e}"))?;
-        match self.inner.lookup(name, RecordType::TLSA).await {
+        match self.inner.lookup(name.clone(), RecordType::TLSA).await {
             Ok(lookup) => {
-                if !self.all_secure(lookup.answers(), RecordType::TLSA) {
+                if !self.all_secure(&name, lookup.answers(), RecordType::TLSA) {
                     return Ok(Tlsa::Absent);
                 }
                 Ok(Tlsa::Secure(
@@ -286,14 +286,19 @@ impl Resolver {
         }
     }
 
-    /// Whether the records of `kind` among `answers` are there and all DNSSEC-signed (never when
-    /// not validating).
-    fn all_secure(&self, answers: &[Record], kind: RecordType) -> bool {
-        let mut records = answers
-            .iter()
-            .filter(|r| r.record_type() == kind)
-            .peekable();
-        self.validating && records.peek().is_some() && records.all(|r| r.proof == Proof::Secure)
+    /// Whether there are records of `kind` for `name` among `answers` and every answer (a CNAME
+    /// leading to them included) is DNSSEC-signed; never when not validating. An unsigned CNAME to
+    /// a signed zone of an attacker's must not pass, nor records of another name whose CNAME the
+    /// resolver's cache left out (it answers an alias with the target's cached records alone).
+    fn all_secure(&self, name: &Name, answers: &[Record], kind: RecordType) -> bool {
+        let aliased = answers.iter().any(|r| r.record_type() == RecordType::CNAME);
+        self.validating
+            && answers.iter().any(|r| r.record_type() == kind)
+            && answers.iter().all(|r| match r.record_type() {
+                RecordType::RRSIG => true,
+                t if t == kind && !aliased && r.name != *name => false,
+                _ => r.proof == Proof::Secure,
+            })
     }
 
     /// AAAA then A records of `name`, and whether all of them were signed.
@@ -304,7 +309,7 @@ impl Resolver {
         for kind in [RecordType::AAAA, RecordType::A] {
             match self.inner.lookup(name.clone(), kind).await {
                 Ok(lookup) => {
-                    secure &= self.all_secure(lookup.answers(), kind);
+                    secure &= self.all_secure(name, lookup.answers(), kind);
                     addresses.extend(lookup.answers().iter().filter_map(|r| match &r.data {
                         RData::AAAA(a) => Some(IpAddr::V6(a.0)),
                         RData::A(a) => Some(IpAddr::V4(a.0)),

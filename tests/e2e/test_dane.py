@@ -39,7 +39,7 @@ ALICE = "alice@a.test"
 PASSWORD = "alice-d4ne!"
 # The destination domains on host B, one per case.
 B_DOMAINS = ["ee.test", "ta.test", "wrong.test", "unusable.test", "insecure.test", "bogus.test", "second.test",
-             "notlsa.test", "implicit.test", "sub.insecure.test"]
+             "notlsa.test", "implicit.test", "sub.insecure.test", "cname.test"]
 ZEROS = "00" * 32
 
 
@@ -141,7 +141,9 @@ class World:
         # notlsa.test: signed, its MX host has no TLSA records (a signed denial); implicit.test: no MX
         # (a signed denial), its own address and TLSA records.
         root += ["notlsa.test. MX 10 mx.notlsa.test.", "mx.notlsa.test. A 127.0.0.3",
-                 "implicit.test. A 127.0.0.3", f"_{port}._tcp.implicit.test. TLSA {ee}"]
+                 "implicit.test. A 127.0.0.3", f"_{port}._tcp.implicit.test. TLSA {ee}",
+                 # cname.test: a signed MX naming an alias in the unsigned zone, a CNAME to a signed host.
+                 "cname.test. MX 10 alias.insecure.test."]
         # insecure.test: delegated without DS (unsigned: its TLSA records count for nothing);
         # bogus.test: delegated with a DS that no key of its (unsigned) zone matches.
         root += ["insecure.test. NS ns.test.", "bogus.test. NS ns.test.",
@@ -150,7 +152,7 @@ class World:
             "$TTL 300", f"@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300", "@ NS ns.test.",
             f"@ MX 10 mx.{name}.", "mx A 127.0.0.3", f"_{port}._tcp.mx TLSA 3 1 1 {ZEROS}",
             # An unsigned MX RRset naming a signed host whose TLSA records B does not match.
-            "sub MX 10 mx.wrong.test.", ""])
+            "sub MX 10 mx.wrong.test.", "alias CNAME mx.ee.test.", ""])
         self.knot = Knot(mk("knot"), "\n".join(root) + "\n",
                          {"insecure.test": child("insecure.test"), "bogus.test": child("bogus.test")})
         self.b.start()
@@ -268,6 +270,13 @@ def test_tlsa_records_of_an_unsigned_zone_count_for_nothing(world):
 def test_a_signed_host_named_by_an_unsigned_mx_record_is_not_held_to_its_tlsa_records(world):
     # RFC 7672 §2.2.1: the MX RRset must be secure too (else an attacker could have chosen the host).
     delivered(world, "bob@sub.insecure.test", r"mx\.wrong\.test", "unverified")
+
+
+def test_an_unsigned_cname_makes_the_host_unsigned(world):
+    # The alias's A answer is an unsigned CNAME followed by signed records: not secure, so the host
+    # is treated as any unsigned one (had it counted as secure, its TLSA lookup would meet an
+    # unsigned denial and the host would be skipped).
+    delivered(world, "bob@cname.test", r"alias\.insecure\.test", "unverified")
 
 
 def test_a_signed_host_without_tlsa_records_gets_mail_as_without_dane(world):
