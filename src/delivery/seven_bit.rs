@@ -63,38 +63,35 @@ fn entity(
         // 8-bit octets under base64 or quoted-printable: broken content, not ours to repair.
         return None;
     }
-    if let Some(boundary) = content_type
+    let boundary = content_type
         .starts_with("multipart/")
         .then(|| fields.content_type.as_deref().and_then(boundary))
-        .flatten()
-    {
-        let inner_default = if content_type == "multipart/digest" {
-            "message/rfc822"
-        } else {
-            "text/plain"
+        .flatten();
+    if boundary.is_some() || content_type == "message/rfc822" {
+        // The inside becomes 7 bit, so the container is 7 bit too.
+        push_header(
+            out,
+            header,
+            fields.encoding.is_some().then_some("7bit"),
+            message,
+        );
+        let mut inner = boundaries.to_vec();
+        return match &boundary {
+            Some(boundary) => {
+                inner.push(boundary);
+                let inner_default = if content_type == "multipart/digest" {
+                    "message/rfc822"
+                } else {
+                    "text/plain"
+                };
+                multipart(body, boundary, inner_default, &inner, out)
+            }
+            None => {
+                // An attached message: a level of nesting without a boundary of its own.
+                inner.push("");
+                entity(body, "text/plain", true, &inner, out)
+            }
         };
-        // The parts become 7 bit, so the multipart is 7 bit too.
-        push_header(
-            out,
-            header,
-            fields.encoding.is_some().then_some("7bit"),
-            message,
-        );
-        let mut inner = boundaries.to_vec();
-        inner.push(&boundary);
-        return multipart(body, &boundary, inner_default, &inner, out);
-    }
-    if content_type == "message/rfc822" {
-        push_header(
-            out,
-            header,
-            fields.encoding.is_some().then_some("7bit"),
-            message,
-        );
-        // Nesting counts as a level too.
-        let mut inner = boundaries.to_vec();
-        inner.push("");
-        return entity(body, "text/plain", true, &inner, out);
     }
     if content_type.starts_with("multipart/") || content_type.starts_with("message/") {
         // A multipart without a boundary, or message/global and kin: 8-bit by definition.
