@@ -16,7 +16,7 @@ use crate::storage::queue::Entry;
 use crate::storage::{Spool, is_full};
 
 /// Message bytes are collected up to this size before a write to the spool file.
-const SPOOL_WRITE_CHUNK: usize = 256 * 1024;
+const SPOOL_WRITE_CHUNK: usize = crate::storage::IN_MEMORY;
 
 /// A refused connection gets this long to take its `421`.
 pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -367,8 +367,7 @@ impl Message {
             }
             let queue = &shared2.outbox.queue;
             // What a NOTIFY=SUCCESS notice returns is read before the spool file goes.
-            let original =
-                keep_original.map(|full| crate::delivery::read_original(spool.path(), full));
+            let original = keep_original.map(|full| spool.original(full));
             accounts
                 .iter()
                 .map(|a| shared2.store.ensure_maildir(a))

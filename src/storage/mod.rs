@@ -47,7 +47,7 @@ use crate::accounts::Account;
 pub use maildir::{
     MailboxLock, STALE_TMP, StoredMessage, clean_tmp, expunge, lock, mark_seen, scan, take_new,
 };
-pub use spool::Spool;
+pub use spool::{IN_MEMORY, Spool};
 
 #[derive(Debug)]
 pub struct Store {
@@ -373,6 +373,13 @@ mod tests {
         )
     }
 
+    /// A message that gets a spool file as soon as it is appended.
+    pub(super) fn too_large_for_memory() -> Vec<u8> {
+        let mut message = vec![b'x'; IN_MEMORY];
+        message.push(b'\n');
+        message
+    }
+
     /// Sets the process's umask, and puts the previous one back when dropped (even by a failing test).
     struct Umask(libc::mode_t);
 
@@ -395,16 +402,20 @@ mod tests {
     fn mail_is_private_whatever_the_umask() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("state");
-        let (maildir, spooled, message, pop3_lock);
+        let (maildir, spooled, messages, pop3_lock);
         {
             let _open = Umask::set(0);
             let store = Store::open(&root, "mx.example.org").unwrap();
             maildir = store.ensure_maildir(&account("alice@example.org")).unwrap();
+            // One message large enough for a spool file, one written from memory into tmp/.
             let mut spool = store.spool().unwrap();
-            spool.append(b"x\n").unwrap();
+            spool.append(&too_large_for_memory()).unwrap();
             spooled = mode(&root.join("spool").join(spool.id()));
             spool.deliver(std::slice::from_ref(&maildir), None).unwrap();
-            message = files(&maildir.join("new")).pop().unwrap();
+            let mut spool = store.spool().unwrap();
+            spool.append(b"x\n").unwrap();
+            spool.deliver(std::slice::from_ref(&maildir), None).unwrap();
+            messages = files(&maildir.join("new"));
             pop3_lock = lock(&maildir).unwrap();
         }
         assert!(pop3_lock.is_some());
@@ -424,7 +435,8 @@ mod tests {
             root.join(".rustmail.lock"),
             maildir.join("rustmail-pop3.lock"),
         ];
-        for path in locks.into_iter().chain([message]) {
+        assert_eq!(messages.len(), 2);
+        for path in locks.into_iter().chain(messages) {
             assert_eq!(mode(&path), "600", "{}", path.display());
         }
     }
@@ -444,7 +456,7 @@ mod tests {
     fn second_instance_on_one_root_is_refused_and_spares_the_first_ones_spool() {
         let (dir, first) = store();
         let mut receiving = first.spool().unwrap();
-        receiving.append(b"in flight\n").unwrap();
+        receiving.append(&too_large_for_memory()).unwrap();
         let spooled = dir.path().join("spool").join(receiving.id());
 
         let err = Store::open(dir.path(), "mx.example.org").unwrap_err();

@@ -1,6 +1,12 @@
 //! Receiving a message into the spool, and delivering it into Maildirs all at once or not at all.
 //!
-//! Delivery hard-links the spooled file into each Maildir, so a message to many local recipients is
+//! A message smaller than [`IN_MEMORY`] is held in memory until it is complete and never gets a spool
+//! file: committed to the journal, it is written once, straight into the first recipient's `tmp/`, and
+//! linked from there into every `new/` (three directory operations per message rather than five; each can
+//! wait for the file system's own journal). Larger messages, and any message the journal does not take,
+//! go through a spool file.
+//!
+//! Delivery hard-links the written file into each Maildir, so a message to many local recipients is
 //! written once. A Maildir on another file system (or on one without hard links) gets a copy instead,
 //! with the same discipline: written in `tmp/`, fsynced, moved into `new/`, `new/` fsynced.
 
@@ -14,11 +20,21 @@ use super::journal::{self, Journal};
 use super::queue::{Entry, Queue};
 use super::{create_new, fsync_dir};
 
-/// A message being received. Its file is created at the first write (so that starting a message costs
-/// no trip to the disk); dropped without [`Spool::deliver`], it removes itself.
+/// Messages below this size (LF form) stay in memory until delivery; the SMTP session also writes what
+/// it has buffered in chunks of this size, so a connection holds at most about this much.
+#[cfg(not(test))]
+pub const IN_MEMORY: usize = 256 << 10;
+#[cfg(test)]
+pub const IN_MEMORY: usize = 4 << 10;
+
+/// A message being received. It is held in memory while it is small; its spool file is created when it
+/// outgrows [`IN_MEMORY`] or must be delivered the direct way. Dropped without [`Spool::deliver`], it
+/// removes its file.
 #[derive(Debug)]
 pub struct Spool {
     file: Option<File>,
+    /// Every octet so far, while there is no file.
+    memory: Vec<u8>,
     path: PathBuf,
     id: String,
     /// Maildir base name (id and host).
@@ -42,6 +58,7 @@ impl Spool {
         Ok(Spool {
             journal: journal.map(Journal::inner),
             file: None,
+            memory: Vec::new(),
             path,
             name,
             id,
@@ -57,9 +74,13 @@ impl Spool {
         &self.id
     }
 
-    /// Where it is being written (to read it back, e.g. for a report that returns it).
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The message as stored so far, for a report that returns it: whole (`full`) or its first 64 KiB.
+    pub fn original(&self, full: bool) -> Vec<u8> {
+        let limit = if full { usize::MAX } else { 64 * 1024 };
+        match &self.file {
+            None => self.memory[..self.memory.len().min(limit)].to_vec(),
+            Some(_) => crate::delivery::read_original(&self.path, full),
+        }
     }
 
     /// Octets written so far (LF form).
@@ -86,17 +107,22 @@ impl Spool {
         self.eight_bit
     }
 
-    /// The spool file, created (O_EXCL, 0600) on first use.
+    /// The spool file, created (O_EXCL, 0600) on first use with what memory held.
     fn file(&mut self) -> io::Result<&File> {
         if self.file.is_none() {
-            self.file = Some(create_new(&self.path)?);
+            self.file = Some(write_new(&self.path, &self.memory)?);
+            self.memory = Vec::new();
         }
         Ok(self.file.as_ref().expect("just created"))
     }
 
     /// Appends LF-terminated text (no CR: the SMTP session refuses messages with bare CR).
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file()?.write_all(bytes)?;
+        if self.file.is_none() && self.memory.len() + bytes.len() < IN_MEMORY {
+            self.memory.extend_from_slice(bytes);
+        } else {
+            self.file()?.write_all(bytes)?;
+        }
         self.size += bytes.len() as u64;
         self.lines += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
         self.eight_bit |= !bytes.is_ascii();
@@ -160,29 +186,52 @@ impl Spool {
         name: &str,
         link: Link,
     ) -> io::Result<bool> {
-        let mut body = vec![0; self.size as usize];
-        self.file()?.read_exact_at(&mut body, 0)?;
-        let Some(seq) = journal.commit(maildirs, name, &body)? else {
+        let in_memory = self.file.is_none();
+        let seq = if in_memory {
+            journal.commit(maildirs, name, &self.memory)?
+        } else {
+            let mut body = vec![0; self.size as usize];
+            self.file()?.read_exact_at(&mut body, 0)?;
+            journal.commit(maildirs, name, &body)?
+        };
+        let Some(seq) = seq else {
             return Ok(false);
         };
         // Whatever way this returns (a panic included) without handing the message to the settling
         // thread, the commit is cancelled: a commit left open would hold back every checkpoint.
         let commit = Uncommitted { journal, seq };
+        // The file every Maildir links to: the spool file, or (held in memory) one written straight
+        // into the first Maildir's tmp/, whose new/ it is moved into last (a file system without hard
+        // links can only rename it).
+        let (file, source, others) = if in_memory {
+            let tmp = maildirs[0].join("tmp").join(name);
+            (write_new(&tmp, &self.memory)?, tmp, &maildirs[1..])
+        } else {
+            (self.file()?.try_clone()?, self.path.clone(), maildirs)
+        };
         let mut done: Vec<PathBuf> = Vec::new();
-        for dir in maildirs {
-            match link_into(&self.path, dir, name, link) {
-                Ok(path) => done.push(path),
-                Err(e) => {
-                    take_back(&done);
-                    return if cannot_link(&e) { Ok(false) } else { Err(e) };
-                }
+        let mut linked = others.iter().try_for_each(|dir| {
+            done.push(link_into(&source, dir, name, link)?);
+            Ok(())
+        });
+        if in_memory {
+            let new = maildirs[0].join("new").join(name);
+            linked = linked.and_then(|()| publish(&source, &new, link));
+            if linked.is_ok() {
+                done.push(new);
             }
+            let _ = fs::remove_file(&source);
         }
-        let file = self.file()?.try_clone().inspect_err(|_| take_back(&done))?;
+        if let Err(e) = linked {
+            take_back(&done);
+            return if cannot_link(&e) { Ok(false) } else { Err(e) };
+        }
         std::mem::forget(commit);
         journal.settle(seq, file, name, maildirs);
         self.delivered = true;
-        let _ = fs::remove_file(&self.path);
+        if !in_memory {
+            let _ = fs::remove_file(&self.path);
+        }
         Ok(true)
     }
 }
@@ -268,6 +317,16 @@ pub(super) fn cannot_link(e: &io::Error) -> bool {
     })
 }
 
+/// Creates `path` (O_EXCL, 0600) holding `bytes`; a failed write removes it.
+fn write_new(path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let mut file = create_new(path)?;
+    if let Err(e) = file.write_all(bytes) {
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(file)
+}
+
 /// Writes the spooled message to a new file `tmp` (O_EXCL, 0600) and fsyncs it, so that it is as durable
 /// as the spool file a link would have shared. A failed copy removes its partial file.
 pub(super) fn copy_durably(spooled: &Path, tmp: &Path) -> io::Result<()> {
@@ -322,55 +381,86 @@ mod tests {
         spool.deliver_with(maildirs, None, link_unsupported)
     }
 
+    /// The messages every delivery test sends: one held in memory, one with a spool file (both small
+    /// enough for the journal), one too large for the journal.
+    fn bodies() -> [Vec<u8>; 3] {
+        let mut spooled = b"Subject: x\n\n".to_vec();
+        spooled.extend(std::iter::repeat_n(b"0123456789abcde\n", IN_MEMORY / 16 + 1).flatten());
+        let mut direct = spooled.clone();
+        direct.extend(
+            std::iter::repeat_n(b"0123456789abcde\n", journal::MAX_MESSAGE as usize / 16).flatten(),
+        );
+        [b"Subject: x\n\nbody\n".to_vec(), spooled, direct]
+    }
+
     /// Delivers to two Maildirs and checks each got the message whole, named with its sizes; `links`:
     /// how many names the delivered file has (2 when linked into both, 1 for copies).
     fn delivers_into_both(deliver: Deliver, links: u64) {
-        let (_d, store) = store();
-        let (a, b) = (maildir(&store, "a"), maildir(&store, "b"));
-        let mut spool = store.spool().unwrap();
-        spool.append(b"Subject: x\n\nbody\n").unwrap();
-        deliver(spool, &[a.clone(), b.clone()]).unwrap();
-        for dir in [&a, &b] {
-            let new = files(&dir.join("new"));
-            assert_eq!(new.len(), 1);
-            assert_eq!(fs::read(&new[0]).unwrap(), b"Subject: x\n\nbody\n");
-            assert!(new[0].to_string_lossy().ends_with(",S=17,W=20"));
-            assert_eq!(fs::metadata(&new[0]).unwrap().nlink(), links);
-            assert!(files(&dir.join("tmp")).is_empty());
+        for body in bodies() {
+            let (_d, store) = store();
+            let (a, b) = (maildir(&store, "a"), maildir(&store, "b"));
+            let mut spool = store.spool().unwrap();
+            spool.append(&body).unwrap();
+            deliver(spool, &[a.clone(), b.clone()]).unwrap();
+            let lines = body.iter().filter(|&&c| c == b'\n').count();
+            for dir in [&a, &b] {
+                let new = files(&dir.join("new"));
+                assert_eq!(new.len(), 1);
+                assert!(fs::read(&new[0]).unwrap() == body, "{} octets", body.len());
+                let sizes = format!(",S={},W={}", body.len(), body.len() + lines);
+                assert!(new[0].to_string_lossy().ends_with(&sizes));
+                assert_eq!(fs::metadata(&new[0]).unwrap().nlink(), links);
+                assert!(files(&dir.join("tmp")).is_empty());
+            }
+            assert!(files(&store.root().join("spool")).is_empty());
         }
-        assert!(files(&store.root().join("spool")).is_empty());
     }
 
     /// A delivery to a good and a broken Maildir fails and leaves nothing anywhere.
     fn failed_delivery_leaves_nothing(deliver: Deliver) {
-        let (_d, store) = store();
-        let good = maildir(&store, "good");
-        let broken = maildir(&store, "broken");
-        fs::remove_dir(broken.join("new")).unwrap();
-        fs::write(broken.join("new"), b"not a directory").unwrap();
-        let mut spool = store.spool().unwrap();
-        spool.append(b"x\n").unwrap();
-        assert!(deliver(spool, &[good.clone(), broken.clone()]).is_err());
-        assert!(files(&good.join("new")).is_empty());
-        assert!(files(&good.join("tmp")).is_empty() && files(&broken.join("tmp")).is_empty());
-        assert!(files(&store.root().join("spool")).is_empty());
+        for body in bodies() {
+            for first_broken in [false, true] {
+                let (_d, store) = store();
+                let good = maildir(&store, "good");
+                let broken = maildir(&store, "broken");
+                fs::remove_dir(broken.join("new")).unwrap();
+                fs::write(broken.join("new"), b"not a directory").unwrap();
+                let mut spool = store.spool().unwrap();
+                spool.append(&body).unwrap();
+                let mut maildirs = [good.clone(), broken.clone()];
+                if first_broken {
+                    maildirs.reverse();
+                }
+                assert!(deliver(spool, &maildirs).is_err());
+                assert!(files(&good.join("new")).is_empty());
+                assert!(
+                    files(&good.join("tmp")).is_empty() && files(&broken.join("tmp")).is_empty()
+                );
+                assert!(files(&store.root().join("spool")).is_empty());
+            }
+        }
     }
 
     /// A message whose name is taken in new/ fails and leaves the one there untouched; the error.
-    fn name_collision_keeps_the_delivered_message(deliver: Deliver) -> io::Error {
-        let (_d, store) = store();
-        let dir = maildir(&store, "a");
-        let mut spool = store.spool().unwrap();
-        spool.append(b"new\n").unwrap();
-        let name = format!("{},S=4,W=5", spool.name);
-        fs::write(dir.join("new").join(&name), b"delivered earlier\n").unwrap();
-        let error = deliver(spool, std::slice::from_ref(&dir)).unwrap_err();
-        assert_eq!(
-            fs::read(dir.join("new").join(&name)).unwrap(),
-            b"delivered earlier\n"
-        );
-        assert!(files(&dir.join("tmp")).is_empty());
-        error
+    fn name_collision_keeps_the_delivered_message(deliver: Deliver) -> Vec<io::Error> {
+        let mut errors = Vec::new();
+        for body in bodies() {
+            let (_d, store) = store();
+            let dir = maildir(&store, "a");
+            let mut spool = store.spool().unwrap();
+            spool.append(&body).unwrap();
+            let lines = body.iter().filter(|&&c| c == b'\n').count();
+            let name = format!("{},S={},W={}", spool.name, body.len(), body.len() + lines);
+            fs::write(dir.join("new").join(&name), b"delivered earlier\n").unwrap();
+            errors.push(deliver(spool, std::slice::from_ref(&dir)).unwrap_err());
+            assert_eq!(
+                fs::read(dir.join("new").join(&name)).unwrap(),
+                b"delivered earlier\n"
+            );
+            assert!(files(&dir.join("tmp")).is_empty());
+            assert!(files(&store.root().join("spool")).is_empty());
+        }
+        errors
     }
 
     #[test]
@@ -397,9 +487,11 @@ mod tests {
         assert!(files(&store.root().join("spool")).is_empty());
     }
 
-    /// link(2) as on a Maildir that is on another file system than the spool.
+    /// link(2) as when the spool and every Maildir are each on a file system of their own (the file
+    /// system of `root/spool/ID` and of `MAILDIR/tmp/NAME` is the grandparent directory).
     fn link_across_devices(from: &Path, to: &Path) -> io::Result<()> {
-        if from.parent().is_some_and(|dir| dir.ends_with("spool")) {
+        let device = |path: &Path| path.parent().and_then(Path::parent).map(Path::to_path_buf);
+        if device(from) != device(to) {
             return Err(io::Error::from_raw_os_error(
                 nix::errno::Errno::EXDEV as i32,
             ));
@@ -427,8 +519,25 @@ mod tests {
 
     #[test]
     fn name_collision_never_replaces_a_delivered_message_without_hard_links() {
-        let error = name_collision_keeps_the_delivered_message(without_hard_links);
-        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
+        for error in name_collision_keeps_the_delivered_message(without_hard_links) {
+            assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
+        }
+    }
+
+    #[test]
+    fn one_maildir_without_hard_links_gets_every_message() {
+        for body in bodies() {
+            let (_d, store) = store();
+            let dir = maildir(&store, "a");
+            let mut spool = store.spool().unwrap();
+            spool.append(&body).unwrap();
+            without_hard_links(spool, std::slice::from_ref(&dir)).unwrap();
+            let new = files(&dir.join("new"));
+            assert_eq!(new.len(), 1);
+            assert!(fs::read(&new[0]).unwrap() == body);
+            assert!(files(&dir.join("tmp")).is_empty());
+            assert!(files(&store.root().join("spool")).is_empty());
+        }
     }
 
     #[test]
