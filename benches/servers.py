@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from benchlib import DOMAIN, children_of, cpu_seconds, free_port, wait_file, wait_port
+from benchlib import DOMAIN, children_of, cpu_seconds, free_port, retire, wait_file, wait_port
 
 USER = f"user@{DOMAIN}"
 
@@ -33,7 +33,7 @@ class Rustmail:
         return self.work / "state" / "mail" / domain / local
 
     def prepare(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        retire(self.work)
         self.work.mkdir(parents=True)
         self.port, self.pop3_port = free_port(), free_port()
         accounts = "".join(f'[accounts."{u}"]\npassword_hash = "{self.hash}"\n' for u in self.users)
@@ -94,7 +94,7 @@ class Postfix:
         self.max_message_size = max_message_size
 
     def prepare(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        retire(self.work)
         etc = self.work / "etc"
         shutil.copytree("/etc/postfix", etc, symlinks=True)
         (etc / "main.cf").unlink(missing_ok=True)
@@ -189,7 +189,7 @@ class Dovecot:
         return self.home / "mail" / user / "Maildir"
 
     def prepare(self) -> None:
-        shutil.rmtree(self.home, ignore_errors=True)
+        retire(self.home)
         for sub in ("run", "state", "mail"):
             (self.home / sub).mkdir(parents=True)
         os.chmod(self.home, 0o755)

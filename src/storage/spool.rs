@@ -1,10 +1,12 @@
 //! Receiving a message into the spool, and delivering it into Maildirs all at once or not at all.
 //!
 //! A message smaller than [`IN_MEMORY`] is held in memory until it is complete and never gets a spool
-//! file: committed to the journal, it is written once, straight into the first recipient's `tmp/`, and
-//! linked from there into every `new/` (three directory operations per message rather than five; each can
-//! wait for the file system's own journal). Larger messages, and any message the journal does not take,
-//! go through a spool file.
+//! file: committed to the journal, it is written once into an unnamed file (`O_TMPFILE`) on the first
+//! recipient's file system and linked from there into every `new/`: one directory operation per
+//! Maildir, where a spool file took five (each of which can wait for the file system's own journal, and
+//! every one of them takes the directory's lock that all connections delivering to that Maildir share).
+//! Without `O_TMPFILE` (or without `/proc`, through which the unnamed file is linked) it is written into
+//! `tmp/` instead. Larger messages, and any message the journal does not take, go through a spool file.
 //!
 //! Delivery hard-links the written file into each Maildir, so a message to many local recipients is
 //! written once. A Maildir on another file system (or on one without hard links) gets a copy instead,
@@ -132,22 +134,24 @@ impl Spool {
     /// Makes the message durable in every Maildir and, when given, in the outbound queue with its
     /// entry; or in none of them.
     pub fn deliver(self, maildirs: &[PathBuf], queued: Option<(&Queue, &Entry)>) -> io::Result<()> {
-        self.deliver_with(maildirs, queued, |from, to| fs::hard_link(from, to))
+        self.deliver_with(maildirs, queued, hard_link, true)
     }
 
-    /// [`Spool::deliver`] with link(2) injected, so that tests can play a file system that refuses it.
+    /// [`Spool::deliver`] with link(2) injected, so that tests can play a file system that refuses it,
+    /// and `unnamed`: whether it may try `O_TMPFILE` (a test of a file system without it says no).
     fn deliver_with(
         mut self,
         maildirs: &[PathBuf],
         queued: Option<(&Queue, &Entry)>,
         link: Link,
+        unnamed: bool,
     ) -> io::Result<()> {
         let name = format!("{},S={},W={}", self.name, self.size, self.size + self.lines);
         if queued.is_none()
             && self.size <= journal::MAX_MESSAGE
             && !maildirs.is_empty()
             && let Some(journal) = self.journal.clone()
-            && self.deliver_journalled(&journal, maildirs, &name, link)?
+            && self.deliver_journalled(&journal, maildirs, &name, link, unnamed)?
         {
             return Ok(());
         }
@@ -185,6 +189,7 @@ impl Spool {
         maildirs: &[PathBuf],
         name: &str,
         link: Link,
+        unnamed: bool,
     ) -> io::Result<bool> {
         let in_memory = self.file.is_none();
         let seq = if in_memory {
@@ -200,21 +205,38 @@ impl Spool {
         // Whatever way this returns (a panic included) without handing the message to the settling
         // thread, the commit is cancelled: a commit left open would hold back every checkpoint.
         let commit = Uncommitted { journal, seq };
-        // The file every Maildir links to: the spool file, or (held in memory) one written straight
-        // into the first Maildir's tmp/, whose new/ it is moved into last (a file system without hard
-        // links can only rename it).
-        let (file, source, others) = if in_memory {
-            let tmp = maildirs[0].join("tmp").join(name);
-            (write_new(&tmp, &self.memory)?, tmp, &maildirs[1..])
+        // The file every new/ links to (a complete file: linking it is as atomic for readers as the
+        // move from tmp/): the spool file; or, held in memory, an unnamed file on the first Maildir's
+        // file system; or one written into its tmp/, whose new/ it goes into last (a file system
+        // without hard links can only rename it).
+        let tmp = maildirs[0].join("tmp");
+        let unnamed = if in_memory && unnamed {
+            write_unnamed(&tmp, &self.memory)?
         } else {
-            (self.file()?.try_clone()?, self.path.clone(), maildirs)
+            None
+        };
+        let through_proc = unnamed.is_some();
+        let (file, source, named_in_first) = match unnamed {
+            Some((file, path)) => (file, path, false),
+            None if in_memory => {
+                let path = tmp.join(name);
+                (write_new(&path, &self.memory)?, path, true)
+            }
+            None => (self.file()?.try_clone()?, self.path.clone(), false),
+        };
+        let others = if named_in_first {
+            &maildirs[1..]
+        } else {
+            maildirs
         };
         let mut done: Vec<PathBuf> = Vec::new();
         let mut linked = others.iter().try_for_each(|dir| {
-            done.push(link_into(&source, dir, name, link)?);
+            let new = dir.join("new").join(name);
+            link(&source, &new)?;
+            done.push(new);
             Ok(())
         });
-        if in_memory {
+        if named_in_first {
             let new = maildirs[0].join("new").join(name);
             linked = linked.and_then(|()| publish(&source, &new, link));
             if linked.is_ok() {
@@ -224,7 +246,10 @@ impl Spool {
         }
         if let Err(e) = linked {
             take_back(&done);
-            return if cannot_link(&e) { Ok(false) } else { Err(e) };
+            // ENOENT through /proc: a /proc that does not show this process's descriptors (or a
+            // Maildir gone); the direct way then delivers, or fails with the Maildir's own error.
+            let retry = cannot_link(&e) || (through_proc && e.kind() == io::ErrorKind::NotFound);
+            return if retry { Ok(false) } else { Err(e) };
         }
         std::mem::forget(commit);
         journal.settle(seq, file, name, maildirs);
@@ -292,15 +317,51 @@ fn deliver_into(spooled: &Path, maildir: &Path, name: &str, link: Link) -> io::R
     Ok(new)
 }
 
-/// [`deliver_into`] for a journalled message: linked only (a Maildir that needs a copy is refused with
-/// the link's error), nothing fsynced.
-fn link_into(spooled: &Path, maildir: &Path, name: &str, link: Link) -> io::Result<PathBuf> {
-    let tmp = maildir.join("tmp").join(name);
-    let new = maildir.join("new").join(name);
-    link(spooled, &tmp)?;
-    let published = publish(&tmp, &new, link);
-    let _ = fs::remove_file(&tmp);
-    published.map(|()| new)
+/// link(2) that follows a symbolic link at `from`: `/proc/self/fd/N` names an unnamed file that way
+/// (std's hard_link would link the magic link itself, and fail with EXDEV).
+fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::fcntl::{AT_FDCWD, AtFlags};
+    nix::unistd::linkat(AT_FDCWD, from, AT_FDCWD, to, AtFlags::AT_SYMLINK_FOLLOW)
+        .map_err(io::Error::from)
+}
+
+/// An unnamed file (`O_TMPFILE`, 0600) in `dir` holding `bytes`, and the path that links it
+/// (`/proc/self/fd/N`). `None`: the kernel or file system has no unnamed files, or `/proc` is not
+/// mounted (a link through it would fail like a missing Maildir); the caller names a file in `tmp/`.
+fn write_unnamed(dir: &Path, bytes: &[u8]) -> io::Result<Option<(File, PathBuf)>> {
+    use nix::errno::Errno;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    static PROC: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| Path::new("/proc/self/fd").is_dir());
+    if !*PROC {
+        return Ok(None);
+    }
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_TMPFILE.bits())
+        .mode(super::FILE_MODE)
+        .open(dir);
+    let mut file = match opened {
+        Ok(file) => file,
+        Err(e)
+            if e.raw_os_error().is_some_and(|code| {
+                matches!(
+                    Errno::from_raw(code),
+                    Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL
+                )
+            }) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    // As create_new: the umask only takes bits away, the chmod gives back what a strict one took.
+    file.set_permissions(fs::Permissions::from_mode(super::FILE_MODE))?;
+    file.write_all(bytes)?;
+    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    Ok(Some((file, path)))
 }
 
 /// Whether link(2) failed because this pair of paths can never be hard-linked, rather than for a reason a
@@ -373,12 +434,17 @@ mod tests {
         spool.deliver(maildirs, None)
     }
 
+    /// As on a file system without `O_TMPFILE`: a message from memory is written into tmp/.
+    fn without_unnamed_files(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
+        spool.deliver_with(maildirs, None, hard_link, false)
+    }
+
     fn across_devices(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
-        spool.deliver_with(maildirs, None, link_across_devices)
+        spool.deliver_with(maildirs, None, link_across_devices, true)
     }
 
     fn without_hard_links(spool: Spool, maildirs: &[PathBuf]) -> io::Result<()> {
-        spool.deliver_with(maildirs, None, link_unsupported)
+        spool.deliver_with(maildirs, None, link_unsupported, false)
     }
 
     /// The messages every delivery test sends: one held in memory, one with a spool file (both small
@@ -466,16 +532,19 @@ mod tests {
     #[test]
     fn delivery_lands_in_new_of_every_maildir_with_sizes_in_the_name() {
         delivers_into_both(by_link, 2);
+        delivers_into_both(without_unnamed_files, 2);
     }
 
     #[test]
     fn failed_delivery_leaves_nothing_in_any_new() {
         failed_delivery_leaves_nothing(by_link);
+        failed_delivery_leaves_nothing(without_unnamed_files);
     }
 
     #[test]
     fn name_collision_never_replaces_a_delivered_message() {
         name_collision_keeps_the_delivered_message(by_link);
+        name_collision_keeps_the_delivered_message(without_unnamed_files);
     }
 
     #[test]
@@ -488,15 +557,22 @@ mod tests {
     }
 
     /// link(2) as when the spool and every Maildir are each on a file system of their own (the file
-    /// system of `root/spool/ID` and of `MAILDIR/tmp/NAME` is the grandparent directory).
+    /// system of `root/spool/ID` and of `MAILDIR/tmp/NAME` is the grandparent directory; an unnamed
+    /// file's is that of the `tmp/` it was made in, which /proc shows as its name).
     fn link_across_devices(from: &Path, to: &Path) -> io::Result<()> {
-        let device = |path: &Path| path.parent().and_then(Path::parent).map(Path::to_path_buf);
+        let device = |path: &Path| {
+            let path = match path.starts_with("/proc/self/fd") {
+                true => fs::read_link(path).unwrap(),
+                false => path.to_path_buf(),
+            };
+            path.parent().and_then(Path::parent).map(Path::to_path_buf)
+        };
         if device(from) != device(to) {
             return Err(io::Error::from_raw_os_error(
                 nix::errno::Errno::EXDEV as i32,
             ));
         }
-        fs::hard_link(from, to)
+        hard_link(from, to)
     }
 
     /// link(2) as on a file system without hard links.

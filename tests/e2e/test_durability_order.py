@@ -2,9 +2,10 @@
 acknowledged before it is on disk.
 
 - SMTP `250` after DATA, a small message (the journal, src/storage/journal.rs): its record is written
-  to a journal segment and that segment fdatasynced before the `250`; it is linked into each
-  recipient's tmp/ and new/ after that; later the settling thread fsyncs the file, then each new/,
-  then writes and fdatasyncs a checkpoint, in that order.
+  to a journal segment and that segment fdatasynced before the `250`; after that it is written into an
+  unnamed file (O_TMPFILE) and linked straight into each recipient's new/ (no name in tmp/ or the spool
+  at all); later the settling thread fsyncs the file, then each new/, then writes and fdatasyncs a
+  checkpoint, in that order.
 - SMTP `250` after DATA, a message too large for the journal: the spool file is fsynced, linked into
   each recipient's tmp/ and new/, and each new/ directory is fsynced, all before the `250` is sent.
 - POP3 `+OK` of QUIT: the deleted files are unlinked and their directory fsynced before the `+OK`.
@@ -106,6 +107,16 @@ def acknowledged(trace: Path, queue_id: str, more=lambda calls: True):
     return calls, first(calls, ("sendto", "write", "writev"), f"queued as {queue_id}")
 
 
+def unnamed_link(calls: list[Call], queue_id: str, address: str) -> tuple[Call, str, int]:
+    """The link of an unnamed file (/proc/self/fd/N) into `address`'s new/, that Maildir's path and N."""
+    local, domain = address.split("@")
+    maildir = f"/mail/{domain}/{local}"
+    into_new = first(calls, ("link", "linkat"), '"/proc/self/fd/', f"{maildir}/new/{queue_id}")
+    assert "AT_SYMLINK_FOLLOW" in into_new.text, into_new.text
+    fd = int(re.search(r'"/proc/self/fd/(\d+)"', into_new.text).group(1))
+    return into_new, maildir, fd
+
+
 def links(calls: list[Call], source: str, queue_id: str, address: str) -> tuple[Call, Call, str]:
     """The link into tmp/ and the move into new/ of `address`'s Maildir, and that Maildir's path."""
     local, domain = address.split("@")
@@ -134,8 +145,9 @@ def test_250_of_a_small_message_only_after_its_journal_record_is_fdatasynced(tra
     def checkpoint_after_settling(calls):
         new_syncs = []
         for address in (ALICE, BOB):
-            _, into_new, maildir = links(calls, f"/spool/{queue_id}", queue_id, address)
-            file_sync = [c for c in syncs_of(calls, f"{queue_id}", into_new) if c.name == "fsync"]
+            into_new, maildir, fd = unnamed_link(calls, queue_id, address)
+            file_sync = [c for c in calls if c.name == "fsync" and c.text.startswith(f"{fd}<")
+                         and c.entered > into_new.finished]
             assert file_sync, f"{address}: the message file fsynced after the link"
             dir_sync = syncs_of(calls, f"{maildir}/new>", file_sync[0])
             assert dir_sync, f"{address}: new/ fsynced after the file"
@@ -148,10 +160,15 @@ def test_250_of_a_small_message_only_after_its_journal_record_is_fdatasynced(tra
     journal_sync = syncs_of(calls, "/journal/", record)
     assert journal_sync and before(journal_sync[0], ack), "the journal fdatasynced after the record, before the 250"
     for address in (ALICE, BOB):
-        into_tmp, _, _ = links(calls, f"/spool/{queue_id}", queue_id, address)
-        assert before(journal_sync[0], into_tmp), f"{address}: linked after the journal fdatasync"
-    assert not [c for c in calls if c.name == "fsync" and f"/spool/{queue_id}" in c.text and c.finished < ack.entered], \
-        "no fsync of the spool file before the 250 (the journal stands in for it)"
+        into_new, maildir, fd = unnamed_link(calls, queue_id, address)
+        assert before(journal_sync[0], into_new), f"{address}: linked after the journal fdatasync"
+        assert before(into_new, ack), f"{address}: in new/ before the 250"
+        assert not [c for c in calls if c.name == "fsync" and c.text.startswith(f"{fd}<") and c.finished < ack.entered], \
+            "no fsync of the message file before the 250 (the journal stands in for it)"
+    names = [f"/spool/{queue_id}"] + [f"/mail/example.test/{a.split('@')[0]}/tmp/{queue_id}" for a in (ALICE, BOB)]
+    named = [c for c in calls if c.name in ("link", "linkat", "rename", "renameat", "renameat2", "unlink", "unlinkat")
+             and (any(n in c.text for n in names) or (c.name.startswith("unlink") and queue_id in c.text))]
+    assert not named, f"a small message never gets a name in tmp/ or the spool: {named}"
     assert checkpoint_after_settling(calls), "a checkpoint fdatasynced after the files and new/ were"
 
 
