@@ -68,6 +68,16 @@ def cpu_seconds(pids: list[int], children: bool = False) -> float:
     return total
 
 
+def reaped_children_cpu() -> float:
+    """User + system time of this process's reaped children (the load clients, once waited for): the
+    difference across a run is what the client cost, which bounds what any server can reach when
+    client and server share the machine's cores."""
+    import resource  # noqa: PLC0415
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def pss_kib(pids: list[int]) -> int:
     """Proportional set size summed over `pids` (shared pages split between the processes that map them)."""
     total = 0

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (DOMAIN, PASSWORD, REPO, ensure_debian, idle_connections, in_namespaces, median_spread, report,
-                      sha512_crypt, work_dir)
+from benchlib import (DOMAIN, PASSWORD, REPO, ensure_debian, idle_connections, in_namespaces, median_spread, reaped_children_cpu,
+                      report, sha512_crypt, work_dir)
 from servers import Dovecot, Rustmail
 
 CLIENTS = Path("/dev/shm/rustmail-bench-pop3")
@@ -73,11 +73,12 @@ def one_run(server, sessions: int, messages: int, size: int) -> dict:
     server.start(prepare=False)
     shutil.rmtree(CLIENTS, ignore_errors=True)
     try:
-        cpu0 = server.cpu()
+        cpu0, client0 = server.cpu(), reaped_children_cpu()
         t0 = time.perf_counter()
         clients = [mpop(server, u, CLIENTS / u) for u in users]
         outputs = [(c.wait(timeout=3600), c.stdout.read().decode(errors="replace")) for c in clients]
         elapsed = time.perf_counter() - t0
+        client = reaped_children_cpu() - client0
         time.sleep(0.5)  # Dovecot's master reaps the pop3 processes (their CPU then counts through it)
         cpu = server.cpu() - cpu0
         problems = [f"{server.name}: mpop for {u} exited {rc}: {out.strip()[-300:]}"
@@ -95,6 +96,7 @@ def one_run(server, sessions: int, messages: int, size: int) -> dict:
         total = sessions * messages
         return {"server": server.name, "sessions": sessions, "messages": total, "downloaded": downloaded,
                 "seconds": elapsed, "msg_per_s": total / elapsed, "cpu_ms_per_msg": 1000 * cpu / total,
+                "client_cpu_ms_per_msg": 1000 * client / total,
                 "problems": problems}
     finally:
         server.stop()
@@ -133,9 +135,10 @@ def main() -> int:
                     problems += res["problems"]
                     print(f"  {server.name:9} {sessions:>2} x {messages}: {res['msg_per_s']:8.0f} msg/s "
                           f"({res['downloaded']}/{res['messages']} downloaded, "
-                          f"{res['cpu_ms_per_msg']:.3f} ms CPU/msg)", flush=True)
+                          f"{res['cpu_ms_per_msg']:.3f} ms CPU/msg, "
+                          f"mpop {res['client_cpu_ms_per_msg']:.3f})", flush=True)
         print()
-        print(f"{'scenario':26} {'rustmail msg/s':>20} {'dovecot msg/s':>20} {'ratio':>6} {'CPU ms/msg r/d':>15}")
+        print(f"{'scenario':26} {'rustmail msg/s':>20} {'dovecot msg/s':>20} {'ratio':>6} {'CPU ms/msg r/d':>15} {'mpop ms/msg r/d':>16}")
         for sessions in scenarios:
             def pick(name, key="msg_per_s"):
                 return [x[key] for x in results if x.get("sessions") == sessions and x["server"] == name]
@@ -143,7 +146,9 @@ def main() -> int:
             print(f"{sessions:>2} x {messages} x {args.size // 1024} KiB {'':9} {median_spread(r):>20} "
                   f"{median_spread(d):>20} {statistics.median(r) / statistics.median(d):>5.2f}x "
                   f"{statistics.median(pick('rustmail', 'cpu_ms_per_msg')):>7.3f}/"
-                  f"{statistics.median(pick('dovecot', 'cpu_ms_per_msg')):.3f}")
+                  f"{statistics.median(pick('dovecot', 'cpu_ms_per_msg')):.3f} "
+                  f"{statistics.median(pick('rustmail', 'client_cpu_ms_per_msg')):>9.3f}/"
+                  f"{statistics.median(pick('dovecot', 'client_cpu_ms_per_msg')):.3f}")
         if not args.smoke:
             print()
             print(f"{'1,000 idle POP3 connections':30} {'greeted':>8} {'PSS before':>11} {'PSS with them':>14} "

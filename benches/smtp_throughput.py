@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (DOMAIN, PASSWORD, REPO, count_files, ensure_debian, idle_connections, in_namespaces, report,
-                      sha512_crypt, work_dir)
+from benchlib import (DOMAIN, PASSWORD, REPO, count_files, ensure_debian, idle_connections, in_namespaces, reaped_children_cpu,
+                      report, sha512_crypt, work_dir)
 from servers import USER, Postfix, Rustmail, Sink
 
 SCENARIOS = [  # (message size in octets, parallel connections)
@@ -40,12 +40,13 @@ def one_run(server, size: int, sessions: int, messages: int) -> dict:
     server.start()
     try:
         before = count_files(server.maildir_new) if server.maildir_new else 0
-        cpu0 = server.cpu()
+        cpu0, client0 = server.cpu(), reaped_children_cpu()
         t0 = time.perf_counter()
         src = subprocess.run(["smtp-source", "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
                               "-f", f"load@client.{DOMAIN}", "-t", USER, "-M", f"client.{DOMAIN}",
                               f"127.0.0.1:{server.port}"], capture_output=True, text=True, timeout=3600)
         sent = time.perf_counter() - t0
+        client = reaped_children_cpu() - client0
         if src.returncode != 0:
             raise SystemExit(f"smtp-source against {server.name} failed: {src.stderr[-500:]}")
         arrived = messages
@@ -57,7 +58,7 @@ def one_run(server, size: int, sessions: int, messages: int) -> dict:
         cpu = server.cpu() - cpu0
         return {"server": server.name, "size": size, "sessions": sessions, "messages": messages,
                 "arrived": arrived, "seconds": elapsed, "sent_seconds": sent, "msg_per_s": messages / elapsed,
-                "cpu_ms_per_msg": 1000 * cpu / messages}
+                "cpu_ms_per_msg": 1000 * cpu / messages, "client_cpu_ms_per_msg": 1000 * client / messages}
     finally:
         server.stop()
 
@@ -97,12 +98,13 @@ def measure(args, servers, scenarios, runs, messages, results, problems) -> int:
                 res = one_run(server, size, sessions, messages)
                 results.append(res)
                 print(f"  {server.name:9} {size // 1024:>4} KiB x {sessions:>2}: {res['msg_per_s']:8.0f} msg/s "
-                      f"({res['arrived']}/{messages} arrived, {res['cpu_ms_per_msg']:.2f} ms CPU/msg)", flush=True)
+                      f"({res['arrived']}/{messages} arrived, {res['cpu_ms_per_msg']:.2f} ms CPU/msg, "
+                      f"smtp-source {res['client_cpu_ms_per_msg']:.2f})", flush=True)
                 if res["arrived"] != messages:
                     problems.append(f"{server.name}: {res['arrived']} of {messages} arrived")
     print()
     print(f"{'scenario':18} {'rustmail msg/s':>16} {'postfix msg/s':>16} {'smtp-sink':>10} {'ratio':>6} "
-          f"{'of sink':>8} {'CPU ms/msg r/p':>15}")
+          f"{'of sink':>8} {'CPU ms/msg r/p':>15} {'smtp-source ms/msg r/p':>23}")
     for size, sessions in scenarios:
         def pick(name, key="msg_per_s"):
             return [x[key] for x in results if x["server"] == name and x["size"] == size and x["sessions"] == sessions]
@@ -111,7 +113,9 @@ def measure(args, servers, scenarios, runs, messages, results, problems) -> int:
         print(f"{size // 1024:>4} KiB x {sessions:>2} conn  {fmt(r):>16} {fmt(p):>16} {statistics.median(s):>10.0f} "
               f"{statistics.median(r) / statistics.median(p):>5.2f}x {100 * statistics.median(r) / statistics.median(s):>7.0f}% "
               f"{statistics.median(pick('rustmail', 'cpu_ms_per_msg')):>7.2f}/"
-              f"{statistics.median(pick('postfix', 'cpu_ms_per_msg')):.2f}")
+              f"{statistics.median(pick('postfix', 'cpu_ms_per_msg')):.2f} "
+              f"{statistics.median(pick('rustmail', 'client_cpu_ms_per_msg')):>15.2f}/"
+              f"{statistics.median(pick('postfix', 'client_cpu_ms_per_msg')):.2f}")
     if not args.smoke:
         print()
         print(f"{'1,000 idle SMTP connections':30} {'greeted':>8} {'PSS before':>11} {'PSS with them':>14} {'processes':>10}")

@@ -307,12 +307,15 @@ const READ_AHEAD: usize = 32;
 const READ_AHEAD_OCTETS: usize = 128 * 1024;
 
 /// Opens `path` and reads up to [`HEAD`] octets: the file (for the rest), the head, the file's size.
+/// The size is the file's own (one statx), and the head is read to exactly that length, so a small
+/// message costs one read (read_to_end would stat the file again and read once more to see the end).
+/// Maildir files never change once delivered; one that shrank meanwhile is an error.
 fn open_head(path: &std::path::Path) -> std::io::Result<(std::fs::File, Vec<u8>, u64)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let size = file.metadata()?.len();
-    let mut head = Vec::with_capacity((size as usize).min(HEAD) + 1);
-    Read::read_to_end(&mut Read::take(&mut file, HEAD as u64), &mut head)?;
+    let mut head = vec![0; size.min(HEAD as u64) as usize];
+    file.read_exact(&mut head)?;
     Ok((file, head, size))
 }
 
